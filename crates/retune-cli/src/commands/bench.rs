@@ -1,0 +1,164 @@
+//! `retune bench`: forward+backward throughput and peak memory on random weights.
+//!
+//! A benchmark, not a test: it measures, it asserts nothing. Compare with the PyTorch + PEFT
+//! figures in `shared/peer/README.md` (same shapes, batch 4 x 256).
+
+use super::print_json;
+use crate::Outcome;
+use anyhow::{bail, Result};
+use retune_core::config::LlamaConfig;
+use retune_core::model::{Batch, Model};
+use serde_json::json;
+use std::time::Instant;
+
+/// Measure training forward+backward tokens/s and peak RSS on random weights.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Model shape: smollm2-135m (30 layers, vocab 49152) or layer (one SmolLM2-135M decoder
+    /// layer with a 256-token vocabulary, so the LM head is negligible).
+    #[arg(long, default_value = "smollm2-135m")]
+    shape: String,
+    /// Gradients: "frozen" (input gradients only, as under LoRA without the adapters) or
+    /// "full" (every weight gets a gradient, as in full fine-tuning).
+    #[arg(long, default_value = "frozen")]
+    grads: String,
+    /// Rows per batch.
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    /// Tokens per row.
+    #[arg(long, default_value_t = 256)]
+    seq: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
+    /// Untimed warm-up steps.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The SmolLM2-135M architecture (as in its GGUF metadata).
+pub fn smollm2_135m() -> LlamaConfig {
+    LlamaConfig {
+        architecture: "LlamaForCausalLM".into(),
+        model_type: "llama".into(),
+        vocab_size: 49152,
+        hidden_size: 576,
+        intermediate_size: 1536,
+        num_hidden_layers: 30,
+        num_attention_heads: 9,
+        num_key_value_heads: 3,
+        head_dim: 64,
+        rms_norm_eps: 1e-5,
+        rope_theta: 100000.0,
+        rope_scaling: None,
+        max_position_embeddings: 8192,
+        tie_word_embeddings: true,
+        qkv_bias: false,
+        o_bias: false,
+        mlp_bias: false,
+        bos_token_id: Some(1),
+        eos_token_ids: vec![2],
+        dtype: None,
+        sliding_window: None,
+    }
+}
+
+/// Peak resident set size of this process, from /proc/self/status (VmHWM), in bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// FLOPs per token of a training step, counted as `shared/peer/lora_bench.py` counts them.
+fn flops_per_token(cfg: &LlamaConfig, full: bool, t: usize) -> f64 {
+    let c = cfg.hidden_size as f64;
+    let per_layer = c * (cfg.q_dim() + 2 * cfg.kv_dim()) as f64
+        + cfg.q_dim() as f64 * c
+        + 3.0 * c * cfg.intermediate_size as f64;
+    let n_lin = cfg.num_hidden_layers as f64 * per_layer + cfg.vocab_size as f64 * c;
+    let attn = 12.0 * cfg.num_hidden_layers as f64 * cfg.q_dim() as f64 * t as f64;
+    if full { 6.0 * n_lin + attn } else { 4.0 * n_lin + attn }
+}
+
+pub fn run(args: Args) -> Result<Outcome> {
+    let mut cfg = smollm2_135m();
+    match args.shape.as_str() {
+        "smollm2-135m" => {}
+        "layer" => {
+            cfg.num_hidden_layers = 1;
+            cfg.vocab_size = 256;
+        }
+        other => bail!("unknown --shape `{other}`; use smollm2-135m or layer"),
+    }
+    let full = match args.grads.as_str() {
+        "full" => true,
+        "frozen" => false,
+        other => bail!("unknown --grads `{other}`; use frozen or full"),
+    };
+    if args.batch == 0 || args.seq < 2 || args.steps == 0 {
+        bail!("--batch, --steps must be positive and --seq at least 2");
+    }
+    let model = Model::<f32>::random(cfg.clone(), 0, 0.02)?;
+    let mut grads = if full { model.weights.zeros_like() } else { model.weights.empty_like() };
+    let rows: Vec<Vec<u32>> = (0..args.batch)
+        .map(|b| (0..args.seq).map(|i| ((i * 7919 + b * 104729) % cfg.vocab_size) as u32).collect())
+        .collect();
+    let batch = Batch::from_rows(&rows)?;
+    let tokens = args.batch * args.seq;
+    let mut times = Vec::new();
+    for step in 0..args.warmup + args.steps {
+        let start = Instant::now();
+        let stats = model.forward_backward(&batch, batch.target_count(), &mut grads);
+        let secs = start.elapsed().as_secs_f64();
+        if !args.json {
+            eprintln!(
+                "step {step}: {:.3}s, {:.0} tok/s, loss {:.4}{}",
+                secs,
+                tokens as f64 / secs,
+                stats.loss_sum / stats.count as f64,
+                if step < args.warmup { " (warm-up)" } else { "" }
+            );
+        }
+        if step >= args.warmup {
+            times.push(secs);
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let tok_s = tokens as f64 / median;
+    let gflops = flops_per_token(&cfg, full, args.seq) * tok_s / 1e9;
+    let rss = peak_rss_bytes().unwrap_or(0);
+    let report = json!({
+        "shape": args.shape,
+        "grads": args.grads,
+        "batch": args.batch,
+        "seq": args.seq,
+        "threads": rayon::current_num_threads(),
+        "step_seconds_median": median,
+        "tokens_per_s": tok_s,
+        "gflops_per_s": gflops,
+        "peak_rss_bytes": rss,
+        "dtype": "f32",
+    });
+    if args.json {
+        print_json(&report)?;
+    } else {
+        println!(
+            "{} ({} grads), batch {}x{}: {:.0} tok/s, {:.3} s/step, {:.1} GFLOP/s, peak RSS {:.2} GiB",
+            args.shape,
+            args.grads,
+            args.batch,
+            args.seq,
+            tok_s,
+            median,
+            gflops,
+            rss as f64 / (1u64 << 30) as f64
+        );
+    }
+    Ok(Outcome::Success)
+}

@@ -1,0 +1,97 @@
+//! `retune eval`: loss and perplexity on text.
+
+use super::{load_model_and_tokenizer, print_json};
+use crate::Outcome;
+use anyhow::{bail, Context, Result};
+use retune_core::eval::evaluate;
+use retune_core::tokenizer::Tokenizer;
+use serde_json::json;
+use std::path::{Path, PathBuf};
+
+/// Measure loss and perplexity of a model on text files.
+///
+/// Each file is one document (a .jsonl file: one document per line, its "text" field). A
+/// document is tokenised on its own, with the BOS token first when the model's tokenizer adds
+/// one (Llama 3 does; SmolLM2 and Qwen do not), then split into consecutive non-overlapping
+/// windows of --max-seq-len tokens. Every token after the first of a window is predicted from
+/// the ones before it in that window. `loss` is the mean natural-log loss per predicted token,
+/// `perplexity` is exp(loss).
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// A Hugging Face model folder or a .gguf file.
+    #[arg(long)]
+    model: PathBuf,
+    /// Text files (.txt, .md) or JSON Lines files with a "text" field.
+    #[arg(long, required = true, num_args = 1..)]
+    data: Vec<PathBuf>,
+    /// Window length in tokens.
+    #[arg(long, default_value_t = 512)]
+    max_seq_len: usize,
+    /// Print one JSON object on stdout: tokens, loss, perplexity, accuracy.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Reads the documents of one file: the whole file, or each JSON line's "text".
+pub fn read_documents(path: &Path) -> Result<Vec<String>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = String::from_utf8(bytes)
+        .map_err(|e| anyhow::anyhow!("{}: not UTF-8 text (byte {})", path.display(), e.utf8_error().valid_up_to()))?;
+    if path.extension().is_some_and(|e| e == "jsonl") {
+        let mut docs = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let v: serde_json::Value = serde_json::from_str(line)
+                .with_context(|| format!("{}:{}: invalid JSON", path.display(), i + 1))?;
+            match v.get("text").and_then(|t| t.as_str()) {
+                Some(t) => docs.push(t.to_string()),
+                None => bail!("{}:{}: field `text`: missing or not a string", path.display(), i + 1),
+            }
+        }
+        Ok(docs)
+    } else {
+        Ok(vec![text])
+    }
+}
+
+/// Tokenises documents for evaluation (BOS as the tokenizer wants it).
+pub fn tokenize_documents(tok: &Tokenizer, docs: &[String]) -> Result<Vec<Vec<u32>>> {
+    docs.iter().map(|d| Ok(tok.encode(d, true)?)).collect()
+}
+
+pub fn run(args: Args) -> Result<Outcome> {
+    if args.max_seq_len < 2 {
+        bail!("--max-seq-len must be at least 2 (one token to predict from another)");
+    }
+    let (model, tok) = load_model_and_tokenizer(&args.model, args.json)?;
+    if args.max_seq_len > model.config.max_position_embeddings {
+        bail!(
+            "--max-seq-len {} exceeds the model's context of {}",
+            args.max_seq_len,
+            model.config.max_position_embeddings
+        );
+    }
+    let mut docs = Vec::new();
+    for path in &args.data {
+        docs.extend(tokenize_documents(&tok, &read_documents(path)?)?);
+    }
+    let result = evaluate(&model, &docs, args.max_seq_len)?;
+    if args.json {
+        print_json(&json!({
+            "tokens": result.tokens,
+            "loss": result.loss,
+            "perplexity": result.perplexity,
+            "accuracy": result.accuracy,
+            "documents": docs.len(),
+            "max_seq_len": args.max_seq_len,
+        }))?;
+    } else {
+        println!("tokens      {}", result.tokens);
+        println!("loss        {:.4}", result.loss);
+        println!("perplexity  {:.3}", result.perplexity);
+        println!("accuracy    {:.4}", result.accuracy);
+    }
+    Ok(Outcome::Success)
+}

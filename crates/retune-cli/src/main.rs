@@ -1,0 +1,81 @@
+//! `retune`: fine-tune pre-trained language models, and say exactly what was done.
+//!
+//! The binary only parses arguments and calls one library function per command; errors are
+//! printed with their whole chain on stderr. Exit codes: 0 success, 1 a run that failed,
+//! 2 bad input or usage.
+
+mod commands;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// Fine-tune pre-trained language models (Llama, Qwen, Mistral, SmolLM) on your own data and
+/// hardware, and report exactly what was done.
+#[derive(Parser, Debug)]
+#[command(name = "retune", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Show a model's architecture, parameter count, weight dtypes and memory estimates.
+    Inspect(commands::inspect::Args),
+    /// Measure loss and perplexity of a model on text files.
+    Eval(commands::eval::Args),
+    /// Generate text from a prompt (streamed to stdout).
+    Generate(commands::generate::Args),
+    /// The embedded default: answer a cardiology question with SmolLM2-135M-Instruct.
+    Demo(commands::demo::Args),
+    /// Fetch real assets (model, tokenizers, corpora) into the cache, verified by sha256.
+    Fetch(commands::fetch::Args),
+    /// Measure forward+backward throughput and peak memory.
+    Bench(commands::bench::Args),
+}
+
+/// How a command ended, beyond success.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Exit 0.
+    Success,
+    /// Exit 1: the work ran but failed (diverged, threshold crossed).
+    #[allow(dead_code)]
+    Failed,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    let result = match cli.command {
+        Command::Inspect(args) => commands::inspect::run(args),
+        Command::Eval(args) => commands::eval::run(args),
+        Command::Generate(args) => commands::generate::run(args),
+        Command::Demo(args) => commands::demo::run(args),
+        Command::Fetch(args) => commands::fetch::run(args),
+        Command::Bench(args) => commands::bench::run(args),
+    };
+    match result {
+        Ok(Outcome::Success) => ExitCode::SUCCESS,
+        Ok(Outcome::Failed) => ExitCode::from(1),
+        Err(err) => {
+            if is_broken_pipe(&err) {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("error: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| {
+        e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}

@@ -1,0 +1,290 @@
+//! The decoder's training forward and backward, one op call per line.
+//!
+//! Memory is bounded by activation checkpointing: the forward keeps only each layer's input
+//! `[N, C]`; the backward recomputes one layer at a time from its input, saving the activations
+//! of that layer alone ([`LayerActs`]), then runs the layer's backward. The LM head and the
+//! cross-entropy are fused and chunked, so the `[N, V]` logits never exist whole.
+
+use super::weights::{grad_slot, LayerWeights, Linear, Weights};
+use super::{Batch, Model};
+use crate::float::Float;
+use crate::ops::attention::{attention_backward, attention_forward};
+use crate::ops::cross_entropy::{lm_head_cross_entropy, CeStats};
+use crate::ops::embedding::{embedding_backward, embedding_forward};
+use crate::ops::linear::{linear_backward, linear_forward};
+use crate::ops::residual::add_inplace;
+use crate::ops::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
+use crate::ops::rope::{rope_backward, rope_forward, RopeTable};
+use crate::ops::swiglu::{swiglu_backward, swiglu_forward};
+
+/// Rows of the LM head computed at once: 256 rows x 49k vocabulary x 4 bytes = 50 MB.
+const CE_CHUNK_ROWS: usize = 256;
+
+/// Sizes of one forward pass, named once (llm.c style).
+#[derive(Clone, Copy, Debug)]
+struct Dims {
+    b: usize,
+    t: usize,
+    /// Tokens, B * T.
+    n: usize,
+    c: usize,
+    f: usize,
+    v: usize,
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+}
+
+/// One layer's saved activations, reused from layer to layer.
+struct LayerActs<T> {
+    ln1: Vec<T>,   // [N, C]  input_layernorm output
+    rstd1: Vec<T>, // [N]
+    q: Vec<T>,     // [N, NH*HD] after RoPE
+    k: Vec<T>,     // [N, NKV*HD] after RoPE
+    v: Vec<T>,     // [N, NKV*HD]
+    probs: Vec<T>, // [B, NH, T, T]
+    att: Vec<T>,   // [N, NH*HD] attention output before o_proj
+    x1: Vec<T>,    // [N, C]  residual stream after attention
+    ln2: Vec<T>,   // [N, C]
+    rstd2: Vec<T>, // [N]
+    gate: Vec<T>,  // [N, F]
+    up: Vec<T>,    // [N, F]
+    act: Vec<T>,   // [N, F]  silu(gate) * up
+}
+
+impl<T: Float> LayerActs<T> {
+    fn new(d: &Dims) -> Self {
+        let z = |len: usize| vec![T::zero(); len];
+        let (n, qd, kvd) = (d.n, d.nh * d.hd, d.nkv * d.hd);
+        LayerActs {
+            ln1: z(n * d.c),
+            rstd1: z(n),
+            q: z(n * qd),
+            k: z(n * kvd),
+            v: z(n * kvd),
+            probs: z(d.b * d.nh * d.t * d.t),
+            att: z(n * qd),
+            x1: z(n * d.c),
+            ln2: z(n * d.c),
+            rstd2: z(n),
+            gate: z(n * d.f),
+            up: z(n * d.f),
+            act: z(n * d.f),
+        }
+    }
+}
+
+fn linear_fwd<T: Float>(y: &mut [T], x: &[T], l: &Linear<T>, n: usize) {
+    linear_forward(y, x, &l.w, l.b.as_deref(), n, l.d_in, l.d_out);
+}
+
+/// Backward of a linear layer: accumulates into `dx` and into the gradient twin `g`
+/// (whose empty tensors are frozen and skipped).
+fn linear_bwd<T: Float>(dx: &mut [T], g: &mut Linear<T>, dy: &[T], x: &[T], l: &Linear<T>, n: usize) {
+    let db = g.b.as_deref_mut().and_then(grad_slot);
+    linear_backward(Some(dx), grad_slot(&mut g.w), db, dy, x, &l.w, n, l.d_in, l.d_out);
+}
+
+impl<T: Float> Model<T> {
+    fn dims(&self, batch: &Batch) -> Dims {
+        let c = &self.config;
+        Dims {
+            b: batch.b,
+            t: batch.t,
+            n: batch.b * batch.t,
+            c: c.hidden_size,
+            f: c.intermediate_size,
+            v: c.vocab_size,
+            nh: c.num_attention_heads,
+            nkv: c.num_key_value_heads,
+            hd: c.head_dim,
+        }
+    }
+
+    /// One decoder layer forward: `out = layer(x)`, filling `acts` for the backward.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_forward(
+        &self,
+        out: &mut [T],
+        acts: &mut LayerActs<T>,
+        x: &[T],
+        lw: &LayerWeights<T>,
+        batch: &Batch,
+        rope: &RopeTable<T>,
+        d: &Dims,
+    ) {
+        let eps = self.config.rms_norm_eps;
+        let a = acts;
+        rmsnorm_forward(&mut a.ln1, &mut a.rstd1, x, &lw.attn_norm, d.n, d.c, eps);
+        linear_fwd(&mut a.q, &a.ln1, &lw.q, d.n);
+        linear_fwd(&mut a.k, &a.ln1, &lw.k, d.n);
+        linear_fwd(&mut a.v, &a.ln1, &lw.v, d.n);
+        rope_forward(&mut a.q, &batch.positions, rope, d.nh, d.hd);
+        rope_forward(&mut a.k, &batch.positions, rope, d.nkv, d.hd);
+        let segments = batch.segments.as_deref();
+        attention_forward(
+            &mut a.att, &mut a.probs, &a.q, &a.k, &a.v, segments, d.b, d.t, d.nh, d.nkv, d.hd,
+        );
+        linear_fwd(&mut a.x1, &a.att, &lw.o, d.n);
+        add_inplace(&mut a.x1, x);
+        rmsnorm_forward(&mut a.ln2, &mut a.rstd2, &a.x1, &lw.mlp_norm, d.n, d.c, eps);
+        linear_fwd(&mut a.gate, &a.ln2, &lw.gate, d.n);
+        linear_fwd(&mut a.up, &a.ln2, &lw.up, d.n);
+        swiglu_forward(&mut a.act, &a.gate, &a.up);
+        linear_fwd(out, &a.act, &lw.down, d.n);
+        add_inplace(out, &a.x1);
+    }
+
+    /// One decoder layer backward: the forward read bottom-up. Accumulates into `dx` (the
+    /// gradient of the layer input) and into `g`.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_backward(
+        &self,
+        dx: &mut [T],
+        g: &mut LayerWeights<T>,
+        scratch: &mut LayerActs<T>,
+        dout: &[T],
+        x: &[T],
+        a: &LayerActs<T>,
+        lw: &LayerWeights<T>,
+        batch: &Batch,
+        rope: &RopeTable<T>,
+        d: &Dims,
+    ) {
+        // `scratch` has the same shapes as the activations; its buffers hold their gradients.
+        let s = scratch;
+        for buf in [&mut s.ln1, &mut s.q, &mut s.k, &mut s.v, &mut s.att, &mut s.ln2] {
+            buf.fill(T::zero());
+        }
+        for buf in [&mut s.gate, &mut s.up, &mut s.act] {
+            buf.fill(T::zero());
+        }
+        // MLP block: out = x1 + down(swiglu(gate(ln2), up(ln2))).
+        s.x1.copy_from_slice(dout);
+        linear_bwd(&mut s.act, &mut g.down, dout, &a.act, &lw.down, d.n);
+        swiglu_backward(&mut s.gate, &mut s.up, &s.act, &a.gate, &a.up);
+        linear_bwd(&mut s.ln2, &mut g.gate, &s.gate, &a.ln2, &lw.gate, d.n);
+        linear_bwd(&mut s.ln2, &mut g.up, &s.up, &a.ln2, &lw.up, d.n);
+        let dw = grad_slot(&mut g.mlp_norm);
+        rmsnorm_backward(&mut s.x1, dw, &s.ln2, &a.x1, &lw.mlp_norm, &a.rstd2, d.n, d.c);
+        // Attention block: x1 = x + o(attention(rope(q(ln1)), rope(k(ln1)), v(ln1))).
+        linear_bwd(&mut s.att, &mut g.o, &s.x1, &a.att, &lw.o, d.n);
+        attention_backward(
+            &mut s.q, &mut s.k, &mut s.v, &s.att, &a.q, &a.k, &a.v, &a.probs, d.b, d.t, d.nh,
+            d.nkv, d.hd,
+        );
+        rope_backward(&mut s.q, &batch.positions, rope, d.nh, d.hd);
+        rope_backward(&mut s.k, &batch.positions, rope, d.nkv, d.hd);
+        linear_bwd(&mut s.ln1, &mut g.q, &s.q, &a.ln1, &lw.q, d.n);
+        linear_bwd(&mut s.ln1, &mut g.k, &s.k, &a.ln1, &lw.k, d.n);
+        linear_bwd(&mut s.ln1, &mut g.v, &s.v, &a.ln1, &lw.v, d.n);
+        let dw = grad_slot(&mut g.attn_norm);
+        rmsnorm_backward(dx, dw, &s.ln1, x, &lw.attn_norm, &a.rstd1, d.n, d.c);
+        add_inplace(dx, &s.x1);
+    }
+
+    /// Runs embedding and every layer, keeping each layer's input. Returns the inputs of
+    /// layers `0..L` and the final residual stream (index L).
+    fn forward_residuals(&self, batch: &Batch, rope: &RopeTable<T>, d: &Dims) -> Vec<Vec<T>> {
+        let w = &self.weights;
+        let mut residuals = Vec::with_capacity(w.layers.len() + 1);
+        let mut x = vec![T::zero(); d.n * d.c];
+        embedding_forward(&mut x, &batch.ids, &w.embed, d.c);
+        let mut acts = LayerActs::new(d);
+        for lw in &w.layers {
+            let mut out = vec![T::zero(); d.n * d.c];
+            self.layer_forward(&mut out, &mut acts, &x, lw, batch, rope, d);
+            residuals.push(std::mem::replace(&mut x, out));
+        }
+        residuals.push(x);
+        residuals
+    }
+
+    fn rope_for(&self, batch: &Batch) -> RopeTable<T> {
+        let max_pos = batch.positions.iter().copied().max().unwrap_or(0) as usize + 1;
+        let c = &self.config;
+        RopeTable::new(c.head_dim, max_pos, c.rope_theta, c.rope_scaling.as_ref())
+    }
+
+    /// Loss statistics of a batch without gradients (evaluation).
+    pub fn loss(&self, batch: &Batch) -> CeStats {
+        let d = self.dims(batch);
+        let rope = self.rope_for(batch);
+        let residuals = self.forward_residuals(batch, &rope, &d);
+        let x = &residuals[residuals.len() - 1];
+        let mut h = vec![T::zero(); d.n * d.c];
+        let mut rstd = vec![T::zero(); d.n];
+        let w = &self.weights;
+        rmsnorm_forward(&mut h, &mut rstd, x, &w.final_norm, d.n, d.c, self.config.rms_norm_eps);
+        lm_head_cross_entropy(
+            &h, w.head(), &batch.targets, d.n, d.c, d.v, CE_CHUNK_ROWS, T::one(), None, None,
+        )
+    }
+
+    /// Forward and backward of the mean cross-entropy over the batch's targets, divided by
+    /// `normaliser` target tokens (pass the count of the whole accumulated batch, so micro-
+    /// batches add up to the large batch). Accumulates gradients into `grads`, whose empty
+    /// tensors are frozen and get none. Returns the loss statistics of this batch.
+    pub fn forward_backward(&self, batch: &Batch, normaliser: usize, grads: &mut Weights<T>) -> CeStats {
+        let d = self.dims(batch);
+        let rope = self.rope_for(batch);
+        let w = &self.weights;
+        let residuals = self.forward_residuals(batch, &rope, &d);
+        let eps = self.config.rms_norm_eps;
+
+        // Final norm and fused LM head + cross-entropy.
+        let x_last = &residuals[d_last(&residuals)];
+        let mut h = vec![T::zero(); d.n * d.c];
+        let mut rstd = vec![T::zero(); d.n];
+        rmsnorm_forward(&mut h, &mut rstd, x_last, &w.final_norm, d.n, d.c, eps);
+        let mut dh = vec![T::zero(); d.n * d.c];
+        let scale = T::one() / T::of(normaliser.max(1) as f64);
+        let dhead = match &mut grads.lm_head {
+            Some(head) => grad_slot(head),
+            None => grad_slot(&mut grads.embed), // tied: the head's gradient lands in the embedding
+        };
+        let stats = lm_head_cross_entropy(
+            &h, w.head(), &batch.targets, d.n, d.c, d.v, CE_CHUNK_ROWS, scale, Some(&mut dh), dhead,
+        );
+        let mut dx = vec![T::zero(); d.n * d.c];
+        let dw = grad_slot(&mut grads.final_norm);
+        rmsnorm_backward(&mut dx, dw, &dh, x_last, &w.final_norm, &rstd, d.n, d.c);
+
+        // Layers in reverse, each recomputed from its saved input.
+        let mut acts = LayerActs::new(&d);
+        let mut scratch = LayerActs::new(&d);
+        let mut out = vec![T::zero(); d.n * d.c];
+        let mut dx_in = vec![T::zero(); d.n * d.c];
+        for (l, lw) in w.layers.iter().enumerate().rev() {
+            let x = &residuals[l];
+            self.layer_forward(&mut out, &mut acts, x, lw, batch, &rope, &d);
+            dx_in.fill(T::zero());
+            let g = &mut grads.layers[l];
+            self.layer_backward(&mut dx_in, g, &mut scratch, &dx, x, &acts, lw, batch, &rope, &d);
+            std::mem::swap(&mut dx, &mut dx_in);
+        }
+        if let Some(dembed) = grad_slot(&mut grads.embed) {
+            embedding_backward(dembed, &dx, &batch.ids, d.c);
+        }
+        stats
+    }
+
+    /// Logits `[B*T, V]` of a batch (tests and small evaluations; generation uses the KV cache).
+    pub fn logits(&self, batch: &Batch) -> Vec<T> {
+        let d = self.dims(batch);
+        let rope = self.rope_for(batch);
+        let residuals = self.forward_residuals(batch, &rope, &d);
+        let x = &residuals[d_last(&residuals)];
+        let mut h = vec![T::zero(); d.n * d.c];
+        let mut rstd = vec![T::zero(); d.n];
+        let w = &self.weights;
+        rmsnorm_forward(&mut h, &mut rstd, x, &w.final_norm, d.n, d.c, self.config.rms_norm_eps);
+        let mut logits = vec![T::zero(); d.n * d.v];
+        crate::ops::cross_entropy::logits_forward(&mut logits, &h, w.head(), d.n, d.c, d.v);
+        logits
+    }
+}
+
+fn d_last<X>(v: &[X]) -> usize {
+    v.len() - 1
+}

@@ -1,0 +1,162 @@
+//! Whole-model checks on tiny random models in f64: gradients of every parameter against
+//! central finite differences, KV-cached inference against the full forward, and packing.
+
+use super::{Batch, Model};
+use crate::config::{LlamaConfig, RopeScaling};
+use crate::ops::cross_entropy::IGNORE;
+
+fn tiny(tied: bool, bias: bool, scaling: bool) -> LlamaConfig {
+    LlamaConfig {
+        architecture: "LlamaForCausalLM".into(),
+        model_type: "llama".into(),
+        vocab_size: 32,
+        hidden_size: 16,
+        intermediate_size: 24,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 4,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        rope_scaling: scaling.then_some(RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 4,
+        }),
+        max_position_embeddings: 64,
+        tie_word_embeddings: tied,
+        qkv_bias: bias,
+        o_bias: bias,
+        mlp_bias: bias,
+        bos_token_id: Some(1),
+        eos_token_ids: vec![2],
+        dtype: None,
+        sliding_window: None,
+    }
+}
+
+fn batch() -> Batch {
+    let ids = vec![3, 7, 1, 30, 12, 5, 9, 22, 17, 4, 8, 2];
+    let mut targets: Vec<u32> = ids[1..].to_vec();
+    targets.push(IGNORE);
+    targets[5] = IGNORE; // end of row 0
+    targets[2] = IGNORE; // a masked prompt token
+    Batch::with_targets(ids, targets, 2, 6)
+}
+
+fn mean_loss(model: &Model<f64>, batch: &Batch) -> f64 {
+    let s = model.loss(batch);
+    s.loss_sum / s.count as f64
+}
+
+/// Every parameter gets a non-zero gradient, and sampled entries of each gradient match
+/// central differences of the mean loss.
+fn check_gradients(cfg: LlamaConfig, batch: &Batch) {
+    let mut model = Model::<f64>::random(cfg, 7, 0.3).unwrap();
+    let mut grads = model.weights.zeros_like();
+    let stats = model.forward_backward(batch, batch.target_count(), &mut grads);
+    assert_eq!(stats.count, batch.target_count());
+    let names: Vec<String> = model.weights.named().into_iter().map(|(n, _)| n).collect();
+    let analytic: Vec<Vec<f64>> = grads.named().into_iter().map(|(_, g)| g.to_vec()).collect();
+    let eps = 1e-5;
+    let mut worst = 0.0f64;
+    for (ti, name) in names.iter().enumerate() {
+        let g = &analytic[ti];
+        let norm: f64 = g.iter().map(|x| x * x).sum::<f64>().sqrt();
+        assert!(norm > 1e-8, "{name} received no gradient");
+        let len = g.len();
+        // Finite differences carry an absolute rounding error of ~1e-16 * loss / eps ~ 1e-10:
+        // the floor makes the bound 1e-6 relative, or 1e-9 absolute for tiny entries.
+        let floor = 1e-3f64.max(1e-4 * g.iter().fold(0.0f64, |m, x| m.max(x.abs())));
+        for k in 0..6usize.min(len) {
+            let i = (k * 7919 + ti * 31) % len;
+            let orig = model.weights.tensors_mut()[ti][i];
+            model.weights.tensors_mut()[ti][i] = orig + eps;
+            let plus = mean_loss(&model, batch);
+            model.weights.tensors_mut()[ti][i] = orig - eps;
+            let minus = mean_loss(&model, batch);
+            model.weights.tensors_mut()[ti][i] = orig;
+            let numeric = (plus - minus) / (2.0 * eps);
+            let err = (g[i] - numeric).abs() / (g[i].abs() + numeric.abs()).max(floor);
+            worst = worst.max(err);
+            assert!(err < 1e-6, "{name}[{i}]: analytic {} numeric {numeric} (rel {err:e})", g[i]);
+        }
+    }
+    eprintln!("worst relative error over {} tensors: {worst:e}", names.len());
+}
+
+#[test]
+fn gradients_match_finite_differences_untied_with_biases() {
+    check_gradients(tiny(false, true, false), &batch());
+}
+
+#[test]
+fn gradients_match_finite_differences_tied_with_llama3_rope() {
+    check_gradients(tiny(true, false, true), &batch());
+}
+
+#[test]
+fn gradients_match_finite_differences_packed() {
+    let mut b = batch();
+    b.segments = Some(vec![0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 3, 3]);
+    b.positions = vec![0, 1, 2, 0, 1, 2, 0, 1, 2, 3, 0, 1];
+    check_gradients(tiny(false, true, false), &b);
+}
+
+#[test]
+fn frozen_weights_get_no_gradient_and_loss_is_unchanged() {
+    let model = Model::<f64>::random(tiny(false, true, false), 3, 0.3).unwrap();
+    let b = batch();
+    let mut frozen = model.weights.empty_like();
+    let s1 = model.forward_backward(&b, b.target_count(), &mut frozen);
+    assert!(frozen.named().iter().all(|(_, g)| g.is_empty()));
+    let s2 = model.loss(&b);
+    assert!((s1.loss_sum - s2.loss_sum).abs() < 1e-12);
+}
+
+#[test]
+fn kv_cache_matches_full_forward() {
+    let model = Model::<f64>::random(tiny(false, true, true), 11, 0.3).unwrap();
+    let ids = [3u32, 7, 1, 30, 12, 5, 9];
+    let v = model.config.vocab_size;
+    let full = model.logits(&Batch::from_rows(&[ids.to_vec()]).unwrap());
+    let mut cache = model.new_cache(16);
+    let mut last = model.forward_cached(&ids[..4], &mut cache).unwrap();
+    for (p, &id) in ids.iter().enumerate().skip(4) {
+        let expected = &full[(p - 1) * v..p * v];
+        let err = last.iter().zip(expected).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        assert!(err < 1e-10, "position {}: max abs diff {err}", p - 1);
+        last = model.forward_cached(&[id], &mut cache).unwrap();
+    }
+    let expected = &full[(ids.len() - 1) * v..];
+    let err = last.iter().zip(expected).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    assert!(err < 1e-10);
+    assert_eq!(cache.len(), ids.len());
+}
+
+/// Two examples packed in one row (segments, restarted positions) score exactly as they do
+/// apart: attention does not cross the boundary.
+#[test]
+fn packed_examples_score_as_separate_rows() {
+    let model = Model::<f64>::random(tiny(true, false, false), 5, 0.3).unwrap();
+    let a = vec![3u32, 7, 1];
+    let b = vec![30u32, 12, 5, 9];
+    let apart = model.loss(&Batch::from_rows(&[a.clone()]).unwrap()).loss_sum
+        + model.loss(&Batch::from_rows(&[b.clone()]).unwrap()).loss_sum;
+    let ids = [a.clone(), b.clone()].concat();
+    let targets = vec![7, 1, IGNORE, 12, 5, 9, IGNORE];
+    let mut packed = Batch::with_targets(ids, targets, 1, 7);
+    packed.positions = vec![0, 1, 2, 0, 1, 2, 3];
+    packed.segments = Some(vec![0, 0, 0, 1, 1, 1, 1]);
+    let together = model.loss(&packed).loss_sum;
+    assert!((apart - together).abs() < 1e-10, "apart {apart} packed {together}");
+}
+
+#[test]
+fn bad_batches_are_errors() {
+    let cfg = tiny(false, false, false);
+    let b = Batch::from_rows(&[vec![1, 40, 3]]).unwrap();
+    assert!(b.validate(&cfg).unwrap_err().to_string().contains("outside the model's vocabulary"));
+    assert!(Batch::from_rows(&[vec![1, 2], vec![3]]).is_err());
+}

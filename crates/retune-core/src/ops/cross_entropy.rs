@@ -1,0 +1,248 @@
+//! LM head fused with cross-entropy, in row chunks so the `[N, V]` logits never exist whole.
+
+use super::matmul::{matmul_nn, matmul_nt, matmul_tn};
+use crate::Float;
+use rayon::prelude::*;
+
+/// Target id of a position that takes no loss (prompt tokens, padding).
+pub const IGNORE: u32 = u32::MAX;
+
+/// Loss statistics of one [`lm_head_cross_entropy`] call.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CeStats {
+    /// Sum of `-log p(target)` over the non-[`IGNORE`] targets.
+    pub loss_sum: f64,
+    /// Number of non-[`IGNORE`] targets.
+    pub count: usize,
+    /// How many of them are the logits' argmax.
+    pub correct: usize,
+}
+
+impl CeStats {
+    fn merge(self, o: CeStats) -> CeStats {
+        CeStats {
+            loss_sum: self.loss_sum + o.loss_sum,
+            count: self.count + o.count,
+            correct: self.correct + o.correct,
+        }
+    }
+}
+
+/// Turns one row of logits `[V]` into `grad_scale * (softmax - onehot(target))` in place and
+/// returns its loss statistics; an [`IGNORE`] row becomes zeros and counts nothing.
+fn softmax_row<T: Float>(row: &mut [T], target: u32, grad_scale: T) -> CeStats {
+    if target == IGNORE {
+        row.fill(T::zero());
+        return CeStats::default();
+    }
+    let tgt = target as usize;
+    assert!(
+        tgt < row.len(),
+        "cross-entropy: target {tgt} outside vocabulary of {}",
+        row.len()
+    );
+    let (mut argmax, mut max) = (0, T::neg_infinity());
+    for (j, &x) in row.iter().enumerate() {
+        if x > max {
+            (argmax, max) = (j, x);
+        }
+    }
+    let target_logit = row[tgt].as_f64();
+    let mut sum = 0.0f64; // f64: a sum of ~100k exps would lose digits in f32
+    for x in row.iter_mut() {
+        *x = (*x - max).exp();
+        sum += x.as_f64();
+    }
+    let scale = T::of(grad_scale.as_f64() / sum);
+    for x in row.iter_mut() {
+        *x *= scale;
+    }
+    row[tgt] -= grad_scale;
+    CeStats {
+        loss_sum: sum.ln() + max.as_f64() - target_logit,
+        count: 1,
+        correct: usize::from(argmax == tgt),
+    }
+}
+
+/// Fused LM head and cross-entropy over `h[N, C]`, `w[V, C]`, `targets[N]` ([`IGNORE`] = no
+/// loss). Logits `h · w^T` are formed `chunk_rows` rows at a time in one `[chunk_rows, V]`
+/// buffer. When `dh[N, C]` / `dw[V, C]` are given they are accumulated with
+/// `dlogits = grad_scale * (softmax - onehot)` (zero on [`IGNORE`] rows):
+/// `dh += dlogits · w`, `dw += dlogits^T · h`. Pass `grad_scale = 1 / count` for the mean loss.
+pub fn lm_head_cross_entropy<T: Float>(
+    h: &[T],
+    w: &[T],
+    targets: &[u32],
+    n: usize,
+    c: usize,
+    v: usize,
+    chunk_rows: usize,
+    grad_scale: T,
+    mut dh: Option<&mut [T]>,
+    mut dw: Option<&mut [T]>,
+) -> CeStats {
+    assert!(
+        h.len() == n * c && w.len() == v * c && targets.len() == n,
+        "cross-entropy: shape mismatch"
+    );
+    assert!(chunk_rows > 0, "cross-entropy: chunk_rows must be positive");
+    if let Some(dh) = dh.as_deref() {
+        assert_eq!(dh.len(), n * c, "cross-entropy: dh must be [N, C]");
+    }
+    let rows = chunk_rows.min(n);
+    let mut logits = vec![T::zero(); rows * v];
+    let mut stats = CeStats::default();
+    if v == 0 {
+        return stats;
+    }
+    for start in (0..n).step_by(rows.max(1)) {
+        let r = rows.min(n - start);
+        let tc = &targets[start..start + r];
+        if tc.iter().all(|&t| t == IGNORE) {
+            continue; // no loss, zero gradient: skip the matmuls
+        }
+        let hc = &h[start * c..(start + r) * c];
+        let lg = &mut logits[..r * v];
+        matmul_nt(lg, hc, w, r, c, v, false);
+        let chunk = lg
+            .par_chunks_mut(v)
+            .zip(tc)
+            .map(|(row, &tgt)| softmax_row(row, tgt, grad_scale))
+            .reduce(CeStats::default, CeStats::merge);
+        stats = stats.merge(chunk);
+        if let Some(dh) = dh.as_deref_mut() {
+            matmul_nn(&mut dh[start * c..(start + r) * c], lg, w, r, v, c, true);
+        }
+        if let Some(dw) = dw.as_deref_mut() {
+            matmul_tn(dw, lg, hc, v, r, c, true);
+        }
+    }
+    stats
+}
+
+/// `logits[N, V] = h[N, C] · w[V, C]^T` (the LM head alone, for generation).
+pub fn logits_forward<T: Float>(logits: &mut [T], h: &[T], w: &[T], n: usize, c: usize, v: usize) {
+    matmul_nt(logits, h, w, n, c, v, false);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::gradcheck::{check_grad, max_rel_diff, rand_ids, randv, to_f32};
+
+    const N: usize = 11;
+    const C: usize = 6;
+    const V: usize = 13;
+    const CHUNK: usize = 4; // smaller than N, does not divide it
+
+    /// Targets with IGNOREs, including a whole ignored chunk (rows 4..8).
+    fn targets() -> Vec<u32> {
+        let mut t = rand_ids(N, V as u32, 1);
+        for i in [0, 4, 5, 6, 7, 10] {
+            t[i] = IGNORE;
+        }
+        t
+    }
+
+    /// Full logits, then per-row log-softmax: the textbook computation.
+    fn naive(h: &[f64], w: &[f64], targets: &[u32]) -> CeStats {
+        let mut logits = vec![0.0; N * V];
+        logits_forward(&mut logits, h, w, N, C, V);
+        let mut s = CeStats::default();
+        for (row, &t) in logits.chunks(V).zip(targets) {
+            if t == IGNORE {
+                continue;
+            }
+            let lse = row.iter().map(|x| x.exp()).sum::<f64>().ln();
+            let best = (0..V).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap(); // V > 0
+            s = s.merge(CeStats {
+                loss_sum: lse - row[t as usize],
+                count: 1,
+                correct: usize::from(best == t as usize),
+            });
+        }
+        s
+    }
+
+    fn mean_loss(h: &[f64], w: &[f64], targets: &[u32]) -> f64 {
+        let s = lm_head_cross_entropy(h, w, targets, N, C, V, CHUNK, 0.0, None, None);
+        s.loss_sum / s.count as f64
+    }
+
+    #[test]
+    fn cross_entropy_matches_naive_and_f32() {
+        // Scaled up so the argmax is decisive and some predictions are right.
+        let h: Vec<f64> = randv(N * C, 2).iter().map(|x| 3.0 * x).collect();
+        let (w, t) = (randv(V * C, 3), targets());
+        let got = lm_head_cross_entropy(&h, &w, &t, N, C, V, CHUNK, 1.0, None, None);
+        let want = naive(&h, &w, &t);
+        assert_eq!((got.count, got.correct), (want.count, want.correct));
+        assert_eq!(got.count, 5);
+        assert!((got.loss_sum - want.loss_sum).abs() < 1e-13 * want.loss_sum);
+        // One chunk holding everything gives the same numbers.
+        let whole = lm_head_cross_entropy(&h, &w, &t, N, C, V, 1000, 1.0, None, None);
+        assert!((whole.loss_sum - want.loss_sum).abs() < 1e-13 * want.loss_sum);
+        let s32 = lm_head_cross_entropy(
+            &to_f32(&h),
+            &to_f32(&w),
+            &t,
+            N,
+            C,
+            V,
+            CHUNK,
+            1.0,
+            None,
+            None,
+        );
+        assert!((s32.loss_sum - want.loss_sum).abs() < 1e-5 * want.loss_sum);
+        let mut l32 = vec![0.0f32; N * V];
+        logits_forward(&mut l32, &to_f32(&h), &to_f32(&w), N, C, V);
+        let mut l64 = vec![0.0; N * V];
+        logits_forward(&mut l64, &h, &w, N, C, V);
+        assert!(max_rel_diff(&l32, &l64) < 1e-5);
+    }
+
+    #[test]
+    fn cross_entropy_gradcheck() {
+        let (h, w, t) = (randv(N * C, 4), randv(V * C, 5), targets());
+        let count = t.iter().filter(|&&x| x != IGNORE).count();
+        let (mut dh, mut dw) = (vec![0.0; N * C], vec![0.0; V * C]);
+        let stats = lm_head_cross_entropy(
+            &h,
+            &w,
+            &t,
+            N,
+            C,
+            V,
+            CHUNK,
+            1.0 / count as f64,
+            Some(&mut dh),
+            Some(&mut dw),
+        );
+        assert_eq!(stats.count, count);
+        let eh = check_grad("cross_entropy dh", &h, &dh, |h| mean_loss(h, &w, &t));
+        let ew = check_grad("cross_entropy dw", &w, &dw, |w| mean_loss(&h, w, &t));
+        assert!(eh < 1e-6 && ew < 1e-6);
+        // Ignored rows get no gradient.
+        assert!(dh[..C].iter().chain(&dh[4 * C..8 * C]).all(|&g| g == 0.0));
+        // dw alone (frozen input side) and accumulation.
+        let mut dw2 = dw.clone();
+        lm_head_cross_entropy(
+            &h,
+            &w,
+            &t,
+            N,
+            C,
+            V,
+            CHUNK,
+            1.0 / count as f64,
+            None,
+            Some(&mut dw2),
+        );
+        assert!(dw2
+            .iter()
+            .zip(&dw)
+            .all(|(a, b)| (a - 2.0 * b).abs() < 1e-14));
+    }
+}

@@ -1,0 +1,233 @@
+//! Row-major matrix products, thin safe wrappers over [`gemm::gemm`].
+//!
+//! The suffix names the layout of the two operands: `n` as stored, `t` transposed. Every
+//! function computes `c[m, n] (+)= op(a) · op(b)` with inner size `k`; `accumulate` adds into
+//! `c` instead of overwriting it (backward passes accumulate gradients).
+
+use crate::Float;
+use gemm::Parallelism;
+
+/// Below this many multiply-adds a product runs on the calling thread (rayon overhead dominates).
+const PAR_THRESHOLD: usize = 1 << 18;
+
+fn parallelism(m: usize, k: usize, n: usize) -> Parallelism {
+    if m.saturating_mul(k).saturating_mul(n) >= PAR_THRESHOLD {
+        Parallelism::Rayon(0)
+    } else {
+        Parallelism::None
+    }
+}
+
+/// `c[m, n] (+)= lhs · rhs` for operands given by pointer and (row, column) strides.
+///
+/// # Safety
+/// Every index `i * rs + j * cs` reached by the shapes must lie inside the slice the pointer
+/// came from; the callers assert the slice lengths that guarantee it.
+unsafe fn gemm_strided<T: Float>(
+    c: &mut [T],
+    a: (*const T, isize, isize),
+    b: (*const T, isize, isize),
+    m: usize,
+    k: usize,
+    n: usize,
+    accumulate: bool,
+) {
+    let (a_ptr, a_rs, a_cs) = a;
+    let (b_ptr, b_rs, b_cs) = b;
+    // gemm computes dst = alpha * dst + beta * lhs * rhs, reading dst only when asked.
+    gemm::gemm(
+        m,
+        n,
+        k,
+        c.as_mut_ptr(),
+        1,
+        n as isize,
+        accumulate,
+        a_ptr,
+        a_cs,
+        a_rs,
+        b_ptr,
+        b_cs,
+        b_rs,
+        T::one(),
+        T::one(),
+        false,
+        false,
+        false,
+        parallelism(m, k, n),
+    );
+}
+
+/// `c[m, n] (+)= a[m, k] · b[n, k]^T` (a linear layer's forward: `b` is a `[out, in]` weight).
+pub fn matmul_nt<T: Float>(
+    c: &mut [T],
+    a: &[T],
+    b: &[T],
+    m: usize,
+    k: usize,
+    n: usize,
+    accumulate: bool,
+) {
+    assert!(
+        c.len() == m * n && a.len() == m * k && b.len() == n * k,
+        "matmul_nt: shape mismatch"
+    );
+    // SAFETY: lengths asserted above; a[i, p] at i*k + p, b^T[p, j] = b[j, p] at j*k + p.
+    unsafe {
+        gemm_strided(
+            c,
+            (a.as_ptr(), k as isize, 1),
+            (b.as_ptr(), 1, k as isize),
+            m,
+            k,
+            n,
+            accumulate,
+        )
+    }
+}
+
+/// `c[m, n] (+)= a[m, k] · b[k, n]`.
+pub fn matmul_nn<T: Float>(
+    c: &mut [T],
+    a: &[T],
+    b: &[T],
+    m: usize,
+    k: usize,
+    n: usize,
+    accumulate: bool,
+) {
+    assert!(
+        c.len() == m * n && a.len() == m * k && b.len() == k * n,
+        "matmul_nn: shape mismatch"
+    );
+    // SAFETY: lengths asserted above; a[i, p] at i*k + p, b[p, j] at p*n + j.
+    unsafe {
+        gemm_strided(
+            c,
+            (a.as_ptr(), k as isize, 1),
+            (b.as_ptr(), n as isize, 1),
+            m,
+            k,
+            n,
+            accumulate,
+        )
+    }
+}
+
+/// `c[m, n] (+)= a[k, m]^T · b[k, n]` (a weight gradient: activations' rows are the inner index).
+pub fn matmul_tn<T: Float>(
+    c: &mut [T],
+    a: &[T],
+    b: &[T],
+    m: usize,
+    k: usize,
+    n: usize,
+    accumulate: bool,
+) {
+    assert!(
+        c.len() == m * n && a.len() == k * m && b.len() == k * n,
+        "matmul_tn: shape mismatch"
+    );
+    // SAFETY: lengths asserted above; a^T[i, p] = a[p, i] at p*m + i, b[p, j] at p*n + j.
+    unsafe {
+        gemm_strided(
+            c,
+            (a.as_ptr(), 1, m as isize),
+            (b.as_ptr(), n as isize, 1),
+            m,
+            k,
+            n,
+            accumulate,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::gradcheck::{max_rel_diff, randv};
+
+    /// Naive `c[i, j] = sum_p a(i, p) * b(p, j)` with accessor closures.
+    fn naive(
+        m: usize,
+        k: usize,
+        n: usize,
+        a: impl Fn(usize, usize) -> f64,
+        b: impl Fn(usize, usize) -> f64,
+    ) -> Vec<f64> {
+        let mut c = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = (0..k).map(|p| a(i, p) * b(p, j)).sum();
+            }
+        }
+        c
+    }
+
+    /// Small (serial gemm) and large (rayon gemm) shapes, odd sizes included.
+    const SHAPES: [(usize, usize, usize); 4] = [(3, 5, 7), (1, 9, 1), (17, 33, 9), (70, 65, 80)];
+
+    #[test]
+    fn matmul_nt_matches_naive() {
+        for (m, k, n) in SHAPES {
+            let (a, b, c0) = (randv(m * k, 1), randv(n * k, 2), randv(m * n, 3));
+            let want = naive(m, k, n, |i, p| a[i * k + p], |p, j| b[j * k + p]);
+            let mut c = c0.clone();
+            matmul_nt(&mut c, &a, &b, m, k, n, false);
+            assert!(max_rel_diff(&c, &want) < 1e-13);
+            matmul_nt(&mut c, &a, &b, m, k, n, true);
+            let twice: Vec<f64> = want.iter().map(|x| 2.0 * x).collect();
+            assert!(max_rel_diff(&c, &twice) < 1e-13);
+        }
+    }
+
+    #[test]
+    fn matmul_nn_matches_naive() {
+        for (m, k, n) in SHAPES {
+            let (a, b, c0) = (randv(m * k, 4), randv(k * n, 5), randv(m * n, 6));
+            let want = naive(m, k, n, |i, p| a[i * k + p], |p, j| b[p * n + j]);
+            let mut c = c0.clone();
+            matmul_nn(&mut c, &a, &b, m, k, n, true);
+            let acc: Vec<f64> = want.iter().zip(&c0).map(|(w, c)| w + c).collect();
+            assert!(max_rel_diff(&c, &acc) < 1e-13);
+            matmul_nn(&mut c, &a, &b, m, k, n, false);
+            assert!(max_rel_diff(&c, &want) < 1e-13);
+        }
+    }
+
+    #[test]
+    fn matmul_tn_matches_naive() {
+        for (m, k, n) in SHAPES {
+            let (a, b, c0) = (randv(k * m, 7), randv(k * n, 8), randv(m * n, 9));
+            let want = naive(m, k, n, |i, p| a[p * m + i], |p, j| b[p * n + j]);
+            let mut c = c0.clone();
+            matmul_tn(&mut c, &a, &b, m, k, n, false);
+            assert!(max_rel_diff(&c, &want) < 1e-13);
+        }
+    }
+
+    #[test]
+    fn matmul_f32_matches_f64() {
+        let (m, k, n) = (70, 65, 80);
+        let (a, b) = (randv(m * k, 10), randv(n * k, 11));
+        let mut c64 = vec![0.0; m * n];
+        matmul_nt(&mut c64, &a, &b, m, k, n, false);
+        let (a32, b32): (Vec<f32>, Vec<f32>) = (
+            a.iter().map(|&x| x as f32).collect(),
+            b.iter().map(|&x| x as f32).collect(),
+        );
+        let mut c32 = vec![0.0f32; m * n];
+        matmul_nt(&mut c32, &a32, &b32, m, k, n, false);
+        let c32: Vec<f64> = c32.iter().map(|&x| x as f64).collect();
+        assert!(max_rel_diff(&c32, &c64) < 1e-5);
+    }
+
+    #[test]
+    fn matmul_empty_inner_dimension() {
+        let mut c = vec![1.0f64; 6];
+        matmul_nn(&mut c, &[], &[], 2, 0, 3, true);
+        assert_eq!(c, vec![1.0; 6]);
+        matmul_nn(&mut c, &[], &[], 2, 0, 3, false);
+        assert_eq!(c, vec![0.0; 6]);
+    }
+}
