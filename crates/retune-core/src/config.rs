@@ -97,21 +97,30 @@ impl LlamaConfig {
                 return Err(format!("`{name}` must be positive"));
             }
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return Err(format!(
                 "`num_attention_heads` ({}) must be a multiple of `num_key_value_heads` ({})",
                 self.num_attention_heads, self.num_key_value_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
-            return Err(format!("`head_dim` ({}) must be even for RoPE", self.head_dim));
+        if !self.head_dim.is_multiple_of(2) {
+            return Err(format!(
+                "`head_dim` ({}) must be even for RoPE",
+                self.head_dim
+            ));
         }
         Ok(())
     }
 
     /// Parameter count as Hugging Face counts it (tied head counted once).
     pub fn param_count(&self) -> usize {
-        self.tensor_shapes().iter().map(|(_, s)| s.iter().product::<usize>()).sum()
+        self.tensor_shapes()
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum()
     }
 
     /// Every parameter tensor the model has, with its Hugging Face name and shape, in a fixed order.
@@ -134,9 +143,11 @@ impl LlamaConfig {
                 }
             }
             out.push((format!("{p}.post_attention_layernorm.weight"), vec![c]));
-            for (name, rows, cols) in
-                [("mlp.gate_proj", f, c), ("mlp.up_proj", f, c), ("mlp.down_proj", c, f)]
-            {
+            for (name, rows, cols) in [
+                ("mlp.gate_proj", f, c),
+                ("mlp.up_proj", f, c),
+                ("mlp.down_proj", c, f),
+            ] {
                 out.push((format!("{p}.{name}.weight"), vec![rows, cols]));
                 if self.mlp_bias {
                     out.push((format!("{p}.{name}.bias"), vec![rows]));
@@ -148,40 +159,6 @@ impl LlamaConfig {
             out.push(("lm_head.weight".to_string(), vec![v, c]));
         }
         out
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// SmolLM2-135M as published: 134,515,008 parameters (model card / safetensors header).
-    #[test]
-    fn smollm2_135m_parameter_count() {
-        let cfg = LlamaConfig {
-            architecture: "LlamaForCausalLM".into(),
-            model_type: "llama".into(),
-            vocab_size: 49152,
-            hidden_size: 576,
-            intermediate_size: 1536,
-            num_hidden_layers: 30,
-            num_attention_heads: 9,
-            num_key_value_heads: 3,
-            head_dim: 64,
-            rms_norm_eps: 1e-5,
-            rope_theta: 100000.0,
-            rope_scaling: None,
-            max_position_embeddings: 8192,
-            tie_word_embeddings: true,
-            qkv_bias: false,
-            o_bias: false,
-            mlp_bias: false,
-            bos_token_id: Some(1),
-            eos_token_ids: vec![2],
-            dtype: None,
-            sliding_window: None,
-        };
-        assert_eq!(cfg.param_count(), 134_515_008);
     }
 }
 
@@ -226,9 +203,8 @@ impl LlamaConfig {
             }
         };
         let req_usize = |key: &str| -> crate::error::Result<usize> {
-            opt_usize(key)?.ok_or_else(|| {
-                Error::format(path, format!("missing required field `{key}`"))
-            })
+            opt_usize(key)?
+                .ok_or_else(|| Error::format(path, format!("missing required field `{key}`")))
         };
         let opt_f64 = |key: &str| -> crate::error::Result<Option<f64>> {
             match get(key) {
@@ -239,15 +215,19 @@ impl LlamaConfig {
         let opt_bool = |key: &str| -> crate::error::Result<Option<bool>> {
             match get(key) {
                 None => Ok(None),
-                Some(v) => v.as_bool().map(Some).ok_or_else(|| bad(key, "true or false", v)),
+                Some(v) => v
+                    .as_bool()
+                    .map(Some)
+                    .ok_or_else(|| bad(key, "true or false", v)),
             }
         };
         let opt_str = |key: &str| -> crate::error::Result<Option<String>> {
             match get(key) {
                 None => Ok(None),
-                Some(v) => {
-                    v.as_str().map(|s| Some(s.to_string())).ok_or_else(|| bad(key, "a string", v))
-                }
+                Some(v) => v
+                    .as_str()
+                    .map(|s| Some(s.to_string()))
+                    .ok_or_else(|| bad(key, "a string", v)),
             }
         };
 
@@ -269,10 +249,12 @@ impl LlamaConfig {
             Some(v) => return Err(bad("architectures", "a list of strings", v)),
         };
         let declared_type = opt_str("model_type")?;
-        let known = Self::SUPPORTED_ARCHITECTURES.iter().find(|(a, m)| match &declared_arch {
-            Some(arch) => arch == a,
-            None => declared_type.as_deref() == Some(*m),
-        });
+        let known = Self::SUPPORTED_ARCHITECTURES
+            .iter()
+            .find(|(a, m)| match &declared_arch {
+                Some(arch) => arch == a,
+                None => declared_type.as_deref() == Some(*m),
+            });
         let (architecture, model_type) = match (known, &declared_type) {
             (Some((a, m)), Some(t)) if t != m => {
                 return Err(Error::Unsupported {
@@ -310,9 +292,7 @@ impl LlamaConfig {
             Some(d) => d,
             // Zero heads is reported by `validate` below, with the field's name.
             None if num_attention_heads == 0 => 0,
-            None if hidden_size % num_attention_heads == 0 => {
-                hidden_size / num_attention_heads
-            }
+            None if hidden_size % num_attention_heads == 0 => hidden_size / num_attention_heads,
             None => {
                 return Err(Error::format(
                     path,
@@ -327,12 +307,20 @@ impl LlamaConfig {
         // RoPE: 5.x nests theta and scaling in `rope_parameters`; 4.x has a top-level
         // `rope_theta` and an optional `rope_scaling` object.
         let rope_params = get("rope_parameters").and_then(Value::as_object);
-        let rope_theta = match rope_params.and_then(|p| p.get("rope_theta")).filter(|v| !v.is_null())
+        let rope_theta = match rope_params
+            .and_then(|p| p.get("rope_theta"))
+            .filter(|v| !v.is_null())
         {
-            Some(v) => v.as_f64().ok_or_else(|| bad("rope_parameters.rope_theta", "a number", v))?,
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| bad("rope_parameters.rope_theta", "a number", v))?,
             None => opt_f64("rope_theta")?.unwrap_or(10000.0),
         };
-        let scaling_key = if rope_params.is_some() { "rope_parameters" } else { "rope_scaling" };
+        let scaling_key = if rope_params.is_some() {
+            "rope_parameters"
+        } else {
+            "rope_scaling"
+        };
         let scaling = match rope_params {
             Some(p) => Some(p),
             None => match get("rope_scaling") {
@@ -361,7 +349,9 @@ impl LlamaConfig {
                             match s.get(k).filter(|v| !v.is_null()) {
                                 None => Err(Error::format(
                                     path,
-                                    format!("missing required field `{key}` for llama3 RoPE scaling"),
+                                    format!(
+                                        "missing required field `{key}` for llama3 RoPE scaling"
+                                    ),
                                 )),
                                 Some(v) => v.as_f64().ok_or_else(|| bad(&key, "a number", v)),
                             }
@@ -437,12 +427,15 @@ impl LlamaConfig {
                 .and_then(|n| u32::try_from(n).ok())
                 .ok_or_else(|| bad(key, "a token id (non-negative integer)", v))
         };
-        let bos_token_id = get("bos_token_id").map(|v| token_id("bos_token_id", v)).transpose()?;
+        let bos_token_id = get("bos_token_id")
+            .map(|v| token_id("bos_token_id", v))
+            .transpose()?;
         let eos_token_ids = match get("eos_token_id") {
             None => Vec::new(),
-            Some(Value::Array(a)) => {
-                a.iter().map(|v| token_id("eos_token_id", v)).collect::<crate::error::Result<_>>()?
-            }
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| token_id("eos_token_id", v))
+                .collect::<crate::error::Result<_>>()?,
             Some(v) => vec![token_id("eos_token_id", v)?],
         };
         let dtype = match opt_str("dtype")? {
@@ -474,7 +467,42 @@ impl LlamaConfig {
             dtype,
             sliding_window,
         };
-        cfg.validate().map_err(|reason| Error::format(path, reason))?;
+        cfg.validate()
+            .map_err(|reason| Error::format(path, reason))?;
         Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// SmolLM2-135M as published: 134,515,008 parameters (model card / safetensors header).
+    #[test]
+    fn smollm2_135m_parameter_count() {
+        let cfg = LlamaConfig {
+            architecture: "LlamaForCausalLM".into(),
+            model_type: "llama".into(),
+            vocab_size: 49152,
+            hidden_size: 576,
+            intermediate_size: 1536,
+            num_hidden_layers: 30,
+            num_attention_heads: 9,
+            num_key_value_heads: 3,
+            head_dim: 64,
+            rms_norm_eps: 1e-5,
+            rope_theta: 100000.0,
+            rope_scaling: None,
+            max_position_embeddings: 8192,
+            tie_word_embeddings: true,
+            qkv_bias: false,
+            o_bias: false,
+            mlp_bias: false,
+            bos_token_id: Some(1),
+            eos_token_ids: vec![2],
+            dtype: None,
+            sliding_window: None,
+        };
+        assert_eq!(cfg.param_count(), 134_515_008);
     }
 }

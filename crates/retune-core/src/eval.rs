@@ -32,12 +32,18 @@ pub fn windows(doc: &[u32], max_seq_len: usize) -> impl Iterator<Item = &[u32]> 
 }
 
 /// Evaluates `model` on tokenised documents.
-pub fn evaluate<T: Float>(model: &Model<T>, docs: &[Vec<u32>], max_seq_len: usize) -> Result<EvalResult> {
+pub fn evaluate<T: Float>(
+    model: &Model<T>,
+    docs: &[Vec<u32>],
+    max_seq_len: usize,
+) -> Result<EvalResult> {
     let all: Vec<&[u32]> = docs.iter().flat_map(|d| windows(d, max_seq_len)).collect();
     let (full, short): (Vec<&[u32]>, Vec<&[u32]>) =
         all.into_iter().partition(|w| w.len() == max_seq_len.max(2));
-    let mut batches: Vec<Vec<Vec<u32>>> =
-        full.chunks(EVAL_ROWS).map(|c| c.iter().map(|w| w.to_vec()).collect()).collect();
+    let mut batches: Vec<Vec<Vec<u32>>> = full
+        .chunks(EVAL_ROWS)
+        .map(|c| c.iter().map(|w| w.to_vec()).collect())
+        .collect();
     batches.extend(short.into_iter().map(|w| vec![w.to_vec()]));
     let (mut loss_sum, mut tokens, mut correct) = (0.0, 0, 0);
     for rows in batches {
@@ -48,9 +54,22 @@ pub fn evaluate<T: Float>(model: &Model<T>, docs: &[Vec<u32>], max_seq_len: usiz
         tokens += stats.count;
         correct += stats.correct;
     }
-    let loss = if tokens == 0 { f64::NAN } else { loss_sum / tokens as f64 };
-    let accuracy = if tokens == 0 { f64::NAN } else { correct as f64 / tokens as f64 };
-    Ok(EvalResult { tokens, loss, perplexity: loss.exp(), accuracy })
+    let loss = if tokens == 0 {
+        f64::NAN
+    } else {
+        loss_sum / tokens as f64
+    };
+    let accuracy = if tokens == 0 {
+        f64::NAN
+    } else {
+        correct as f64 / tokens as f64
+    };
+    Ok(EvalResult {
+        tokens,
+        loss,
+        perplexity: loss.exp(),
+        accuracy,
+    })
 }
 
 #[cfg(test)]
@@ -63,6 +82,10 @@ mod tests {
         let w: Vec<&[u32]> = windows(&doc, 4).collect();
         assert_eq!(w, vec![&[0, 1, 2, 3][..], &[4, 5, 6, 7], &[8, 9]]);
         let w: Vec<&[u32]> = windows(&doc[..9], 4).collect();
-        assert_eq!(w.len(), 2, "a trailing window of one token predicts nothing");
+        assert_eq!(
+            w.len(),
+            2,
+            "a trailing window of one token predicts nothing"
+        );
     }
 }

@@ -90,17 +90,31 @@ fn random_tensors(cfg: &LlamaConfig, seed: u64) -> BTreeMap<String, HostTensor> 
 fn to_bytes(data: &[f32], dtype: Dtype) -> Vec<u8> {
     match dtype {
         Dtype::F32 => data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        Dtype::F16 => data.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
-        Dtype::BF16 => data.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect(),
+        Dtype::F16 => data
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+            .collect(),
+        Dtype::BF16 => data
+            .iter()
+            .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+            .collect(),
         other => panic!("test writer does not do {other:?}"),
     }
 }
 
+/// Tensors as a safetensors file stores them: name -> (dtype, shape, little-endian bytes).
+type Stored = BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>;
+
 /// Writes safetensors `file` holding `tensors` (name -> (dtype, shape, bytes)).
-fn write_safetensors(file: &Path, tensors: &BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>) {
+fn write_safetensors(file: &Path, tensors: &Stored) {
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()
-        .map(|(n, (d, s, b))| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+        .map(|(n, (d, s, b))| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
         .collect();
     safetensors::serialize_to_file(views, None, file).unwrap();
 }
@@ -118,25 +132,39 @@ fn write_tiny_hf_model_with(
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(dir.join("config.json"), hf_config_json(cfg).to_string()).unwrap();
     let mut tensors = random_tensors(cfg, seed);
-    let mut stored: Vec<BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>> = vec![BTreeMap::new(); shards];
+    let mut stored: Vec<Stored> = vec![BTreeMap::new(); shards];
     let mut weight_map = serde_json::Map::new();
     for (i, (name, t)) in tensors.iter_mut().enumerate() {
         let bytes = to_bytes(&t.data, dtype);
         // What the loader must give back: the stored value, widened.
         t.data = match dtype {
             Dtype::F32 => t.data.clone(),
-            Dtype::F16 => t.data.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect(),
-            _ => t.data.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect(),
+            Dtype::F16 => t
+                .data
+                .iter()
+                .map(|&v| half::f16::from_f32(v).to_f32())
+                .collect(),
+            _ => t
+                .data
+                .iter()
+                .map(|&v| half::bf16::from_f32(v).to_f32())
+                .collect(),
         };
         let shard = i % shards;
-        weight_map.insert(name.clone(), format!("model-{:05}-of-{shards:05}.safetensors", shard + 1).into());
+        weight_map.insert(
+            name.clone(),
+            format!("model-{:05}-of-{shards:05}.safetensors", shard + 1).into(),
+        );
         stored[shard].insert(name.clone(), (dtype, t.shape.clone(), bytes));
     }
     if shards == 1 {
         write_safetensors(&dir.join("model.safetensors"), &stored[0]);
     } else {
         for (i, s) in stored.iter().enumerate() {
-            write_safetensors(&dir.join(format!("model-{:05}-of-{shards:05}.safetensors", i + 1)), s);
+            write_safetensors(
+                &dir.join(format!("model-{:05}-of-{shards:05}.safetensors", i + 1)),
+                s,
+            );
         }
         let index = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": weight_map});
         std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
@@ -145,7 +173,11 @@ fn write_tiny_hf_model_with(
 }
 
 /// Writes a Hugging Face folder for `cfg` (F32, one file) and returns its weights.
-pub fn write_tiny_hf_model(dir: &Path, cfg: &LlamaConfig, seed: u64) -> BTreeMap<String, HostTensor> {
+pub fn write_tiny_hf_model(
+    dir: &Path,
+    cfg: &LlamaConfig,
+    seed: u64,
+) -> BTreeMap<String, HostTensor> {
     write_tiny_hf_model_with(dir, cfg, seed, Dtype::F32, 1)
 }
 
@@ -170,7 +202,12 @@ fn llama_cpp_permute(t: &HostTensor, n_head: usize) -> Vec<f32> {
 
 /// Writes `tensors` (HF names and layout) as a llama-architecture GGUF the way llama.cpp's
 /// converter does: GGUF names, Q/K rows permuted, matrices as `matrix_dtype`, norms F32.
-fn write_tiny_gguf(file: &Path, cfg: &LlamaConfig, tensors: &BTreeMap<String, HostTensor>, matrix_dtype: GgmlDType) {
+fn write_tiny_gguf(
+    file: &Path,
+    cfg: &LlamaConfig,
+    tensors: &BTreeMap<String, HostTensor>,
+    matrix_dtype: GgmlDType,
+) {
     let mut qtensors = Vec::new();
     for (hf, t) in tensors {
         let gguf = retune_core::load::gguf::gguf_name(hf).unwrap();
@@ -182,20 +219,36 @@ fn write_tiny_gguf(file: &Path, cfg: &LlamaConfig, tensors: &BTreeMap<String, Ho
             t.data.clone()
         };
         let x = Tensor::from_vec(data, t.shape.clone(), &Device::Cpu).unwrap();
-        let dtype = if t.shape.len() == 2 { matrix_dtype } else { GgmlDType::F32 };
+        let dtype = if t.shape.len() == 2 {
+            matrix_dtype
+        } else {
+            GgmlDType::F32
+        };
         qtensors.push((gguf, QTensor::quantize(&x, dtype).unwrap()));
     }
     let u32v = |x: usize| gguf_file::Value::U32(x as u32);
     let metadata = vec![
-        ("general.architecture", gguf_file::Value::String("llama".into())),
+        (
+            "general.architecture",
+            gguf_file::Value::String("llama".into()),
+        ),
         ("llama.context_length", u32v(cfg.max_position_embeddings)),
         ("llama.embedding_length", u32v(cfg.hidden_size)),
         ("llama.block_count", u32v(cfg.num_hidden_layers)),
         ("llama.feed_forward_length", u32v(cfg.intermediate_size)),
         ("llama.attention.head_count", u32v(cfg.num_attention_heads)),
-        ("llama.attention.head_count_kv", u32v(cfg.num_key_value_heads)),
-        ("llama.attention.layer_norm_rms_epsilon", gguf_file::Value::F32(cfg.rms_norm_eps as f32)),
-        ("llama.rope.freq_base", gguf_file::Value::F32(cfg.rope_theta as f32)),
+        (
+            "llama.attention.head_count_kv",
+            u32v(cfg.num_key_value_heads),
+        ),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            gguf_file::Value::F32(cfg.rms_norm_eps as f32),
+        ),
+        (
+            "llama.rope.freq_base",
+            gguf_file::Value::F32(cfg.rope_theta as f32),
+        ),
         ("llama.rope.dimension_count", u32v(cfg.head_dim)),
         ("llama.vocab_size", u32v(cfg.vocab_size)),
         ("tokenizer.ggml.bos_token_id", u32v(1)),
@@ -210,7 +263,11 @@ fn write_tiny_gguf(file: &Path, cfg: &LlamaConfig, tensors: &BTreeMap<String, Ho
 /// Asserts `err` is the given kind and its message names `file` and contains every `needle`.
 fn assert_err(err: Error, file: &Path, needles: &[&str]) {
     let msg = err.to_string();
-    assert!(msg.contains(&file.display().to_string()), "message should name {}: {msg}", file.display());
+    assert!(
+        msg.contains(&file.display().to_string()),
+        "message should name {}: {msg}",
+        file.display()
+    );
     for n in needles {
         assert!(msg.contains(n), "message should contain {n:?}: {msg}");
     }
@@ -237,8 +294,16 @@ fn hf_folder_f32_round_trips_exactly() {
     assert!(m.stored_dtypes.values().all(|d| d == "F32"));
 
     let s = inspect_model(dir.path()).unwrap();
-    assert_eq!((s.config, s.format, s.files, s.stored_dtypes), (cfg.clone(), m.format, m.files, m.stored_dtypes));
-    assert_eq!(s.file_bytes, std::fs::metadata(dir.path().join("model.safetensors")).unwrap().len());
+    assert_eq!(
+        (s.config, s.format, s.files, s.stored_dtypes),
+        (cfg.clone(), m.format, m.files, m.stored_dtypes)
+    );
+    assert_eq!(
+        s.file_bytes,
+        std::fs::metadata(dir.path().join("model.safetensors"))
+            .unwrap()
+            .len()
+    );
     assert!(s.file_bytes > 4 * cfg.param_count() as u64);
 }
 
@@ -254,7 +319,9 @@ fn hf_folder_sharded_bf16_and_f16() {
         let written = write_tiny_hf_model_with(dir.path(), &cfg, 3, dtype, 3);
         let m = load_model(dir.path()).unwrap();
         assert!(m.config.qkv_bias && !m.config.o_bias);
-        assert!(m.tensors.contains_key("model.layers.1.self_attn.k_proj.bias"));
+        assert!(m
+            .tensors
+            .contains_key("model.layers.1.self_attn.k_proj.bias"));
         assert_eq!(m.tensors, written, "{name}: stored values widened exactly");
         assert_eq!(m.files.len(), 3);
         assert!(m.files.iter().all(|f| f.starts_with(dir.path())));
@@ -268,16 +335,35 @@ fn hf_tied_checkpoint_ignores_lm_head_and_reads_generation_config() {
     let mut cfg = tiny_config();
     cfg.tie_word_embeddings = true;
     // The checkpoint carries an lm_head (as some exports do) and a rotary buffer: both ignored.
-    let untied = LlamaConfig { tie_word_embeddings: false, ..cfg.clone() };
+    let untied = LlamaConfig {
+        tie_word_embeddings: false,
+        ..cfg.clone()
+    };
     let mut written = write_tiny_hf_model(dir.path(), &untied, 5);
-    let mut st: BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)> = written
+    let mut st: Stored = written
         .iter()
-        .map(|(n, t)| (n.clone(), (Dtype::F32, t.shape.clone(), to_bytes(&t.data, Dtype::F32))))
+        .map(|(n, t)| {
+            (
+                n.clone(),
+                (Dtype::F32, t.shape.clone(), to_bytes(&t.data, Dtype::F32)),
+            )
+        })
         .collect();
-    st.insert("model.rotary_emb.inv_freq".into(), (Dtype::F32, vec![8], vec![0; 32]));
+    st.insert(
+        "model.rotary_emb.inv_freq".into(),
+        (Dtype::F32, vec![8], vec![0; 32]),
+    );
     write_safetensors(&dir.path().join("model.safetensors"), &st);
-    std::fs::write(dir.path().join("config.json"), hf_config_json(&cfg).to_string()).unwrap();
-    std::fs::write(dir.path().join("generation_config.json"), r#"{"bos_token_id": 1, "eos_token_id": [2, 5]}"#).unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        hf_config_json(&cfg).to_string(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("generation_config.json"),
+        r#"{"bos_token_id": 1, "eos_token_id": [2, 5]}"#,
+    )
+    .unwrap();
 
     let m = load_model(dir.path()).unwrap();
     assert!(m.config.tie_word_embeddings);
@@ -291,12 +377,24 @@ fn hf_tied_checkpoint_ignores_lm_head_and_reads_generation_config() {
 fn missing_folder_and_missing_config() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("no-such-model");
-    assert_err(load_model(&missing).unwrap_err(), &missing, &["No such file"]);
+    assert_err(
+        load_model(&missing).unwrap_err(),
+        &missing,
+        &["No such file"],
+    );
     let err = load_model(dir.path()).unwrap_err();
     assert_err(err, &dir.path().join("config.json"), &["missing"]);
     // A config but no weights.
-    std::fs::write(dir.path().join("config.json"), hf_config_json(&tiny_config()).to_string()).unwrap();
-    assert_err(inspect_model(dir.path()).unwrap_err(), dir.path(), &["model.safetensors"]);
+    std::fs::write(
+        dir.path().join("config.json"),
+        hf_config_json(&tiny_config()).to_string(),
+    )
+    .unwrap();
+    assert_err(
+        inspect_model(dir.path()).unwrap_err(),
+        dir.path(),
+        &["model.safetensors"],
+    );
     // A file that is neither.
     let txt = dir.path().join("notes.txt");
     std::fs::write(&txt, "hello").unwrap();
@@ -322,7 +420,16 @@ fn unsupported_architecture_is_named() {
     });
     let err = load_model(dir.path()).unwrap_err();
     assert!(matches!(err, Error::Unsupported { .. }), "{err}");
-    assert_err(err, &dir.path().join("config.json"), &["GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"]);
+    assert_err(
+        err,
+        &dir.path().join("config.json"),
+        &[
+            "GPT2LMHeadModel",
+            "LlamaForCausalLM",
+            "MistralForCausalLM",
+            "Qwen2ForCausalLM",
+        ],
+    );
 }
 
 #[test]
@@ -332,17 +439,26 @@ fn missing_required_field_is_named() {
     });
     let err = load_model(dir.path()).unwrap_err();
     assert!(matches!(err, Error::Format { .. }), "{err}");
-    assert_err(err, &dir.path().join("config.json"), &["missing required field `hidden_size`"]);
+    assert_err(
+        err,
+        &dir.path().join("config.json"),
+        &["missing required field `hidden_size`"],
+    );
 }
 
 #[test]
 fn yarn_rope_is_unsupported() {
     let dir = folder_with_config(|j| {
-        j["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096});
+        j["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0,
+            "original_max_position_embeddings": 4096});
     });
     let err = inspect_model(dir.path()).unwrap_err();
     assert!(matches!(err, Error::Unsupported { .. }), "{err}");
-    assert_err(err, &dir.path().join("config.json"), &["unsupported", "`yarn`"]);
+    assert_err(
+        err,
+        &dir.path().join("config.json"),
+        &["unsupported", "`yarn`"],
+    );
 }
 
 #[test]
@@ -358,18 +474,27 @@ fn truncated_safetensors_is_a_format_error() {
         assert_err(err, &file, &["truncated or not a safetensors file"]);
     }
     std::fs::write(&file, b"this is not a safetensors file at all").unwrap();
-    assert_err(load_model(dir.path()).unwrap_err(), &file, &["truncated or not a safetensors file"]);
+    assert_err(
+        load_model(dir.path()).unwrap_err(),
+        &file,
+        &["truncated or not a safetensors file"],
+    );
 }
 
 #[test]
 fn wrong_shape_missing_tensor_and_bad_dtype() {
     let cfg = tiny_config();
-    let rewrite = |edit: &dyn Fn(&mut BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>)| {
+    let rewrite = |edit: &dyn Fn(&mut Stored)| {
         let dir = tempfile::tempdir().unwrap();
         let written = write_tiny_hf_model(dir.path(), &cfg, 4);
         let mut st: BTreeMap<_, _> = written
             .iter()
-            .map(|(n, t)| (n.clone(), (Dtype::F32, t.shape.clone(), to_bytes(&t.data, Dtype::F32))))
+            .map(|(n, t)| {
+                (
+                    n.clone(),
+                    (Dtype::F32, t.shape.clone(), to_bytes(&t.data, Dtype::F32)),
+                )
+            })
             .collect();
         edit(&mut st);
         write_safetensors(&dir.path().join("model.safetensors"), &st);
@@ -381,17 +506,33 @@ fn wrong_shape_missing_tensor_and_bad_dtype() {
     let dir = rewrite(&|st| st.get_mut(name).unwrap().1 = vec![64, 32]);
     let err = load_model(dir.path()).unwrap_err();
     match &err {
-        Error::Shape { name: n, got, expected, .. } => {
-            assert_eq!((n.as_str(), got.clone(), expected.clone()), (name, vec![64, 32], vec![32, 64]))
+        Error::Shape {
+            name: n,
+            got,
+            expected,
+            ..
+        } => {
+            assert_eq!(
+                (n.as_str(), got.clone(), expected.clone()),
+                (name, vec![64, 32], vec![32, 64])
+            )
         }
         other => panic!("expected a shape error, got {other}"),
     }
-    assert_err(err, &dir.path().join("model.safetensors"), &[name, "[64, 32]", "[32, 64]"]);
+    assert_err(
+        err,
+        &dir.path().join("model.safetensors"),
+        &[name, "[64, 32]", "[32, 64]"],
+    );
 
     let dir = rewrite(&|st| {
         st.remove("model.layers.0.mlp.up_proj.weight");
     });
-    assert_err(load_model(dir.path()).unwrap_err(), &dir.path().join("model.safetensors"), &["missing tensor `model.layers.0.mlp.up_proj.weight`"]);
+    assert_err(
+        load_model(dir.path()).unwrap_err(),
+        &dir.path().join("model.safetensors"),
+        &["missing tensor `model.layers.0.mlp.up_proj.weight`"],
+    );
 
     let dir = rewrite(&|st| {
         let t = st.get_mut("model.norm.weight").unwrap();
@@ -399,7 +540,11 @@ fn wrong_shape_missing_tensor_and_bad_dtype() {
     });
     let err = load_model(dir.path()).unwrap_err();
     assert!(matches!(err, Error::Format { .. }), "{err}");
-    assert_err(err, &dir.path().join("model.safetensors"), &["model.norm.weight", "I64"]);
+    assert_err(
+        err,
+        &dir.path().join("model.safetensors"),
+        &["model.norm.weight", "I64"],
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -415,9 +560,15 @@ fn gguf_f32_equals_hf_exactly_after_unpermuting() {
     let m = load_model(&file).unwrap();
     assert_eq!(m.format, ModelFormat::Gguf);
     assert_eq!(m.files, vec![file.clone()]);
-    let expected = LlamaConfig { dtype: None, ..cfg.clone() };
+    let expected = LlamaConfig {
+        dtype: None,
+        ..cfg.clone()
+    };
     assert_eq!(m.config, expected);
-    assert_eq!(m.tensors, written, "every tensor, q/k included, equals the HF original");
+    assert_eq!(
+        m.tensors, written,
+        "every tensor, q/k included, equals the HF original"
+    );
     // Without the un-permutation q and k would differ: make sure the test can tell.
     let q = &written["model.layers.0.self_attn.q_proj.weight"];
     assert_ne!(llama_cpp_permute(q, cfg.num_attention_heads), q.data);
@@ -429,7 +580,11 @@ fn gguf_q8_0_and_f16_are_close_to_hf() {
     let mut cfg = tiny_config();
     cfg.tie_word_embeddings = true;
     let written = write_tiny_hf_model(&dir.path().join("hf"), &cfg, 12);
-    for (dtype, name) in [(GgmlDType::Q8_0, "Q8_0"), (GgmlDType::F16, "F16"), (GgmlDType::Q4_1, "Q4_1")] {
+    for (dtype, name) in [
+        (GgmlDType::Q8_0, "Q8_0"),
+        (GgmlDType::F16, "F16"),
+        (GgmlDType::Q4_1, "Q4_1"),
+    ] {
         let file = dir.path().join(format!("tiny-{name}.gguf"));
         write_tiny_gguf(&file, &cfg, &written, dtype);
         let m = load_model(&file).unwrap();
@@ -445,8 +600,16 @@ fn gguf_q8_0_and_f16_are_close_to_hf() {
         for (n, w) in &written {
             let got = &m.tensors[n];
             assert_eq!(got.shape, w.shape);
-            let err = got.data.iter().zip(&w.data).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
-            assert!(err <= tol * max_abs(&w.data), "{name} {n}: max abs err {err}");
+            let err = got
+                .data
+                .iter()
+                .zip(&w.data)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            assert!(
+                err <= tol * max_abs(&w.data),
+                "{name} {n}: max abs err {err}"
+            );
         }
     }
 }
@@ -470,13 +633,20 @@ fn gguf_bad_magic_truncation_and_unknown_type() {
     let bytes = std::fs::read(&full).unwrap();
     let cut = dir.path().join("cut.gguf");
     std::fs::write(&cut, &bytes[..bytes.len() - 100]).unwrap();
-    for err in [load_model(&cut).unwrap_err(), inspect_model(&cut).unwrap_err()] {
+    for err in [
+        load_model(&cut).unwrap_err(),
+        inspect_model(&cut).unwrap_err(),
+    ] {
         assert!(matches!(err, Error::Format { .. }), "{err}");
         assert_err(err, &cut, &["truncated: tensor `", "but the file has"]);
     }
     // Cut inside the header.
     std::fs::write(&cut, &bytes[..200]).unwrap();
-    assert_err(load_model(&cut).unwrap_err(), &cut, &["truncated or corrupt GGUF header"]);
+    assert_err(
+        load_model(&cut).unwrap_err(),
+        &cut,
+        &["truncated or corrupt GGUF header"],
+    );
 
     // A tensor type id candle does not know (IQ2_XXS = 16): unsupported, not a panic.
     let mut raw = Vec::new();
@@ -503,13 +673,40 @@ fn gguf_bad_magic_truncation_and_unknown_type() {
     let err = load_model(&iq).unwrap_err();
     assert!(matches!(err, Error::Unsupported { .. }), "{err}");
     assert_err(err, &iq, &["tensor type", "16"]);
+
+    // GGUF v1: unsupported, named.
+    raw[4..8].copy_from_slice(&1u32.to_le_bytes());
+    std::fs::write(&iq, &raw).unwrap();
+    assert_err(
+        load_model(&iq).unwrap_err(),
+        &iq,
+        &["unsupported", "GGUF version 1"],
+    );
+
+    // `general.alignment = 0` makes candle's parser divide by zero: an error, not a panic.
+    let mut raw = Vec::new();
+    raw.extend(b"GGUF");
+    raw.extend(3u32.to_le_bytes());
+    raw.extend(0u64.to_le_bytes());
+    raw.extend(1u64.to_le_bytes());
+    string(&mut raw, "general.alignment");
+    raw.extend(4u32.to_le_bytes());
+    raw.extend(0u32.to_le_bytes());
+    let zero = dir.path().join("zero-alignment.gguf");
+    std::fs::write(&zero, &raw).unwrap();
+    assert_err(
+        load_model(&zero).unwrap_err(),
+        &zero,
+        &["corrupt GGUF header"],
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
 // The real model.
 
 fn smollm2() -> PathBuf {
-    retune_assets::fetch(retune_assets::Asset::SmolLm2Gguf).expect("fetch SmolLM2-135M-Instruct GGUF")
+    retune_assets::fetch(retune_assets::Asset::SmolLm2Gguf)
+        .expect("fetch SmolLM2-135M-Instruct GGUF")
 }
 
 #[test]
@@ -520,16 +717,36 @@ fn smollm2_gguf_loads_with_the_published_shape() {
     let inspect_s = t0.elapsed().as_secs_f64();
     let t0 = Instant::now();
     let m = load_model(&path).unwrap();
-    eprintln!("SmolLM2 Q4_1 GGUF: inspect {inspect_s:.3} s, load (dequantise to f32) {:.3} s", t0.elapsed().as_secs_f64());
+    eprintln!(
+        "SmolLM2 Q4_1 GGUF: inspect {inspect_s:.3} s, load (dequantise to f32) {:.3} s",
+        t0.elapsed().as_secs_f64()
+    );
 
     let c = &m.config;
     assert_eq!(c.param_count(), 134_515_008);
-    assert_eq!((c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim), (30, 9, 3, 64));
-    assert_eq!((c.hidden_size, c.intermediate_size, c.vocab_size), (576, 1536, 49152));
-    assert_eq!((c.rope_theta, c.rms_norm_eps, c.max_position_embeddings), (100000.0, 1e-5, 8192));
+    assert_eq!(
+        (
+            c.num_hidden_layers,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim
+        ),
+        (30, 9, 3, 64)
+    );
+    assert_eq!(
+        (c.hidden_size, c.intermediate_size, c.vocab_size),
+        (576, 1536, 49152)
+    );
+    assert_eq!(
+        (c.rope_theta, c.rms_norm_eps, c.max_position_embeddings),
+        (100000.0, 1e-5, 8192)
+    );
     assert!(c.tie_word_embeddings && c.rope_scaling.is_none());
     assert!(!c.qkv_bias && !c.o_bias && !c.mlp_bias);
-    assert_eq!((c.architecture.as_str(), c.model_type.as_str()), ("LlamaForCausalLM", "llama"));
+    assert_eq!(
+        (c.architecture.as_str(), c.model_type.as_str()),
+        ("LlamaForCausalLM", "llama")
+    );
     assert_eq!((c.bos_token_id, c.eos_token_ids[0]), (Some(1), 2));
 
     assert_eq!(m.format, ModelFormat::Gguf);
@@ -546,10 +763,16 @@ fn smollm2_gguf_loads_with_the_published_shape() {
         };
         assert_eq!(m.stored_dtypes[&name], expected, "{name}");
     }
-    assert_eq!(m.stored_dtypes.values().filter(|d| *d == "Q4_1").count(), 210);
+    assert_eq!(
+        m.stored_dtypes.values().filter(|d| *d == "Q4_1").count(),
+        210
+    );
     assert_eq!(m.stored_dtypes.values().filter(|d| *d == "F32").count(), 61);
     // Sanity on values: finite, and norms (gains around 1) unlike matrices.
-    assert!(m.tensors.values().all(|t| t.data.iter().all(|x| x.is_finite())));
+    assert!(m
+        .tensors
+        .values()
+        .all(|t| t.data.iter().all(|x| x.is_finite())));
     let norm = &m.tensors["model.norm.weight"].data;
     assert!(norm.iter().sum::<f32>() / norm.len() as f32 > 0.1);
 
@@ -565,24 +788,210 @@ fn smollm2_gguf_truncated_to_1mb() {
     let dir = tempfile::tempdir().unwrap();
     let cut = dir.path().join("SmolLM2-cut.gguf");
     std::fs::write(&cut, &bytes[..1 << 20]).unwrap();
-    for err in [load_model(&cut).unwrap_err(), inspect_model(&cut).unwrap_err()] {
+    for err in [
+        load_model(&cut).unwrap_err(),
+        inspect_model(&cut).unwrap_err(),
+    ] {
         assert!(matches!(err, Error::Format { .. }), "{err}");
         assert_err(err, &cut, &["truncated"]);
     }
     // Header intact, data cut: 90% of the file.
     std::fs::write(&cut, &bytes[..bytes.len() / 10 * 9]).unwrap();
-    assert_err(load_model(&cut).unwrap_err(), &cut, &["truncated: tensor `"]);
+    assert_err(
+        load_model(&cut).unwrap_err(),
+        &cut,
+        &["truncated: tensor `"],
+    );
 }
 
 #[test]
 fn llama3_rope_scaling_from_config_reaches_the_loaded_model() {
     let dir = folder_with_config(|j| {
         j["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0,
-            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192});
     });
     let m = load_model(dir.path()).unwrap();
     assert_eq!(
         m.config.rope_scaling,
-        Some(RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192 })
+        Some(RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192
+        })
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// PyTorch-made fixtures (tests/fixtures/README.md): HF folders saved by transformers, GGUF
+// copies written with the gguf package and llama.cpp's Q/K permutation.
+
+fn fixture(path: &str) -> PathBuf {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures")).join(path)
+}
+
+/// Parameter names transformers reports for a fixture: its reference gradients' names.
+fn reference_parameter_names(folder: &str) -> Vec<String> {
+    let bytes = std::fs::read(fixture(folder).join("reference.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = st
+        .names()
+        .into_iter()
+        .filter_map(|n| n.strip_prefix("grad."))
+        .map(str::to_string)
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn fixture_hf_folders_load_as_transformers_sees_them() {
+    for folder in ["llama3-tiny", "qwen2-tiny", "smollm-tiny", "mistral-tiny"] {
+        let dir = fixture(folder);
+        let m = load_model(&dir).unwrap_or_else(|e| panic!("{folder}: {e}"));
+        let c = &m.config;
+        // The tensor set is exactly transformers' parameter set.
+        assert_eq!(
+            m.tensors.keys().cloned().collect::<Vec<_>>(),
+            reference_parameter_names(folder),
+            "{folder}"
+        );
+        assert_eq!(
+            (
+                c.vocab_size,
+                c.hidden_size,
+                c.head_dim,
+                c.max_position_embeddings
+            ),
+            (256, 64, 16, 128),
+            "{folder}"
+        );
+        assert_eq!(
+            (c.bos_token_id, c.eos_token_ids.clone()),
+            (Some(1), vec![2]),
+            "{folder}"
+        );
+        assert_eq!(c.num_attention_heads, 4, "{folder}");
+        let stored = if folder == "mistral-tiny" {
+            "BF16"
+        } else {
+            "F32"
+        };
+        assert!(m.stored_dtypes.values().all(|d| d == stored), "{folder}");
+        match folder {
+            "llama3-tiny" => {
+                assert_eq!(
+                    (c.intermediate_size, c.num_key_value_heads, c.rope_theta),
+                    (160, 2, 500000.0)
+                );
+                assert_eq!(
+                    c.rope_scaling,
+                    Some(RopeScaling::Llama3 {
+                        factor: 8.0,
+                        low_freq_factor: 1.0,
+                        high_freq_factor: 4.0,
+                        original_max_position_embeddings: 64
+                    })
+                );
+                assert!(!c.tie_word_embeddings);
+            }
+            "qwen2-tiny" => {
+                assert_eq!(
+                    (c.architecture.as_str(), c.model_type.as_str()),
+                    ("Qwen2ForCausalLM", "qwen2")
+                );
+                assert_eq!(
+                    (c.qkv_bias, c.o_bias, c.rms_norm_eps, c.rope_theta),
+                    (true, false, 1e-6, 10000.0)
+                );
+                assert_eq!(
+                    (c.dtype.as_deref(), c.sliding_window),
+                    (Some("float32"), None)
+                );
+            }
+            "smollm-tiny" => {
+                assert!(c.tie_word_embeddings && !m.tensors.contains_key("lm_head.weight"));
+                assert_eq!(
+                    (c.num_hidden_layers, c.num_key_value_heads, c.rope_theta),
+                    (3, 1, 100000.0)
+                );
+            }
+            _ => {
+                assert_eq!(
+                    (c.architecture.as_str(), c.num_key_value_heads),
+                    ("MistralForCausalLM", 1)
+                );
+                assert_eq!(
+                    (c.dtype.as_deref(), c.sliding_window),
+                    (Some("bfloat16"), None)
+                );
+                assert_eq!(m.files.len(), 3);
+            }
+        }
+        let s = inspect_model(&dir).unwrap();
+        assert_eq!(
+            (&s.config, &s.stored_dtypes, &s.files),
+            (&m.config, &m.stored_dtypes, &m.files),
+            "{folder}"
+        );
+    }
+}
+
+/// Each GGUF fixture equals its folder's safetensors: this is what proves the Q/K un-permutation
+/// (and the llama3 `rope_freqs` recovery) against files written by llama.cpp's own Python tools.
+#[test]
+fn fixture_ggufs_equal_their_hf_folders() {
+    for (folder, file, stored) in [
+        ("smollm-tiny", "model-f32.gguf", "F32"),
+        ("smollm-tiny", "model-q8_0.gguf", "Q8_0"),
+        ("llama3-tiny", "model-f16.gguf", "F16"),
+    ] {
+        let hf = load_model(&fixture(folder)).unwrap();
+        let path = fixture(folder).join(file);
+        let gg = load_model(&path).unwrap_or_else(|e| panic!("{file}: {e}"));
+        let what = format!("{folder}/{file}");
+        assert_eq!(gg.format, ModelFormat::Gguf);
+        let expected_config = LlamaConfig {
+            dtype: Some(stored.to_string()),
+            ..hf.config.clone()
+        };
+        assert_eq!(gg.config, expected_config, "{what}");
+        assert_eq!(
+            gg.tensors.keys().collect::<Vec<_>>(),
+            hf.tensors.keys().collect::<Vec<_>>(),
+            "{what}"
+        );
+        for (name, want) in &hf.tensors {
+            let got = &gg.tensors[name];
+            assert_eq!(got.shape, want.shape, "{what} {name}");
+            let dtype = &gg.stored_dtypes[name];
+            assert_eq!(
+                dtype.as_str(),
+                if want.shape.len() == 2 { stored } else { "F32" },
+                "{what} {name}"
+            );
+            let max_err = got
+                .data
+                .iter()
+                .zip(&want.data)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            match dtype.as_str() {
+                "F32" => assert_eq!(got.data, want.data, "{what} {name}: F32 must be exact"),
+                "F16" => {
+                    for (a, b) in got.data.iter().zip(&want.data) {
+                        assert!(
+                            (a - b).abs() <= 1e-3 * b.abs() + 1e-7,
+                            "{what} {name}: {a} vs {b}"
+                        );
+                    }
+                }
+                _ => assert!(
+                    max_err < 0.01 * max_abs(&want.data),
+                    "{what} {name}: max abs err {max_err}"
+                ),
+            }
+        }
+    }
 }

@@ -9,7 +9,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name)
 }
 
 /// The reference file: every tensor as f64, keyed by name.
@@ -38,13 +40,25 @@ fn reference(dir: &Path) -> BTreeMap<String, (Vec<usize>, Vec<f64>)> {
 
 fn reference_batch(r: &BTreeMap<String, (Vec<usize>, Vec<f64>)>) -> Batch {
     let (shape, ids) = &r["input_ids"];
-    let targets = r["targets"].1.iter().map(|&t| if t < 0.0 { IGNORE } else { t as u32 }).collect();
-    Batch::with_targets(ids.iter().map(|&i| i as u32).collect(), targets, shape[0], shape[1])
+    let targets = r["targets"]
+        .1
+        .iter()
+        .map(|&t| if t < 0.0 { IGNORE } else { t as u32 })
+        .collect();
+    Batch::with_targets(
+        ids.iter().map(|&i| i as u32).collect(),
+        targets,
+        shape[0],
+        shape[1],
+    )
 }
 
 fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
 }
 
 /// Loads `model_file` (a folder or GGUF inside the fixture) and compares with the reference.
@@ -58,21 +72,36 @@ fn check(fixture_name: &str, model_file: Option<&str>, logit_tol: f64, grad_tol:
     let logits = model.logits(&batch);
     let err = max_abs_diff(&logits, &r["logits"].1);
     eprintln!("{fixture_name} {model_file:?}: max |logit diff| = {err:e}");
-    assert!(err < logit_tol, "{}: logits differ by {err}", path.display());
+    assert!(
+        err < logit_tol,
+        "{}: logits differ by {err}",
+        path.display()
+    );
 
     let mut grads = model.weights.zeros_like();
     let stats = model.forward_backward(&batch, batch.target_count(), &mut grads);
     let loss = stats.loss_sum / stats.count as f64;
     let ref_loss = r["loss"].1[0];
-    assert!((loss - ref_loss).abs() < logit_tol, "loss {loss} vs reference {ref_loss}");
+    assert!(
+        (loss - ref_loss).abs() < logit_tol,
+        "loss {loss} vs reference {ref_loss}"
+    );
     let Some(grad_tol) = grad_tol else { return };
     let mut worst = 0.0f64;
     for (name, g) in grads.named() {
-        let (_, expected) = r.get(&format!("grad.{name}")).unwrap_or_else(|| panic!("no grad.{name}"));
-        let scale = expected.iter().fold(0.0f64, |m, x| m.max(x.abs())).max(1e-12);
+        let (_, expected) = r
+            .get(&format!("grad.{name}"))
+            .unwrap_or_else(|| panic!("no grad.{name}"));
+        let scale = expected
+            .iter()
+            .fold(0.0f64, |m, x| m.max(x.abs()))
+            .max(1e-12);
         let rel = max_abs_diff(g, expected) / scale;
         worst = worst.max(rel);
-        assert!(rel < grad_tol, "{name}: gradient differs by {rel:e} relative");
+        assert!(
+            rel < grad_tol,
+            "{name}: gradient differs by {rel:e} relative"
+        );
     }
     eprintln!("{fixture_name}: worst gradient relative error {worst:e}");
 }

@@ -14,7 +14,10 @@ fn vocabs() -> PathBuf {
 
 fn template(name: &str) -> (String, String) {
     let path = vocabs().join("templates").join(name);
-    (std::fs::read_to_string(&path).unwrap(), path.display().to_string())
+    (
+        std::fs::read_to_string(&path).unwrap(),
+        path.display().to_string(),
+    )
 }
 
 fn smollm2() -> Tokenizer {
@@ -30,14 +33,21 @@ fn golden(name: &str) -> Vec<(String, Vec<u32>)> {
     let out = std::fs::read_to_string(base.with_extension("gguf.out")).unwrap();
     let sep = "\n__ggml_vocab_test__\n";
     let inputs: Vec<&str> = inp.strip_suffix(sep).unwrap_or(&inp).split(sep).collect();
-    let outputs: Vec<Vec<u32>> =
-        out.lines().map(|l| l.split_whitespace().map(|t| t.parse().unwrap()).collect()).collect();
-    assert_eq!(inputs.len(), outputs.len(), "{name}: inputs and outputs differ in number");
+    let outputs: Vec<Vec<u32>> = out
+        .lines()
+        .map(|l| l.split_whitespace().map(|t| t.parse().unwrap()).collect())
+        .collect();
+    assert_eq!(
+        inputs.len(),
+        outputs.len(),
+        "{name}: inputs and outputs differ in number"
+    );
     inputs.into_iter().map(String::from).zip(outputs).collect()
 }
 
-/// Tokenizes every golden input without BOS (as test-tokenizer-0 does, `add_special = false`)
-/// and returns the failures, one description each.
+/// Tokenizes every golden input without BOS and returns the failures, one description each.
+/// test-tokenizer-0 calls `common_tokenize(ctx, text, add_special = false, parse_special =
+/// false)`; `encode` parses special-token text, but no golden input contains any.
 fn golden_failures(tok: &Tokenizer, name: &str) -> Vec<String> {
     let cases = golden(name);
     let mut failures = Vec::new();
@@ -47,8 +57,15 @@ fn golden_failures(tok: &Tokenizer, name: &str) -> Vec<String> {
             failures.push(format!("  {text:?}\n    want {want:?}\n    got  {got:?}"));
         }
     }
-    eprintln!("{name}: {} of {} golden vectors pass", cases.len() - failures.len(), cases.len());
-    failures.into_iter().map(|f| format!("{name}: {f}")).collect()
+    eprintln!(
+        "{name}: {} of {} golden vectors pass",
+        cases.len() - failures.len(),
+        cases.len()
+    );
+    failures
+        .into_iter()
+        .map(|f| format!("{name}: {f}"))
+        .collect()
 }
 
 fn gguf_vocab(name: &str) -> Tokenizer {
@@ -59,8 +76,17 @@ fn gguf_vocab(name: &str) -> Tokenizer {
 fn golden_vectors_gguf_bpe() {
     let mut failures = Vec::new();
     for name in [
-        "llama-bpe", "qwen2", "qwen35", "gpt-2", "starcoder", "refact", "command-r", "mpt", "falcon",
-        "deepseek-llm", "deepseek-coder",
+        "llama-bpe",
+        "qwen2",
+        "qwen35",
+        "gpt-2",
+        "starcoder",
+        "refact",
+        "command-r",
+        "mpt",
+        "falcon",
+        "deepseek-llm",
+        "deepseek-coder",
     ] {
         failures.extend(golden_failures(&gguf_vocab(name), name));
     }
@@ -92,15 +118,24 @@ fn smollm2_gguf_tokenizer() {
     assert_eq!(tok.token_to_id("<|endoftext|>"), Some(0));
     assert_eq!(tok.token_to_id("<|im_start|>"), Some(1));
     assert_eq!(tok.token_to_id("<|im_end|>"), Some(2));
-    assert_eq!((tok.bos_id, tok.bos_token.as_deref()), (Some(1), Some("<|im_start|>")));
+    assert_eq!(
+        (tok.bos_id, tok.bos_token.as_deref()),
+        (Some(1), Some("<|im_start|>"))
+    );
     assert_eq!(tok.eos_ids[0], 2, "the declared EOS comes first");
     assert!(tok.is_eos(2) && tok.is_eos(0) && !tok.is_eos(1));
     // SmolLM2 is trained without BOS: add_bos=true adds nothing.
     assert!(!tok.add_bos);
-    assert_eq!(tok.encode("Hello", true).unwrap(), tok.encode_raw("Hello").unwrap());
+    assert_eq!(
+        tok.encode("Hello", true).unwrap(),
+        tok.encode_raw("Hello").unwrap()
+    );
 
     // The `smollm` pre-tokenizer splits every digit.
-    let digits: Vec<u32> = "1234".chars().map(|c| tok.token_to_id(&c.to_string()).unwrap()).collect();
+    let digits: Vec<u32> = "1234"
+        .chars()
+        .map(|c| tok.token_to_id(&c.to_string()).unwrap())
+        .collect();
     assert_eq!(tok.encode("1234", false).unwrap(), digits);
 
     let text = "Atrial fibrillation (AF) ≥ 65 years — naïve patients: CHA₂DS₂-VASc 🫀";
@@ -110,7 +145,10 @@ fn smollm2_gguf_tokenizer() {
     // Specials written in the text are parsed, and skipped on request when decoding.
     let ids = tok.encode_raw("<|im_start|>user\nHi<|im_end|>").unwrap();
     assert_eq!((ids[0], *ids.last().unwrap()), (1, 2));
-    assert_eq!(tok.decode(&ids, false).unwrap(), "<|im_start|>user\nHi<|im_end|>");
+    assert_eq!(
+        tok.decode(&ids, false).unwrap(),
+        "<|im_start|>user\nHi<|im_end|>"
+    );
     assert_eq!(tok.decode(&ids, true).unwrap(), "user\nHi");
 }
 
@@ -122,8 +160,14 @@ fn bos_rule() {
     assert_eq!(llama3.encode("Hello", true).unwrap(), vec![128000, 9906]);
     assert_eq!(llama3.encode("Hello", false).unwrap(), vec![9906]);
     // A text that already starts with BOS does not get a second one.
-    assert_eq!(llama3.encode("<|begin_of_text|>Hello", true).unwrap(), vec![128000, 9906]);
-    assert!(llama3.is_eos(128001) && llama3.is_eos(128009), "<|end_of_text|> and <|eot_id|> stop");
+    assert_eq!(
+        llama3.encode("<|begin_of_text|>Hello", true).unwrap(),
+        vec![128000, 9906]
+    );
+    assert!(
+        llama3.is_eos(128001) && llama3.is_eos(128009),
+        "<|end_of_text|> and <|eot_id|> stop"
+    );
 
     // llama.cpp's default for the llama-bpe pre-tokenizer is to add BOS.
     let gguf = gguf_vocab("llama-bpe");
@@ -171,7 +215,11 @@ fn chat_smollm2_chatml() {
     );
     let ids = tok.encode_chat(&user, true).unwrap();
     assert_eq!(ids[0], 1);
-    assert_eq!(ids.iter().filter(|&&i| i == 1).count(), 3, "three <|im_start|>, no extra BOS");
+    assert_eq!(
+        ids.iter().filter(|&&i| i == 1).count(),
+        3,
+        "three <|im_start|>, no extra BOS"
+    );
 }
 
 #[test]
@@ -215,17 +263,35 @@ fn chat_llama_cpp_templates() {
         )
     };
     assert_eq!(
-        render(&llama3, "meta-llama-Llama-3.1-8B-Instruct.jinja", &conversation(), false, t_2025),
+        render(
+            &llama3,
+            "meta-llama-Llama-3.1-8B-Instruct.jinja",
+            &conversation(),
+            false,
+            t_2025
+        ),
         header("26 Jul 2024") + llama_tail
     );
     // Llama 3.2 dates the prompt with strftime_now, which render_chat_at pins.
     assert_eq!(
-        render(&llama3, "meta-llama-Llama-3.2-3B-Instruct.jinja", &conversation(), true, t_2025),
+        render(
+            &llama3,
+            "meta-llama-Llama-3.2-3B-Instruct.jinja",
+            &conversation(),
+            true,
+            t_2025
+        ),
         header("14 Mar 2025") + llama_tail + "<|start_header_id|>assistant<|end_header_id|>\n\n"
     );
 
     assert_eq!(
-        render(&qwen3, "Qwen-Qwen2.5-7B-Instruct.jinja", &conversation(), false, t_2024),
+        render(
+            &qwen3,
+            "Qwen-Qwen2.5-7B-Instruct.jinja",
+            &conversation(),
+            false,
+            t_2024
+        ),
         "<|im_start|>system\nYou are a careful cardiology assistant.<|im_end|>\n\
          <|im_start|>user\nWhat is atrial fibrillation?<|im_end|>\n\
          <|im_start|>assistant\nAn irregular, often rapid heart rhythm.<|im_end|>\n"
@@ -261,18 +327,36 @@ fn chat_template_errors_name_the_template() {
     let mut tok = smollm2();
     let (text, origin) = template("google-gemma-2-2b-it.jinja");
     tok.set_chat_template(text, origin.clone());
-    let err = tok.render_chat(&conversation(), true).unwrap_err().to_string();
-    assert!(err.contains(&origin) && err.contains("System role not supported"), "{err}");
+    let err = tok
+        .render_chat(&conversation(), true)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&origin) && err.contains("System role not supported"),
+        "{err}"
+    );
 
     tok.set_chat_template("{% for m in messages %}{{ m.content }", "broken.jinja");
-    let err = tok.render_chat(&conversation(), true).unwrap_err().to_string();
-    assert!(err.contains("broken.jinja") && err.contains("syntax error"), "{err}");
+    let err = tok
+        .render_chat(&conversation(), true)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("broken.jinja") && err.contains("syntax error"),
+        "{err}"
+    );
 
     // A GGUF without tokenizer.chat_template: the error says which file has none.
     let spm = gguf_vocab("llama-spm");
     assert!(spm.chat_template.is_none());
-    let err = spm.render_chat(&conversation(), true).unwrap_err().to_string();
-    assert!(err.contains("no chat template") && err.contains("ggml-vocab-llama-spm.gguf"), "{err}");
+    let err = spm
+        .render_chat(&conversation(), true)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("no chat template") && err.contains("ggml-vocab-llama-spm.gguf"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -298,7 +382,10 @@ fn check_vocab_against_model() {
     let err = tok.check_vocab(32000, path).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, Error::Format { .. }), "{err:?}");
-    assert!(msg.contains("model.gguf") && msg.contains("49152") && msg.contains("32000"), "{msg}");
+    assert!(
+        msg.contains("model.gguf") && msg.contains("49152") && msg.contains("32000"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -312,13 +399,16 @@ fn bad_tokenizer_json_names_the_file() {
         other => panic!("expected a format error, got {other:?}"),
     }
     let empty = tempfile::tempdir().unwrap();
-    let err = Tokenizer::from_hf_folder(empty.path()).unwrap_err().to_string();
+    let err = Tokenizer::from_hf_folder(empty.path())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("no tokenizer.json"), "{err}");
 }
 
 /// Writes a GGUF holding only `metadata`.
 fn write_gguf(path: &Path, metadata: &[(&str, candle_core::quantized::gguf_file::Value)]) {
-    let refs: Vec<(&str, &candle_core::quantized::gguf_file::Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+    let refs: Vec<(&str, &candle_core::quantized::gguf_file::Value)> =
+        metadata.iter().map(|(k, v)| (*k, v)).collect();
     let mut f = std::fs::File::create(path).unwrap();
     candle_core::quantized::gguf_file::write(&mut f, &refs, &[]).unwrap();
 }
@@ -328,7 +418,10 @@ fn bad_gguf_metadata() {
     use candle_core::quantized::gguf_file::Value;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("no-tokenizer.gguf");
-    write_gguf(&path, &[("general.architecture", Value::String("llama".into()))]);
+    write_gguf(
+        &path,
+        &[("general.architecture", Value::String("llama".into()))],
+    );
     match Tokenizer::from_gguf(&path) {
         Err(Error::Format { path: p, reason }) => {
             assert_eq!(p, path);
@@ -337,7 +430,8 @@ fn bad_gguf_metadata() {
         other => panic!("expected a format error, got {other:?}"),
     }
 
-    let strings = |v: &[&str]| Value::Array(v.iter().map(|s| Value::String(s.to_string())).collect());
+    let strings =
+        |v: &[&str]| Value::Array(v.iter().map(|s| Value::String(s.to_string())).collect());
     let path = dir.path().join("odd-pre.gguf");
     write_gguf(
         &path,
@@ -351,7 +445,10 @@ fn bad_gguf_metadata() {
     let err = Tokenizer::from_gguf(&path).unwrap_err();
     assert!(matches!(err, Error::Unsupported { .. }), "{err:?}");
     let msg = err.to_string();
-    assert!(msg.contains("klingon") && msg.contains("smollm") && msg.contains("llama-bpe"), "{msg}");
+    assert!(
+        msg.contains("klingon") && msg.contains("smollm") && msg.contains("llama-bpe"),
+        "{msg}"
+    );
 
     // A tiny well-formed byte-level vocab loads and merges.
     let path = dir.path().join("tiny.gguf");
@@ -361,7 +458,15 @@ fn bad_gguf_metadata() {
             ("tokenizer.ggml.model", Value::String("gpt2".into())),
             ("tokenizer.ggml.pre", Value::String("gpt-2".into())),
             ("tokenizer.ggml.tokens", strings(&["a", "b", "ab", "<eos>"])),
-            ("tokenizer.ggml.token_type", Value::Array(vec![Value::I32(1), Value::I32(1), Value::I32(1), Value::I32(3)])),
+            (
+                "tokenizer.ggml.token_type",
+                Value::Array(vec![
+                    Value::I32(1),
+                    Value::I32(1),
+                    Value::I32(1),
+                    Value::I32(3),
+                ]),
+            ),
             ("tokenizer.ggml.merges", strings(&["a b"])),
             ("tokenizer.ggml.eos_token_id", Value::U32(3)),
         ],
@@ -369,4 +474,66 @@ fn bad_gguf_metadata() {
     let tok = Tokenizer::from_gguf(&path).unwrap();
     assert_eq!(tok.encode("abab<eos>", true).unwrap(), vec![2, 2, 3]);
     assert!(tok.is_eos(3) && tok.bos_id.is_none() && !tok.add_bos);
+}
+
+#[test]
+fn hf_config_variants() {
+    // tokenizer_config.json with AddedToken objects, a list of named templates, add_bos_token,
+    // and generation_config.json with a list of EOS ids.
+    let dir = tempfile::tempdir().unwrap();
+    let src = fetch(Asset::Qwen3Tokenizer).unwrap();
+    std::fs::copy(
+        src.join("tokenizer.json"),
+        dir.path().join("tokenizer.json"),
+    )
+    .unwrap();
+    let config = serde_json::json!({
+        "bos_token": {"content": "<|im_start|>", "special": true},
+        "eos_token": {"content": "<|im_end|>", "special": true},
+        "add_bos_token": true,
+        "chat_template": [
+            {"name": "tool_use", "template": "TOOLS"},
+            {"name": "default", "template": "{{ bos_token }}{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"},
+        ],
+    });
+    std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
+    std::fs::write(
+        dir.path().join("generation_config.json"),
+        r#"{"eos_token_id": [151645, 151643]}"#,
+    )
+    .unwrap();
+    let tok = Tokenizer::from_hf_folder(dir.path()).unwrap();
+    assert_eq!((tok.bos_id, tok.add_bos), (Some(151644), true));
+    assert_eq!(&tok.eos_ids[..2], &[151645, 151643]);
+    let msgs = [ChatMessage::new("user", "Hi")];
+    assert_eq!(
+        tok.render_chat(&msgs, false).unwrap(),
+        "<|im_start|>user: Hi\n"
+    );
+    assert_eq!(
+        tok.encode_chat(&msgs, false)
+            .unwrap()
+            .iter()
+            .filter(|&&i| i == 151644)
+            .count(),
+        1
+    );
+
+    // A chat_template.jinja next to the config wins, as in transformers.
+    std::fs::write(
+        dir.path().join("chat_template.jinja"),
+        "{{ messages[0].content | upper }}",
+    )
+    .unwrap();
+    let tok = Tokenizer::from_hf_folder(dir.path()).unwrap();
+    assert_eq!(tok.render_chat(&msgs, false).unwrap(), "HI");
+
+    // A broken config names itself.
+    std::fs::write(dir.path().join("tokenizer_config.json"), "{ nope").unwrap();
+    match Tokenizer::from_hf_folder(dir.path()) {
+        Err(Error::Format { path, .. }) => {
+            assert_eq!(path, dir.path().join("tokenizer_config.json"))
+        }
+        other => panic!("expected a format error, got {other:?}"),
+    }
 }

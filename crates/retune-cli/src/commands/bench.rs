@@ -82,7 +82,11 @@ fn flops_per_token(cfg: &LlamaConfig, full: bool, t: usize) -> f64 {
         + 3.0 * c * cfg.intermediate_size as f64;
     let n_lin = cfg.num_hidden_layers as f64 * per_layer + cfg.vocab_size as f64 * c;
     let attn = 12.0 * cfg.num_hidden_layers as f64 * cfg.q_dim() as f64 * t as f64;
-    if full { 6.0 * n_lin + attn } else { 4.0 * n_lin + attn }
+    if full {
+        6.0 * n_lin + attn
+    } else {
+        4.0 * n_lin + attn
+    }
 }
 
 pub fn run(args: Args) -> Result<Outcome> {
@@ -104,9 +108,17 @@ pub fn run(args: Args) -> Result<Outcome> {
         bail!("--batch, --steps must be positive and --seq at least 2");
     }
     let model = Model::<f32>::random(cfg.clone(), 0, 0.02)?;
-    let mut grads = if full { model.weights.zeros_like() } else { model.weights.empty_like() };
+    let mut grads = if full {
+        model.weights.zeros_like()
+    } else {
+        model.weights.empty_like()
+    };
     let rows: Vec<Vec<u32>> = (0..args.batch)
-        .map(|b| (0..args.seq).map(|i| ((i * 7919 + b * 104729) % cfg.vocab_size) as u32).collect())
+        .map(|b| {
+            (0..args.seq)
+                .map(|i| ((i * 7919 + b * 104729) % cfg.vocab_size) as u32)
+                .collect()
+        })
         .collect();
     let batch = Batch::from_rows(&rows)?;
     let tokens = args.batch * args.seq;

@@ -33,7 +33,10 @@ pub fn run(args: Args) -> Result<Outcome> {
     eprintln!("[2/3] perplexity on a cardiology passage");
     let ids = tok.encode(CARDIOLOGY_TEXT, true)?;
     let r = evaluate(&model, &[ids], 512)?;
-    println!("cardiology perplexity: {:.2} over {} predicted tokens", r.perplexity, r.tokens);
+    println!(
+        "cardiology perplexity: {:.2} over {} predicted tokens",
+        r.perplexity, r.tokens
+    );
     eprintln!("[3/3] answering, greedy decoding");
     print!("\nQ: {}\nA: ", args.question);
     let gen = GenerateArgs {

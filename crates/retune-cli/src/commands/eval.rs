@@ -35,8 +35,13 @@ pub struct Args {
 /// Reads the documents of one file: the whole file, or each JSON line's "text".
 pub fn read_documents(path: &Path) -> Result<Vec<String>> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let text = String::from_utf8(bytes)
-        .map_err(|e| anyhow::anyhow!("{}: not UTF-8 text (byte {})", path.display(), e.utf8_error().valid_up_to()))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: not UTF-8 text (byte {})",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })?;
     if path.extension().is_some_and(|e| e == "jsonl") {
         let mut docs = Vec::new();
         for (i, line) in text.lines().enumerate() {
@@ -47,7 +52,11 @@ pub fn read_documents(path: &Path) -> Result<Vec<String>> {
                 .with_context(|| format!("{}:{}: invalid JSON", path.display(), i + 1))?;
             match v.get("text").and_then(|t| t.as_str()) {
                 Some(t) => docs.push(t.to_string()),
-                None => bail!("{}:{}: field `text`: missing or not a string", path.display(), i + 1),
+                None => bail!(
+                    "{}:{}: field `text`: missing or not a string",
+                    path.display(),
+                    i + 1
+                ),
             }
         }
         Ok(docs)
@@ -65,6 +74,11 @@ pub fn run(args: Args) -> Result<Outcome> {
     if args.max_seq_len < 2 {
         bail!("--max-seq-len must be at least 2 (one token to predict from another)");
     }
+    // Read the data first: a missing or malformed file fails before the model loads.
+    let mut texts = Vec::new();
+    for path in &args.data {
+        texts.extend(read_documents(path)?);
+    }
     let (model, tok) = load_model_and_tokenizer(&args.model, args.json)?;
     if args.max_seq_len > model.config.max_position_embeddings {
         bail!(
@@ -73,10 +87,7 @@ pub fn run(args: Args) -> Result<Outcome> {
             model.config.max_position_embeddings
         );
     }
-    let mut docs = Vec::new();
-    for path in &args.data {
-        docs.extend(tokenize_documents(&tok, &read_documents(path)?)?);
-    }
+    let docs = tokenize_documents(&tok, &texts)?;
     let result = evaluate(&model, &docs, args.max_seq_len)?;
     if args.json {
         print_json(&json!({

@@ -40,13 +40,24 @@ pub struct Args {
 }
 
 /// Encodes the prompt, as chat or as plain text.
-pub fn encode_prompt(tok: &Tokenizer, prompt: &str, chat: bool, system: Option<&str>) -> Result<Vec<u32>> {
+pub fn encode_prompt(
+    tok: &Tokenizer,
+    prompt: &str,
+    chat: bool,
+    system: Option<&str>,
+) -> Result<Vec<u32>> {
     if chat {
         let mut messages = Vec::new();
         if let Some(s) = system {
-            messages.push(ChatMessage { role: "system".into(), content: s.into() });
+            messages.push(ChatMessage {
+                role: "system".into(),
+                content: s.into(),
+            });
         }
-        messages.push(ChatMessage { role: "user".into(), content: prompt.into() });
+        messages.push(ChatMessage {
+            role: "user".into(),
+            content: prompt.into(),
+        });
         Ok(tok.encode_chat(&messages, true)?)
     } else {
         Ok(tok.encode(prompt, true)?)
@@ -64,16 +75,23 @@ pub fn answer(
     let mut sampler = Sampler::new(args.temperature, args.top_p, args.seed);
     let mut stream = StreamDecoder::new(tok);
     let mut text = String::new();
-    generate(model, prompt_ids, args.max_tokens, &mut sampler, |id| tok.is_eos(id), |id| {
-        if tok.is_eos(id) {
-            return Ok(());
-        }
-        let piece = stream.push(id)?;
-        text.push_str(&piece);
-        out.write_all(piece.as_bytes()).and_then(|_| out.flush()).map_err(|e| {
-            retune_core::Error::Invalid(format!("writing output: {e}"))
-        })
-    })?;
+    generate(
+        model,
+        prompt_ids,
+        args.max_tokens,
+        &mut sampler,
+        |id| tok.is_eos(id),
+        |id| {
+            if tok.is_eos(id) {
+                return Ok(());
+            }
+            let piece = stream.push(id)?;
+            text.push_str(&piece);
+            out.write_all(piece.as_bytes())
+                .and_then(|_| out.flush())
+                .map_err(|e| retune_core::Error::Invalid(format!("writing output: {e}")))
+        },
+    )?;
     writeln!(out)?;
     Ok(text)
 }

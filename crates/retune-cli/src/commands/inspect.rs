@@ -54,12 +54,16 @@ pub fn memory_estimates(cfg: &LlamaConfig) -> BTreeMap<&'static str, u64> {
     let kv_cache = 2 * l * kv * 4 * ctx;
     let n = 4 * 256u64;
     // Saved layer inputs + one layer's activations (twice: values and gradients) + LM-head chunk.
-    let one_layer = n * (4 * c + 2 * q + 2 * kv + 3 * f) * 4 + 4 * cfg.num_attention_heads as u64 * 256 * 256 * 4;
+    let one_layer = n * (4 * c + 2 * q + 2 * kv + 3 * f) * 4
+        + 4 * cfg.num_attention_heads as u64 * 256 * 256 * 4;
     let activations = (l + 1) * n * c * 4 + 2 * one_layer + 256 * v * 4;
     let lora_params = l * 16 * ((c + q) + 2 * (c + kv) + (q + c) + 2 * (c + f) + (f + c));
     let mut m = BTreeMap::new();
     m.insert("inference_bytes", weights + kv_cache);
-    m.insert("lora_training_bytes", weights + 16 * lora_params + activations);
+    m.insert(
+        "lora_training_bytes",
+        weights + 16 * lora_params + activations,
+    );
     m.insert("full_training_bytes", 4 * weights + activations);
     m
 }
@@ -68,7 +72,11 @@ fn summary_json(s: &ModelSummary, path: &std::path::Path) -> serde_json::Value {
     let cfg = &s.config;
     let mut dtypes: BTreeMap<&str, BTreeMap<String, usize>> = BTreeMap::new();
     for (name, dtype) in &s.stored_dtypes {
-        *dtypes.entry(weight_class(name)).or_default().entry(dtype.clone()).or_default() += 1;
+        *dtypes
+            .entry(weight_class(name))
+            .or_default()
+            .entry(dtype.clone())
+            .or_default() += 1;
     }
     json!({
         "path": path.display().to_string(),
@@ -95,8 +103,8 @@ fn summary_json(s: &ModelSummary, path: &std::path::Path) -> serde_json::Value {
 }
 
 pub fn run(args: Args) -> Result<Outcome> {
-    let summary =
-        inspect_model(&args.model).with_context(|| format!("inspecting {}", args.model.display()))?;
+    let summary = inspect_model(&args.model)
+        .with_context(|| format!("inspecting {}", args.model.display()))?;
     let j = summary_json(&summary, &args.model);
     if args.json {
         print_json(&j)?;
@@ -116,12 +124,19 @@ pub fn run(args: Args) -> Result<Outcome> {
         cfg.head_dim
     );
     println!("vocabulary     {}", cfg.vocab_size);
-    println!("context        {} (RoPE theta {})", cfg.max_position_embeddings, cfg.rope_theta);
+    println!(
+        "context        {} (RoPE theta {})",
+        cfg.max_position_embeddings, cfg.rope_theta
+    );
     println!("tied head      {}", cfg.tie_word_embeddings);
     println!("parameters     {}", cfg.param_count());
     println!("stored dtypes  {}", j["stored_dtypes"]);
     for (k, v) in memory_estimates(cfg) {
-        println!("{:<14} {:.2} GiB (estimate)", k.trim_end_matches("_bytes"), gib(v));
+        println!(
+            "{:<14} {:.2} GiB (estimate)",
+            k.trim_end_matches("_bytes"),
+            gib(v)
+        );
     }
     Ok(Outcome::Success)
 }

@@ -16,8 +16,8 @@ use std::time::Instant;
 /// Loads a model folder or GGUF file with its tokenizer, checking they fit together.
 pub fn load_model_and_tokenizer(path: &Path, quiet: bool) -> Result<(Model<f32>, Tokenizer)> {
     let start = Instant::now();
-    let model = Model::<f32>::load(path)
-        .with_context(|| format!("loading model {}", path.display()))?;
+    let model =
+        Model::<f32>::load(path).with_context(|| format!("loading model {}", path.display()))?;
     let tokenizer = Tokenizer::load(path)
         .with_context(|| format!("loading the tokenizer of {}", path.display()))?;
     tokenizer.check_vocab(model.config.vocab_size, path)?;

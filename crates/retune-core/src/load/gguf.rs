@@ -1,8 +1,10 @@
 //! GGUF files (llama.cpp), versions 2 and 3, architectures `llama` and `qwen2`.
 //!
-//! The header and metadata are parsed with candle's [`gguf_file`]; tensor data is memory-mapped
-//! and dequantised to f32 (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the K-quants, via
-//! candle's [`QTensor::dequantize`](candle_core::quantized::QTensor::dequantize)).
+//! The header and metadata are parsed with candle's
+//! [`gguf_file`](candle_core::quantized::gguf_file); tensor data is memory-mapped, bounds-checked
+//! against the file length, and dequantised to f32 (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0
+//! and the K-quants Q2_K..Q6_K, via candle's
+//! [`QTensor::dequantize`](candle_core::quantized::QTensor::dequantize)).
 //!
 //! Everything becomes f32 because retune's ops run in f32 (f64 for gradient checks) and we want
 //! exactness first: a frozen base kept quantised in place (dequantising tile by tile inside the
@@ -39,12 +41,17 @@ use crate::error::{Error, Result};
 
 /// `general.architecture` values retune reads, with the Hugging Face architecture and model type
 /// they become.
-pub const SUPPORTED_ARCHITECTURES: [(&str, &str, &str); 2] =
-    [("llama", "LlamaForCausalLM", "llama"), ("qwen2", "Qwen2ForCausalLM", "qwen2")];
+pub const SUPPORTED_ARCHITECTURES: [(&str, &str, &str); 2] = [
+    ("llama", "LlamaForCausalLM", "llama"),
+    ("qwen2", "Qwen2ForCausalLM", "qwen2"),
+];
 
 /// Whole-model tensors: (GGUF stem, Hugging Face stem).
-const GLOBAL_NAMES: [(&str, &str); 3] =
-    [("token_embd", "model.embed_tokens"), ("output_norm", "model.norm"), ("output", "lm_head")];
+const GLOBAL_NAMES: [(&str, &str); 3] = [
+    ("token_embd", "model.embed_tokens"),
+    ("output_norm", "model.norm"),
+    ("output", "lm_head"),
+];
 
 /// Per-block tensors: (GGUF part of `blk.N.<part>`, HF part of `model.layers.N.<part>`).
 const BLOCK_NAMES: [(&str, &str); 9] = [
@@ -66,19 +73,30 @@ fn map_name(name: &str, to_hf: bool) -> Option<String> {
     if kind != "weight" && kind != "bias" {
         return None;
     }
-    let (block_prefix, block_out) = if to_hf { ("blk.", "model.layers.") } else { ("model.layers.", "blk.") };
+    let (block_prefix, block_out) = if to_hf {
+        ("blk.", "model.layers.")
+    } else {
+        ("model.layers.", "blk.")
+    };
     let pick = |pair: &(&'static str, &'static str)| if to_hf { *pair } else { (pair.1, pair.0) };
     if let Some(rest) = stem.strip_prefix(block_prefix) {
         let (layer, part) = rest.split_once('.')?;
         let layer: usize = layer.parse().ok()?;
-        let (_, out) = BLOCK_NAMES.iter().map(pick).find(|(from, _)| *from == part)?;
+        let (_, out) = BLOCK_NAMES
+            .iter()
+            .map(pick)
+            .find(|(from, _)| *from == part)?;
         return Some(format!("{block_out}{layer}.{out}.{kind}"));
     }
-    let (_, out) = GLOBAL_NAMES.iter().map(pick).find(|(from, _)| *from == stem)?;
+    let (_, out) = GLOBAL_NAMES
+        .iter()
+        .map(pick)
+        .find(|(from, _)| *from == stem)?;
     Some(format!("{out}.{kind}"))
 }
 
-/// GGUF tensor name -> Hugging Face name (`blk.3.ffn_up.weight` -> `model.layers.3.mlp.up_proj.weight`).
+/// GGUF tensor name -> Hugging Face name
+/// (`blk.3.ffn_up.weight` -> `model.layers.3.mlp.up_proj.weight`).
 pub fn hf_name(gguf: &str) -> Option<String> {
     map_name(gguf, true)
 }
@@ -182,7 +200,9 @@ impl Meta<'_> {
     }
 
     fn uint(&self, key: &str) -> Result<Option<u64>> {
-        let Some(v) = self.md.get(key) else { return Ok(None) };
+        let Some(v) = self.md.get(key) else {
+            return Ok(None);
+        };
         let n = match *v {
             Value::U8(x) => Some(u64::from(x)),
             Value::U16(x) => Some(u64::from(x)),
@@ -195,16 +215,19 @@ impl Meta<'_> {
             _ => None,
         };
         n.map(Some).ok_or_else(|| {
-            Error::format(self.path, format!("metadata `{key}` must be a non-negative integer, got {v:?}"))
+            Error::format(
+                self.path,
+                format!("metadata `{key}` must be a non-negative integer, got {v:?}"),
+            )
         })
     }
 
     fn usize(&self, key: &str) -> Result<Option<usize>> {
         match self.uint(key)? {
             None => Ok(None),
-            Some(n) => usize::try_from(n)
-                .map(Some)
-                .map_err(|_| Error::format(self.path, format!("metadata `{key}` = {n} is too large"))),
+            Some(n) => usize::try_from(n).map(Some).map_err(|_| {
+                Error::format(self.path, format!("metadata `{key}` = {n} is too large"))
+            }),
         }
     }
 
@@ -215,14 +238,19 @@ impl Meta<'_> {
     fn token(&self, key: &str) -> Result<Option<u32>> {
         match self.uint(key)? {
             None => Ok(None),
-            Some(n) => u32::try_from(n)
-                .map(Some)
-                .map_err(|_| Error::format(self.path, format!("metadata `{key}` = {n} is not a token id"))),
+            Some(n) => u32::try_from(n).map(Some).map_err(|_| {
+                Error::format(
+                    self.path,
+                    format!("metadata `{key}` = {n} is not a token id"),
+                )
+            }),
         }
     }
 
     fn float(&self, key: &str) -> Result<Option<f64>> {
-        let Some(v) = self.md.get(key) else { return Ok(None) };
+        let Some(v) = self.md.get(key) else {
+            return Ok(None);
+        };
         match *v {
             // GGUF stores eps and theta as f32; going through the shortest decimal form gives
             // the value the model was configured with (1e-5, not 9.99999974e-6).
@@ -230,7 +258,10 @@ impl Meta<'_> {
             Value::F64(x) => Ok(Some(x)),
             _ => match self.uint(key) {
                 Ok(n) => Ok(n.map(|n| n as f64)),
-                Err(_) => Err(Error::format(self.path, format!("metadata `{key}` must be a number, got {v:?}"))),
+                Err(_) => Err(Error::format(
+                    self.path,
+                    format!("metadata `{key}` must be a number, got {v:?}"),
+                )),
             },
         }
     }
@@ -239,7 +270,10 @@ impl Meta<'_> {
         match self.md.get(key) {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s)),
-            Some(v) => Err(Error::format(self.path, format!("metadata `{key}` must be a string, got {v:?}"))),
+            Some(v) => Err(Error::format(
+                self.path,
+                format!("metadata `{key}` must be a string, got {v:?}"),
+            )),
         }
     }
 }
@@ -265,7 +299,12 @@ struct Opened {
 
 /// Locates a tensor's bytes and checks they lie inside the file (never trust the header: a
 /// truncated download keeps a valid header).
-fn locate(path: &Path, content: &Content, file_len: usize, gguf: &str) -> Result<(GgmlDType, Vec<usize>, Range<usize>)> {
+fn locate(
+    path: &Path,
+    content: &Content,
+    file_len: usize,
+    gguf: &str,
+) -> Result<(GgmlDType, Vec<usize>, Range<usize>)> {
     let info = content
         .tensor_infos
         .get(gguf)
@@ -282,26 +321,37 @@ fn locate(path: &Path, content: &Content, file_len: usize, gguf: &str) -> Result
     // blocks per row.
     let cols = shape.last().copied().unwrap_or(1);
     if cols % block != 0 {
-        return Err(corrupt(format!("rows of {cols} values are not whole {} blocks of {block}", dtype_name(dtype))));
+        return Err(corrupt(format!(
+            "rows of {cols} values are not whole {} blocks of {block}",
+            dtype_name(dtype)
+        )));
     }
     let start = usize::try_from(content.tensor_data_offset)
         .ok()
         .and_then(|base| base.checked_add(usize::try_from(info.offset).ok()?))
         .ok_or_else(|| corrupt(format!("offset {} is out of range", info.offset)))?;
-    let size = numel / block * type_size;
-    let end = start.checked_add(size).filter(|&end| end <= file_len).ok_or_else(|| {
-        Error::format(
-            path,
-            format!(
-                "truncated: tensor `{gguf}` needs bytes {start}..{} but the file has {file_len} bytes",
-                start as u128 + size as u128
-            ),
-        )
-    })?;
+    let size = (numel / block)
+        .checked_mul(type_size)
+        .ok_or_else(|| corrupt(format!("shape {shape:?} overflows")))?;
+    let end = start
+        .checked_add(size)
+        .filter(|&end| end <= file_len)
+        .ok_or_else(|| {
+            Error::format(
+                path,
+                format!(
+                    "truncated: tensor `{gguf}` needs bytes {start}..{} but the file has \
+                 {file_len} bytes",
+                    start as u128 + size as u128
+                ),
+            )
+        })?;
     // candle reinterprets the bytes as blocks (2- or 4-byte aligned structs); the map is page
     // aligned, so an 8-aligned offset is enough. GGUF aligns tensor data to 32 bytes.
     if !matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) && start % 8 != 0 {
-        return Err(corrupt(format!("data at byte {start} is not aligned (GGUF aligns tensor data)")));
+        return Err(corrupt(format!(
+            "data at byte {start} is not aligned (GGUF aligns tensor data)"
+        )));
     }
     Ok((dtype, shape, start..end))
 }
@@ -315,7 +365,10 @@ fn open(path: &Path) -> Result<Opened> {
             n if n < 8 => format!("it is only {n} bytes"),
             _ => format!("it starts with \"{}\"", map[..4].escape_ascii()),
         };
-        return Err(Error::format(path, format!("not a GGUF file: {found}, not the magic \"GGUF\"")));
+        return Err(Error::format(
+            path,
+            format!("not a GGUF file: {found}, not the magic \"GGUF\""),
+        ));
     }
     let version = u32::from_le_bytes([map[4], map[5], map[6], map[7]]);
     if version != 2 && version != 3 {
@@ -324,7 +377,11 @@ fn open(path: &Path) -> Result<Opened> {
             reason: format!("GGUF version {version} (retune reads versions 2 and 3)"),
         });
     }
-    let content = Content::read(&mut Cursor::new(&map[..])).map_err(|e| {
+    // candle's parser checks lengths against the file, but a crafted header can still make it
+    // panic (`general.alignment = 0` divides by zero); bad input must give an error instead.
+    let parsed = std::panic::catch_unwind(|| Content::read(&mut Cursor::new(&map[..])))
+        .map_err(|_| Error::format(path, "corrupt GGUF header (the parser gave up)"))?;
+    let content = parsed.map_err(|e| {
         let msg = candle_msg(&e);
         if msg.contains("unknown dtype for tensor") {
             Error::Unsupported {
@@ -344,10 +401,15 @@ fn open(path: &Path) -> Result<Opened> {
     let mut entries = Vec::new();
     for (hf, expected) in config.tensor_shapes() {
         let gguf = gguf_name(&hf).ok_or_else(|| {
-            Error::Invalid(format!("internal: no GGUF name for Hugging Face tensor `{hf}`"))
+            Error::Invalid(format!(
+                "internal: no GGUF name for Hugging Face tensor `{hf}`"
+            ))
         })?;
         if !content.tensor_infos.contains_key(&gguf) {
-            return Err(Error::format(path, format!("missing tensor `{gguf}` ({hf})")));
+            return Err(Error::format(
+                path,
+                format!("missing tensor `{gguf}` ({hf})"),
+            ));
         }
         let (dtype, shape, bytes) = locate(path, &content, map.len(), &gguf)?;
         check_shape(path, &hf, &shape, &expected)?;
@@ -360,28 +422,51 @@ fn open(path: &Path) -> Result<Opened> {
         } else {
             None
         };
-        entries.push(Entry { hf, gguf, dtype, shape, bytes, unpermute_heads });
+        entries.push(Entry {
+            hf,
+            gguf,
+            dtype,
+            shape,
+            bytes,
+            unpermute_heads,
+        });
     }
-    Ok(Opened { map, config, entries })
+    Ok(Opened {
+        map,
+        config,
+        entries,
+    })
 }
 
 /// Builds the configuration from GGUF metadata (and the presence of `output.weight`, biases and
 /// `rope_freqs.weight`).
 fn config_from_metadata(path: &Path, content: &Content, map: &[u8]) -> Result<LlamaConfig> {
-    let m = Meta { path, md: &content.metadata };
-    let arch = m.string("general.architecture")?.ok_or_else(|| m.missing("general.architecture"))?;
-    let Some(&(_, architecture, model_type)) = SUPPORTED_ARCHITECTURES.iter().find(|(a, _, _)| *a == arch) else {
+    let m = Meta {
+        path,
+        md: &content.metadata,
+    };
+    let arch = m
+        .string("general.architecture")?
+        .ok_or_else(|| m.missing("general.architecture"))?;
+    let Some(&(_, architecture, model_type)) =
+        SUPPORTED_ARCHITECTURES.iter().find(|(a, _, _)| *a == arch)
+    else {
         let supported: Vec<_> = SUPPORTED_ARCHITECTURES.iter().map(|(a, _, _)| *a).collect();
         return Err(Error::Unsupported {
             path: path.into(),
-            reason: format!("GGUF architecture `{arch}`; supported: {}", supported.join(", ")),
+            reason: format!(
+                "GGUF architecture `{arch}`; supported: {}",
+                supported.join(", ")
+            ),
         });
     };
     let key = |k: &str| format!("{arch}.{k}");
 
     let hidden_size = m.req_usize(&key("embedding_length"))?;
     let num_attention_heads = m.req_usize(&key("attention.head_count"))?;
-    let num_key_value_heads = m.usize(&key("attention.head_count_kv"))?.unwrap_or(num_attention_heads);
+    let num_key_value_heads = m
+        .usize(&key("attention.head_count_kv"))?
+        .unwrap_or(num_attention_heads);
     let head_dim = match m.usize(&key("attention.key_length"))? {
         Some(d) => d,
         None if num_attention_heads == 0 => 0, // reported by `validate`
@@ -407,7 +492,9 @@ fn config_from_metadata(path: &Path, content: &Content, map: &[u8]) -> Result<Ll
         Some(v) => v,
         None => match content.metadata.get("tokenizer.ggml.tokens") {
             Some(Value::Array(tokens)) => tokens.len(),
-            _ => return Err(m.missing(&format!("{} (or tokenizer.ggml.tokens)", key("vocab_size")))),
+            _ => {
+                return Err(m.missing(&format!("{} (or tokenizer.ggml.tokens)", key("vocab_size"))))
+            }
         },
     };
     let rope_theta = m.float(&key("rope.freq_base"))?.unwrap_or(10000.0);
@@ -418,7 +505,10 @@ fn config_from_metadata(path: &Path, content: &Content, map: &[u8]) -> Result<Ll
         if kind != "none" {
             return Err(Error::Unsupported {
                 path: path.into(),
-                reason: format!("RoPE scaling type `{kind}` ({}); supported: none, llama3", key("rope.scaling.type")),
+                reason: format!(
+                    "RoPE scaling type `{kind}` ({}); supported: none, llama3",
+                    key("rope.scaling.type")
+                ),
             });
         }
     }
@@ -442,14 +532,21 @@ fn config_from_metadata(path: &Path, content: &Content, map: &[u8]) -> Result<Ll
             m.float(&key("rope.scaling.factor"))?,
             m.usize(&key("rope.scaling.original_context_length"))?,
         )
-        .map_err(|reason| Error::Unsupported { path: path.into(), reason })?
+        .map_err(|reason| Error::Unsupported {
+            path: path.into(),
+            reason,
+        })?
     } else {
         None
     };
 
     // Special tokens: llama.cpp stops generation on eos, eot and eom; keep all that exist.
     let mut eos_token_ids = Vec::new();
-    for k in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
+    for k in [
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.eot_token_id",
+        "tokenizer.ggml.eom_token_id",
+    ] {
         if let Some(id) = m.token(k)? {
             if !eos_token_ids.contains(&id) {
                 eos_token_ids.push(id);
@@ -483,7 +580,8 @@ fn config_from_metadata(path: &Path, content: &Content, map: &[u8]) -> Result<Ll
         dtype: m.uint("general.file_type")?.map(file_type_name),
         sliding_window: None,
     };
-    cfg.validate().map_err(|reason| Error::format(path, reason))?;
+    cfg.validate()
+        .map_err(|reason| Error::format(path, reason))?;
     Ok(cfg)
 }
 
@@ -511,7 +609,10 @@ pub fn llama3_from_rope_freqs(
         return Ok(None);
     }
     let refuse = |why: String| {
-        format!("`rope_freqs.weight` (per-frequency RoPE divisors {divisors:?}) is not Llama 3 scaling: {why}")
+        format!(
+            "`rope_freqs.weight` (per-frequency RoPE divisors {divisors:?}) is not Llama 3 \
+             scaling: {why}"
+        )
     };
     if r.iter().any(|&x| !x.is_finite() || x < 1.0 - 1e-6) {
         return Err(refuse("a divisor is below 1 or not finite".into()));
@@ -539,10 +640,12 @@ pub fn llama3_from_rope_freqs(
     if medium.len() >= 2 {
         // s = a x + b with a = L / (high - low), b = -low / (high - low).
         let n = medium.len() as f64;
-        let (mx, ms) = medium.iter().fold((0.0, 0.0), |(a, b), (x, s)| (a + x / n, b + s / n));
-        let (sxx, sxs) = medium
+        let (mx, ms) = medium
             .iter()
-            .fold((0.0, 0.0), |(a, b), (x, s)| (a + (x - mx) * (x - mx), b + (x - mx) * (s - ms)));
+            .fold((0.0, 0.0), |(a, b), (x, s)| (a + x / n, b + s / n));
+        let (sxx, sxs) = medium.iter().fold((0.0, 0.0), |(a, b), (x, s)| {
+            (a + (x - mx) * (x - mx), b + (x - mx) * (s - ms))
+        });
         let a = sxs / sxx;
         let b = ms - a * mx;
         if a > 0.0 && b < 0.0 {
@@ -561,12 +664,25 @@ pub fn llama3_from_rope_freqs(
         }
         [] => {
             // Kept wavelengths must stay below L / 4, divided ones above L.
-            let longest_kept = r.iter().zip(&wavelen).filter(|(&ri, _)| kept(ri)).map(|(_, &w)| w).fold(0.0, f64::max);
-            let shortest_divided =
-                r.iter().zip(&wavelen).filter(|(&ri, _)| divided(ri)).map(|(_, &w)| w).fold(f64::INFINITY, f64::min);
+            let longest_kept = r
+                .iter()
+                .zip(&wavelen)
+                .filter(|(&ri, _)| kept(ri))
+                .map(|(_, &w)| w)
+                .fold(0.0, f64::max);
+            let shortest_divided = r
+                .iter()
+                .zip(&wavelen)
+                .filter(|(&ri, _)| divided(ri))
+                .map(|(_, &w)| w)
+                .fold(f64::INFINITY, f64::min);
             let low_end = (4.0 * longest_kept).max(1.0);
             if low_end < shortest_divided {
-                let original = if shortest_divided.is_finite() { (low_end * shortest_divided).sqrt() } else { 2.0 * low_end };
+                let original = if shortest_divided.is_finite() {
+                    (low_end * shortest_divided).sqrt()
+                } else {
+                    2.0 * low_end
+                };
                 candidates.push((1.0, 4.0, original.round() as usize));
             }
         }
@@ -591,15 +707,21 @@ pub fn llama3_from_rope_freqs(
     candidates
         .into_iter()
         .find(|&(low, high, original)| low > 0.0 && high > low && reproduces(low, high, original))
-        .map(|(low_freq_factor, high_freq_factor, original_max_position_embeddings)| {
-            Some(RopeScaling::Llama3 {
-                factor,
-                low_freq_factor,
-                high_freq_factor,
-                original_max_position_embeddings,
-            })
+        .map(
+            |(low_freq_factor, high_freq_factor, original_max_position_embeddings)| {
+                Some(RopeScaling::Llama3 {
+                    factor,
+                    low_freq_factor,
+                    high_freq_factor,
+                    original_max_position_embeddings,
+                })
+            },
+        )
+        .ok_or_else(|| {
+            refuse(format!(
+                "no factor-{factor} Llama 3 parameters reproduce every divisor"
+            ))
         })
-        .ok_or_else(|| refuse(format!("no factor-{factor} Llama 3 parameters reproduce every divisor")))
 }
 
 /// Converts one located tensor to f32 in the Hugging Face layout.
@@ -615,8 +737,11 @@ fn read_tensor(path: &Path, map: &[u8], e: &Entry) -> Result<Vec<f32>> {
             let wrap = |err: candle_core::Error| {
                 Error::format(path, format!("tensor `{}`: {}", e.gguf, candle_msg(&err)))
             };
-            let qt = ggml_file::qtensor_from_ggml(q, bytes, vec![numel], &Device::Cpu).map_err(wrap)?;
-            qt.dequantize(&Device::Cpu).and_then(|t| t.to_vec1::<f32>()).map_err(wrap)?
+            let qt =
+                ggml_file::qtensor_from_ggml(q, bytes, vec![numel], &Device::Cpu).map_err(wrap)?;
+            qt.dequantize(&Device::Cpu)
+                .and_then(|t| t.to_vec1::<f32>())
+                .map_err(wrap)?
         }
     };
     Ok(match e.unpermute_heads {
@@ -629,7 +754,10 @@ fn read_tensor(path: &Path, map: &[u8], e: &Entry) -> Result<Vec<f32>> {
 }
 
 fn dtypes(entries: &[Entry]) -> BTreeMap<String, String> {
-    entries.iter().map(|e| (e.hf.clone(), dtype_name(e.dtype).to_string())).collect()
+    entries
+        .iter()
+        .map(|e| (e.hf.clone(), dtype_name(e.dtype).to_string()))
+        .collect()
 }
 
 /// Loads a GGUF file (see the module docs): every tensor dequantised to f32, Q/K unpermuted.
@@ -640,7 +768,13 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
         .par_iter()
         .map(|e| {
             let data = read_tensor(path, &opened.map, e)?;
-            Ok((e.hf.clone(), HostTensor { shape: e.shape.clone(), data }))
+            Ok((
+                e.hf.clone(),
+                HostTensor {
+                    shape: e.shape.clone(),
+                    data,
+                },
+            ))
         })
         .collect::<Result<BTreeMap<_, _>>>()?;
     Ok(LoadedModel {
@@ -690,7 +824,10 @@ mod tests {
         for (rows, cols, n_head) in [(12, 3, 3), (8, 5, 1), (16, 1, 2), (24, 4, 6)] {
             let w: Vec<f32> = (0..rows * cols).map(|x| x as f32).collect();
             let p = permute(&w, rows, cols, n_head);
-            assert_ne!(p, w, "permutation should move rows ({rows}x{cols}, {n_head} heads)");
+            assert_ne!(
+                p, w,
+                "permutation should move rows ({rows}x{cols}, {n_head} heads)"
+            );
             assert_eq!(unpermute_rows(&p, rows, cols, n_head), w);
         }
     }
@@ -699,7 +836,10 @@ mod tests {
     #[test]
     fn unpermute_by_hand() {
         let stored = [10.0, 20.0, 11.0, 21.0];
-        assert_eq!(unpermute_rows(&stored, 4, 1, 1), vec![10.0, 11.0, 20.0, 21.0]);
+        assert_eq!(
+            unpermute_rows(&stored, 4, 1, 1),
+            vec![10.0, 11.0, 20.0, 21.0]
+        );
     }
 
     #[test]
@@ -708,24 +848,51 @@ mod tests {
             ("token_embd.weight", "model.embed_tokens.weight"),
             ("output_norm.weight", "model.norm.weight"),
             ("output.weight", "lm_head.weight"),
-            ("blk.0.attn_norm.weight", "model.layers.0.input_layernorm.weight"),
-            ("blk.12.attn_q.bias", "model.layers.12.self_attn.q_proj.bias"),
-            ("blk.3.attn_output.weight", "model.layers.3.self_attn.o_proj.weight"),
-            ("blk.29.ffn_norm.weight", "model.layers.29.post_attention_layernorm.weight"),
-            ("blk.7.ffn_down.weight", "model.layers.7.mlp.down_proj.weight"),
+            (
+                "blk.0.attn_norm.weight",
+                "model.layers.0.input_layernorm.weight",
+            ),
+            (
+                "blk.12.attn_q.bias",
+                "model.layers.12.self_attn.q_proj.bias",
+            ),
+            (
+                "blk.3.attn_output.weight",
+                "model.layers.3.self_attn.o_proj.weight",
+            ),
+            (
+                "blk.29.ffn_norm.weight",
+                "model.layers.29.post_attention_layernorm.weight",
+            ),
+            (
+                "blk.7.ffn_down.weight",
+                "model.layers.7.mlp.down_proj.weight",
+            ),
         ];
         for (g, h) in pairs {
             assert_eq!(hf_name(g).as_deref(), Some(h));
             assert_eq!(gguf_name(h).as_deref(), Some(g));
         }
-        for unknown in ["rope_freqs.weight", "blk.x.attn_q.weight", "blk.1.attn_q.scale", "model.rotary_emb.inv_freq"] {
+        for unknown in [
+            "rope_freqs.weight",
+            "blk.x.attn_q.weight",
+            "blk.1.attn_q.scale",
+            "model.rotary_emb.inv_freq",
+        ] {
             assert_eq!(hf_name(unknown), None, "{unknown}");
             assert_eq!(gguf_name(unknown), None, "{unknown}");
         }
     }
 
     /// llama.cpp's convert_hf_to_gguf rope factors for Llama 3 scaling, written out.
-    fn llama_cpp_rope_factors(theta: f64, dim: usize, factor: f64, low: f64, high: f64, ctx: f64) -> Vec<f32> {
+    fn llama_cpp_rope_factors(
+        theta: f64,
+        dim: usize,
+        factor: f64,
+        low: f64,
+        high: f64,
+        ctx: f64,
+    ) -> Vec<f32> {
         (0..dim / 2)
             .map(|i| {
                 let freq = 1.0 / theta.powf((2 * i) as f64 / dim as f64);
@@ -746,8 +913,12 @@ mod tests {
     #[test]
     fn llama31_rope_freqs_give_back_the_parameters() {
         let r = llama_cpp_rope_factors(500000.0, 128, 8.0, 1.0, 4.0, 8192.0);
-        let Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }) =
-            llama3_from_rope_freqs(&r, 500000.0, 128, None, None).unwrap()
+        let Some(RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        }) = llama3_from_rope_freqs(&r, 500000.0, 128, None, None).unwrap()
         else {
             panic!("expected llama3 scaling")
         };
@@ -758,10 +929,15 @@ mod tests {
 
         // Llama 3.2 (factor 32) with a declared original context.
         let r = llama_cpp_rope_factors(500000.0, 64, 32.0, 1.0, 4.0, 8192.0);
-        assert!(llama3_from_rope_freqs(&r, 500000.0, 64, None, Some(8192)).unwrap().is_some());
+        assert!(llama3_from_rope_freqs(&r, 500000.0, 64, None, Some(8192))
+            .unwrap()
+            .is_some());
 
         // All ones: no scaling. Arbitrary divisors: refused with a reason.
-        assert_eq!(llama3_from_rope_freqs(&[1.0; 32], 10000.0, 64, None, None).unwrap(), None);
+        assert_eq!(
+            llama3_from_rope_freqs(&[1.0; 32], 10000.0, 64, None, None).unwrap(),
+            None
+        );
         let odd: Vec<f32> = (0..32).map(|i| 1.0 + ((i * 7) % 5) as f32).collect();
         let err = llama3_from_rope_freqs(&odd, 10000.0, 64, None, None).unwrap_err();
         assert!(err.contains("is not Llama 3 scaling"), "{err}");
@@ -782,7 +958,14 @@ mod tests {
         // Other band edges (low 2, high 8) over many frequencies: equivalent parameters found.
         let r = llama_cpp_rope_factors(10000.0, 128, 4.0, 2.0, 8.0, 4096.0);
         let got = llama3_from_rope_freqs(&r, 10000.0, 128, None, Some(4096)).unwrap();
-        let Some(RopeScaling::Llama3 { low_freq_factor, high_freq_factor, .. }) = got else { panic!() };
+        let Some(RopeScaling::Llama3 {
+            low_freq_factor,
+            high_freq_factor,
+            ..
+        }) = got
+        else {
+            panic!()
+        };
         assert!((low_freq_factor - 2.0).abs() < 1e-3 && (high_freq_factor - 8.0).abs() < 1e-3);
     }
 }

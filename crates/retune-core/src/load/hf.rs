@@ -44,9 +44,14 @@ pub fn read_config(dir: &Path) -> Result<LlamaConfig> {
     if gen_path.is_file() {
         let json = read_json(&gen_path)?;
         let token = |v: &Value| {
-            v.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(|| {
-                Error::format(&gen_path, format!("expected a token id (non-negative integer), got {v}"))
-            })
+            v.as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| {
+                    Error::format(
+                        &gen_path,
+                        format!("expected a token id (non-negative integer), got {v}"),
+                    )
+                })
         };
         match json.get("eos_token_id") {
             None | Some(Value::Null) => {}
@@ -82,21 +87,32 @@ struct Checkpoint {
     entries: Vec<Entry>,
 }
 
+/// A sharded checkpoint's index file and, per tensor name, the position of its shard in the
+/// file list.
+type Sharding = (PathBuf, BTreeMap<String, usize>);
+
 /// Which files hold the weights, and which file each tensor is in (`None`: the single file).
-fn weight_layout(dir: &Path) -> Result<(Vec<PathBuf>, Option<(PathBuf, BTreeMap<String, usize>)>)> {
+fn weight_layout(dir: &Path) -> Result<(Vec<PathBuf>, Option<Sharding>)> {
     let single = dir.join(SINGLE_FILE);
     if single.is_file() {
         return Ok((vec![single], None));
     }
     let index = dir.join(INDEX_FILE);
     if !index.is_file() {
-        let reason = if dir.join("pytorch_model.bin").exists() {
-            "unsupported: only PyTorch .bin weights here; retune reads safetensors (convert with \
-             transformers: model.save_pretrained(dir, safe_serialization=True))"
-        } else {
-            "no weights: expected model.safetensors or model.safetensors.index.json"
-        };
-        return Err(Error::format(dir, reason));
+        if dir.join("pytorch_model.bin").exists()
+            || dir.join("pytorch_model.bin.index.json").exists()
+        {
+            return Err(Error::Unsupported {
+                path: dir.into(),
+                reason: "PyTorch .bin weights; retune reads safetensors (convert with \
+                         transformers: model.save_pretrained(dir, safe_serialization=True))"
+                    .into(),
+            });
+        }
+        return Err(Error::format(
+            dir,
+            "no weights: expected model.safetensors or model.safetensors.index.json",
+        ));
     }
     let json = read_json(&index)?;
     let map = json
@@ -106,11 +122,20 @@ fn weight_layout(dir: &Path) -> Result<(Vec<PathBuf>, Option<(PathBuf, BTreeMap<
     let mut shard_names = BTreeSet::new();
     for (tensor, shard) in map {
         let shard = shard.as_str().ok_or_else(|| {
-            Error::format(&index, format!("`weight_map.{tensor}` must be a file name, got {shard}"))
+            Error::format(
+                &index,
+                format!("`weight_map.{tensor}` must be a file name, got {shard}"),
+            )
         })?;
         // Shards are plain file names next to the index; refuse anything that leaves the folder.
-        if !Path::new(shard).components().all(|c| matches!(c, Component::Normal(_))) {
-            return Err(Error::format(&index, format!("shard `{shard}` is not a file name in this folder")));
+        if !Path::new(shard)
+            .components()
+            .all(|c| matches!(c, Component::Normal(_)))
+        {
+            return Err(Error::format(
+                &index,
+                format!("shard `{shard}` is not a file name in this folder"),
+            ));
         }
         shard_names.insert(shard.to_string());
     }
@@ -118,7 +143,9 @@ fn weight_layout(dir: &Path) -> Result<(Vec<PathBuf>, Option<(PathBuf, BTreeMap<
     let file_of = map
         .iter()
         .filter_map(|(tensor, shard)| {
-            let i = shard_names.iter().position(|s| Some(s.as_str()) == shard.as_str())?;
+            let i = shard_names
+                .iter()
+                .position(|s| Some(s.as_str()) == shard.as_str())?;
             Some((tensor.clone(), i))
         })
         .collect();
@@ -126,6 +153,7 @@ fn weight_layout(dir: &Path) -> Result<(Vec<PathBuf>, Option<(PathBuf, BTreeMap<
     Ok((files, Some((index, file_of))))
 }
 
+/// Reads the configuration and the safetensors headers, and locates and checks every tensor.
 fn open(dir: &Path) -> Result<Checkpoint> {
     if !dir.is_dir() {
         return Err(Error::format(dir, "not a folder"));
@@ -150,7 +178,10 @@ fn open(dir: &Path) -> Result<Checkpoint> {
         let file = match &sharding {
             None => 0,
             Some((index, file_of)) => *file_of.get(&name).ok_or_else(|| {
-                Error::format(index, format!("missing tensor `{name}` (not in `weight_map`)"))
+                Error::format(
+                    index,
+                    format!("missing tensor `{name}` (not in `weight_map`)"),
+                )
             })?,
         };
         let path = &files[file];
@@ -161,19 +192,36 @@ fn open(dir: &Path) -> Result<Checkpoint> {
         if !matches!(info.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16) {
             return Err(Error::format(
                 path,
-                format!("tensor `{name}` has dtype {:?}; supported: F32, F16, BF16", info.dtype),
+                format!(
+                    "tensor `{name}` has dtype {:?}; supported: F32, F16, BF16",
+                    info.dtype
+                ),
             ));
         }
         check_shape(path, &name, &info.shape, &expected)?;
         let (begin, end) = info.data_offsets;
         let bytes = data_start + begin..data_start + end;
-        entries.push(Entry { name, file, dtype: info.dtype, shape: expected, bytes });
+        entries.push(Entry {
+            name,
+            file,
+            dtype: info.dtype,
+            shape: expected,
+            bytes,
+        });
     }
-    Ok(Checkpoint { config, files, maps, entries })
+    Ok(Checkpoint {
+        config,
+        files,
+        maps,
+        entries,
+    })
 }
 
 fn dtypes(entries: &[Entry]) -> BTreeMap<String, String> {
-    entries.iter().map(|e| (e.name.clone(), format!("{:?}", e.dtype))).collect()
+    entries
+        .iter()
+        .map(|e| (e.name.clone(), format!("{:?}", e.dtype)))
+        .collect()
 }
 
 /// Loads a Hugging Face folder (see the module docs).
@@ -190,7 +238,13 @@ pub fn load(dir: &Path) -> Result<LoadedModel> {
                 Dtype::F16 => f16_from_le(bytes),
                 _ => bf16_from_le(bytes),
             };
-            (e.name.clone(), HostTensor { shape: e.shape.clone(), data })
+            (
+                e.name.clone(),
+                HostTensor {
+                    shape: e.shape.clone(),
+                    data,
+                },
+            )
         })
         .collect();
     Ok(LoadedModel {

@@ -40,7 +40,12 @@ impl HostTensor {
 // Printing a weight's values is never what one wants from `{:?}`.
 impl std::fmt::Debug for HostTensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "HostTensor {{ shape: {:?}, {} values }}", self.shape, self.data.len())
+        write!(
+            f,
+            "HostTensor {{ shape: {:?}, {} values }}",
+            self.shape,
+            self.data.len()
+        )
     }
 }
 
@@ -91,14 +96,16 @@ fn detect(path: &Path) -> Result<ModelFormat> {
     if meta.is_dir() {
         return Ok(ModelFormat::HfFolder);
     }
-    let is_gguf_name =
-        path.extension().is_some_and(|e| e.to_string_lossy().eq_ignore_ascii_case("gguf"));
+    let is_gguf_name = path
+        .extension()
+        .is_some_and(|e| e.to_string_lossy().eq_ignore_ascii_case("gguf"));
     if is_gguf_name || gguf::has_magic(path)? {
         return Ok(ModelFormat::Gguf);
     }
     Err(Error::format(
         path,
-        "not a model: expected a Hugging Face model folder (config.json + safetensors) or a .gguf file",
+        "not a model: expected a Hugging Face model folder (config.json + safetensors) or a \
+         .gguf file",
     ))
 }
 
@@ -144,12 +151,18 @@ fn check_shape(path: &Path, name: &str, got: &[usize], expected: &[usize]) -> Re
 
 /// Little-endian IEEE f32 bytes to f32 (no alignment needed: the bytes may come from a map).
 fn f32_from_le(bytes: &[u8]) -> Vec<f32> {
-    bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
 }
 
 /// Little-endian IEEE half bytes to f32 (exact).
 fn f16_from_le(bytes: &[u8]) -> Vec<f32> {
-    bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect()
+    bytes
+        .chunks_exact(2)
+        .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+        .collect()
 }
 
 /// Little-endian bfloat16 bytes to f32 (exact: bf16 is the top half of an f32).

@@ -80,9 +80,26 @@ fn linear_fwd<T: Float>(y: &mut [T], x: &[T], l: &Linear<T>, n: usize) {
 
 /// Backward of a linear layer: accumulates into `dx` and into the gradient twin `g`
 /// (whose empty tensors are frozen and skipped).
-fn linear_bwd<T: Float>(dx: &mut [T], g: &mut Linear<T>, dy: &[T], x: &[T], l: &Linear<T>, n: usize) {
+fn linear_bwd<T: Float>(
+    dx: &mut [T],
+    g: &mut Linear<T>,
+    dy: &[T],
+    x: &[T],
+    l: &Linear<T>,
+    n: usize,
+) {
     let db = g.b.as_deref_mut().and_then(grad_slot);
-    linear_backward(Some(dx), grad_slot(&mut g.w), db, dy, x, &l.w, n, l.d_in, l.d_out);
+    linear_backward(
+        Some(dx),
+        grad_slot(&mut g.w),
+        db,
+        dy,
+        x,
+        &l.w,
+        n,
+        l.d_in,
+        l.d_out,
+    );
 }
 
 impl<T: Float> Model<T> {
@@ -123,7 +140,17 @@ impl<T: Float> Model<T> {
         rope_forward(&mut a.k, &batch.positions, rope, d.nkv, d.hd);
         let segments = batch.segments.as_deref();
         attention_forward(
-            &mut a.att, &mut a.probs, &a.q, &a.k, &a.v, segments, d.b, d.t, d.nh, d.nkv, d.hd,
+            &mut a.att,
+            &mut a.probs,
+            &a.q,
+            &a.k,
+            &a.v,
+            segments,
+            d.b,
+            d.t,
+            d.nh,
+            d.nkv,
+            d.hd,
         );
         linear_fwd(&mut a.x1, &a.att, &lw.o, d.n);
         add_inplace(&mut a.x1, x);
@@ -153,7 +180,9 @@ impl<T: Float> Model<T> {
     ) {
         // `scratch` has the same shapes as the activations; its buffers hold their gradients.
         let s = scratch;
-        for buf in [&mut s.ln1, &mut s.q, &mut s.k, &mut s.v, &mut s.att, &mut s.ln2] {
+        for buf in [
+            &mut s.ln1, &mut s.q, &mut s.k, &mut s.v, &mut s.att, &mut s.ln2,
+        ] {
             buf.fill(T::zero());
         }
         for buf in [&mut s.gate, &mut s.up, &mut s.act] {
@@ -166,7 +195,16 @@ impl<T: Float> Model<T> {
         linear_bwd(&mut s.ln2, &mut g.gate, &s.gate, &a.ln2, &lw.gate, d.n);
         linear_bwd(&mut s.ln2, &mut g.up, &s.up, &a.ln2, &lw.up, d.n);
         let dw = grad_slot(&mut g.mlp_norm);
-        rmsnorm_backward(&mut s.x1, dw, &s.ln2, &a.x1, &lw.mlp_norm, &a.rstd2, d.n, d.c);
+        rmsnorm_backward(
+            &mut s.x1,
+            dw,
+            &s.ln2,
+            &a.x1,
+            &lw.mlp_norm,
+            &a.rstd2,
+            d.n,
+            d.c,
+        );
         // Attention block: x1 = x + o(attention(rope(q(ln1)), rope(k(ln1)), v(ln1))).
         linear_bwd(&mut s.att, &mut g.o, &s.x1, &a.att, &lw.o, d.n);
         attention_backward(
@@ -215,9 +253,26 @@ impl<T: Float> Model<T> {
         let mut h = vec![T::zero(); d.n * d.c];
         let mut rstd = vec![T::zero(); d.n];
         let w = &self.weights;
-        rmsnorm_forward(&mut h, &mut rstd, x, &w.final_norm, d.n, d.c, self.config.rms_norm_eps);
+        rmsnorm_forward(
+            &mut h,
+            &mut rstd,
+            x,
+            &w.final_norm,
+            d.n,
+            d.c,
+            self.config.rms_norm_eps,
+        );
         lm_head_cross_entropy(
-            &h, w.head(), &batch.targets, d.n, d.c, d.v, CE_CHUNK_ROWS, T::one(), None, None,
+            &h,
+            w.head(),
+            &batch.targets,
+            d.n,
+            d.c,
+            d.v,
+            CE_CHUNK_ROWS,
+            T::one(),
+            None,
+            None,
         )
     }
 
@@ -225,7 +280,12 @@ impl<T: Float> Model<T> {
     /// `normaliser` target tokens (pass the count of the whole accumulated batch, so micro-
     /// batches add up to the large batch). Accumulates gradients into `grads`, whose empty
     /// tensors are frozen and get none. Returns the loss statistics of this batch.
-    pub fn forward_backward(&self, batch: &Batch, normaliser: usize, grads: &mut Weights<T>) -> CeStats {
+    pub fn forward_backward(
+        &self,
+        batch: &Batch,
+        normaliser: usize,
+        grads: &mut Weights<T>,
+    ) -> CeStats {
         let d = self.dims(batch);
         let rope = self.rope_for(batch);
         let w = &self.weights;
@@ -244,7 +304,16 @@ impl<T: Float> Model<T> {
             None => grad_slot(&mut grads.embed), // tied: the head's gradient lands in the embedding
         };
         let stats = lm_head_cross_entropy(
-            &h, w.head(), &batch.targets, d.n, d.c, d.v, CE_CHUNK_ROWS, scale, Some(&mut dh), dhead,
+            &h,
+            w.head(),
+            &batch.targets,
+            d.n,
+            d.c,
+            d.v,
+            CE_CHUNK_ROWS,
+            scale,
+            Some(&mut dh),
+            dhead,
         );
         let mut dx = vec![T::zero(); d.n * d.c];
         let dw = grad_slot(&mut grads.final_norm);
@@ -260,7 +329,18 @@ impl<T: Float> Model<T> {
             self.layer_forward(&mut out, &mut acts, x, lw, batch, &rope, &d);
             dx_in.fill(T::zero());
             let g = &mut grads.layers[l];
-            self.layer_backward(&mut dx_in, g, &mut scratch, &dx, x, &acts, lw, batch, &rope, &d);
+            self.layer_backward(
+                &mut dx_in,
+                g,
+                &mut scratch,
+                &dx,
+                x,
+                &acts,
+                lw,
+                batch,
+                &rope,
+                &d,
+            );
             std::mem::swap(&mut dx, &mut dx_in);
         }
         if let Some(dembed) = grad_slot(&mut grads.embed) {
@@ -278,7 +358,15 @@ impl<T: Float> Model<T> {
         let mut h = vec![T::zero(); d.n * d.c];
         let mut rstd = vec![T::zero(); d.n];
         let w = &self.weights;
-        rmsnorm_forward(&mut h, &mut rstd, x, &w.final_norm, d.n, d.c, self.config.rms_norm_eps);
+        rmsnorm_forward(
+            &mut h,
+            &mut rstd,
+            x,
+            &w.final_norm,
+            d.n,
+            d.c,
+            self.config.rms_norm_eps,
+        );
         let mut logits = vec![T::zero(); d.n * d.v];
         crate::ops::cross_entropy::logits_forward(&mut logits, &h, w.head(), d.n, d.c, d.v);
         logits

@@ -42,7 +42,12 @@ impl<T: Float> Model<T> {
     /// A cache for up to `capacity` tokens (at most the model's context).
     pub fn new_cache(&self, capacity: usize) -> KvCache<T> {
         let c = &self.config;
-        let capacity = capacity.min(c.max_position_embeddings);
+        // Beyond a sliding window retune's full attention would differ from the model's own.
+        let context = c
+            .sliding_window
+            .unwrap_or(usize::MAX)
+            .min(c.max_position_embeddings);
+        let capacity = capacity.min(context);
         let kvd = c.kv_dim();
         let layers = c.num_hidden_layers;
         KvCache {
@@ -89,7 +94,8 @@ impl<T: Float> Model<T> {
         let z = |len: usize| vec![T::zero(); len];
         let mut x = z(m * c);
         crate::ops::embedding::embedding_forward(&mut x, tokens, &w.embed, c);
-        let (mut ln, mut rstd, mut q, mut att, mut x1) = (z(m * c), z(m), z(m * qd), z(m * qd), z(m * c));
+        let (mut ln, mut rstd, mut q, mut att, mut x1) =
+            (z(m * c), z(m), z(m * qd), z(m * qd), z(m * c));
         let (mut gate, mut up, mut act) = (z(m * f), z(m * f), z(m * f));
         for (l, lw) in w.layers.iter().enumerate() {
             rmsnorm_forward(&mut ln, &mut rstd, &x, &lw.attn_norm, m, c, eps);
@@ -137,34 +143,41 @@ fn cached_attention<T: Float>(
     let kvd = nkv * hd;
     let scale = 1.0 / (hd as f64).sqrt();
     // One task per (query, head): each writes its own `hd` outputs.
-    out[..m * nh * hd].par_chunks_mut(hd).enumerate().for_each(|(idx, o)| {
-        let (i, h) = (idx / nh, idx % nh);
-        let kh = h / group;
-        let qv = &q[(i * nh + h) * hd..][..hd];
-        let keys = p0 + i + 1;
-        let mut scores: Vec<f64> = (0..keys)
-            .map(|j| {
-                let kv = &k[j * kvd + kh * hd..][..hd];
-                qv.iter().zip(kv).map(|(a, b)| a.as_f64() * b.as_f64()).sum::<f64>() * scale
-            })
-            .collect();
-        let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let mut sum = 0.0;
-        for s in &mut scores {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        let mut acc = vec![0.0f64; hd];
-        for (j, s) in scores.iter().enumerate() {
-            let vv = &v[j * kvd + kh * hd..][..hd];
-            for (a, b) in acc.iter_mut().zip(vv) {
-                *a += s / sum * b.as_f64();
+    out[..m * nh * hd]
+        .par_chunks_mut(hd)
+        .enumerate()
+        .for_each(|(idx, o)| {
+            let (i, h) = (idx / nh, idx % nh);
+            let kh = h / group;
+            let qv = &q[(i * nh + h) * hd..][..hd];
+            let keys = p0 + i + 1;
+            let mut scores: Vec<f64> = (0..keys)
+                .map(|j| {
+                    let kv = &k[j * kvd + kh * hd..][..hd];
+                    qv.iter()
+                        .zip(kv)
+                        .map(|(a, b)| a.as_f64() * b.as_f64())
+                        .sum::<f64>()
+                        * scale
+                })
+                .collect();
+            let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let mut sum = 0.0;
+            for s in &mut scores {
+                *s = (*s - max).exp();
+                sum += *s;
             }
-        }
-        for (o, a) in o.iter_mut().zip(acc) {
-            *o = T::of(a);
-        }
-    });
+            let mut acc = vec![0.0f64; hd];
+            for (j, s) in scores.iter().enumerate() {
+                let vv = &v[j * kvd + kh * hd..][..hd];
+                for (a, b) in acc.iter_mut().zip(vv) {
+                    *a += s / sum * b.as_f64();
+                }
+            }
+            for (o, a) in o.iter_mut().zip(acc) {
+                *o = T::of(a);
+            }
+        });
 }
 
 /// How the next token is chosen.
@@ -180,7 +193,11 @@ pub struct Sampler {
 impl Sampler {
     /// A sampler with its own seeded RNG.
     pub fn new(temperature: f32, top_p: f32, seed: u64) -> Self {
-        Sampler { temperature, top_p, rng: ChaCha8Rng::seed_from_u64(seed) }
+        Sampler {
+            temperature,
+            top_p,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+        }
     }
 
     /// Picks the next token from logits `[V]`.
@@ -198,9 +215,15 @@ impl Sampler {
             return argmax();
         }
         let t = self.temperature as f64;
-        let max = logits.iter().map(|l| l.as_f64()).fold(f64::NEG_INFINITY, f64::max);
-        let mut probs: Vec<(u32, f64)> =
-            logits.iter().enumerate().map(|(i, l)| (i as u32, ((l.as_f64() - max) / t).exp())).collect();
+        let max = logits
+            .iter()
+            .map(|l| l.as_f64())
+            .fold(f64::NEG_INFINITY, f64::max);
+        let mut probs: Vec<(u32, f64)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (i as u32, ((l.as_f64() - max) / t).exp()))
+            .collect();
         let total: f64 = probs.iter().map(|p| p.1).sum();
         probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         let mut kept = 0.0;

@@ -31,7 +31,10 @@ impl<T: Float> Model<T> {
     /// Builds a model from loaded tensors; `path` names the source in errors.
     pub fn from_loaded(loaded: LoadedModel, path: &Path) -> Result<Self> {
         let weights = Weights::from_tensors(&loaded.config, loaded.tensors, path)?;
-        Ok(Model { config: loaded.config, weights })
+        Ok(Model {
+            config: loaded.config,
+            weights,
+        })
     }
 
     /// Loads a Hugging Face folder or a GGUF file.
@@ -65,7 +68,9 @@ impl Batch {
     pub fn from_rows(rows: &[Vec<u32>]) -> Result<Self> {
         let t = rows.first().map_or(0, Vec::len);
         if t == 0 || rows.iter().any(|r| r.len() != t) {
-            return Err(Error::Invalid("a batch needs non-empty rows of equal length".into()));
+            return Err(Error::Invalid(
+                "a batch needs non-empty rows of equal length".into(),
+            ));
         }
         let mut targets = Vec::with_capacity(rows.len() * t);
         for row in rows {
@@ -78,7 +83,14 @@ impl Batch {
     /// A batch with explicit targets; positions count 0..T in each row.
     pub fn with_targets(ids: Vec<u32>, targets: Vec<u32>, b: usize, t: usize) -> Self {
         let positions = (0..b).flat_map(|_| 0..t as u32).collect();
-        Batch { ids, targets, positions, segments: None, b, t }
+        Batch {
+            ids,
+            targets,
+            positions,
+            segments: None,
+            b,
+            t,
+        }
     }
 
     /// Number of tokens that carry a loss.
@@ -90,12 +102,26 @@ impl Batch {
     pub fn validate(&self, config: &LlamaConfig) -> Result<()> {
         let n = self.b * self.t;
         if self.ids.len() != n || self.targets.len() != n || self.positions.len() != n {
-            return Err(Error::Invalid(format!("batch buffers must hold B*T = {n} tokens")));
+            return Err(Error::Invalid(format!(
+                "batch buffers must hold B*T = {n} tokens"
+            )));
         }
         let v = config.vocab_size as u32;
-        if let Some(bad) = self.ids.iter().chain(&self.targets).find(|&&id| id != IGNORE && id >= v) {
+        if let Some(bad) = self
+            .ids
+            .iter()
+            .chain(&self.targets)
+            .find(|&&id| id != IGNORE && id >= v)
+        {
             return Err(Error::Invalid(format!(
                 "token id {bad} is outside the model's vocabulary of {v}: tokenizer and model do not match"
+            )));
+        }
+        if let Some(w) = config.sliding_window.filter(|&w| self.t > w) {
+            return Err(Error::Invalid(format!(
+                "sequences of {} tokens exceed the model's sliding window of {w}; retune attends \
+                 over the whole sequence, so keep sequences within the window (lower --max-seq-len)",
+                self.t
             )));
         }
         if let Some(&p) = self.positions.iter().max() {
@@ -121,8 +147,14 @@ impl<T: Float> Model<T> {
         let mut tensors = std::collections::BTreeMap::new();
         for (name, shape) in config.tensor_shapes() {
             let len: usize = shape.iter().product();
-            let base = if name.ends_with("norm.weight") { 1.0 } else { 0.0 };
-            let data = (0..len).map(|_| (base + rng.gen_range(-a..a)) as f32).collect();
+            let base = if name.ends_with("norm.weight") {
+                1.0
+            } else {
+                0.0
+            };
+            let data = (0..len)
+                .map(|_| (base + rng.gen_range(-a..a)) as f32)
+                .collect();
             tensors.insert(name, crate::load::HostTensor { shape, data });
         }
         let weights = Weights::from_tensors(&config, tensors, Path::new("<random>"))?;

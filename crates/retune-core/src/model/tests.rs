@@ -80,10 +80,17 @@ fn check_gradients(cfg: LlamaConfig, batch: &Batch) {
             let numeric = (plus - minus) / (2.0 * eps);
             let err = (g[i] - numeric).abs() / (g[i].abs() + numeric.abs()).max(floor);
             worst = worst.max(err);
-            assert!(err < 1e-6, "{name}[{i}]: analytic {} numeric {numeric} (rel {err:e})", g[i]);
+            assert!(
+                err < 1e-6,
+                "{name}[{i}]: analytic {} numeric {numeric} (rel {err:e})",
+                g[i]
+            );
         }
     }
-    eprintln!("worst relative error over {} tensors: {worst:e}", names.len());
+    eprintln!(
+        "worst relative error over {} tensors: {worst:e}",
+        names.len()
+    );
 }
 
 #[test]
@@ -125,12 +132,20 @@ fn kv_cache_matches_full_forward() {
     let mut last = model.forward_cached(&ids[..4], &mut cache).unwrap();
     for (p, &id) in ids.iter().enumerate().skip(4) {
         let expected = &full[(p - 1) * v..p * v];
-        let err = last.iter().zip(expected).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        let err = last
+            .iter()
+            .zip(expected)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
         assert!(err < 1e-10, "position {}: max abs diff {err}", p - 1);
         last = model.forward_cached(&[id], &mut cache).unwrap();
     }
     let expected = &full[(ids.len() - 1) * v..];
-    let err = last.iter().zip(expected).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    let err = last
+        .iter()
+        .zip(expected)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
     assert!(err < 1e-10);
     assert_eq!(cache.len(), ids.len());
 }
@@ -142,21 +157,32 @@ fn packed_examples_score_as_separate_rows() {
     let model = Model::<f64>::random(tiny(true, false, false), 5, 0.3).unwrap();
     let a = vec![3u32, 7, 1];
     let b = vec![30u32, 12, 5, 9];
-    let apart = model.loss(&Batch::from_rows(&[a.clone()]).unwrap()).loss_sum
-        + model.loss(&Batch::from_rows(&[b.clone()]).unwrap()).loss_sum;
+    let apart = model
+        .loss(&Batch::from_rows(std::slice::from_ref(&a)).unwrap())
+        .loss_sum
+        + model
+            .loss(&Batch::from_rows(std::slice::from_ref(&b)).unwrap())
+            .loss_sum;
     let ids = [a.clone(), b.clone()].concat();
     let targets = vec![7, 1, IGNORE, 12, 5, 9, IGNORE];
     let mut packed = Batch::with_targets(ids, targets, 1, 7);
     packed.positions = vec![0, 1, 2, 0, 1, 2, 3];
     packed.segments = Some(vec![0, 0, 0, 1, 1, 1, 1]);
     let together = model.loss(&packed).loss_sum;
-    assert!((apart - together).abs() < 1e-10, "apart {apart} packed {together}");
+    assert!(
+        (apart - together).abs() < 1e-10,
+        "apart {apart} packed {together}"
+    );
 }
 
 #[test]
 fn bad_batches_are_errors() {
     let cfg = tiny(false, false, false);
     let b = Batch::from_rows(&[vec![1, 40, 3]]).unwrap();
-    assert!(b.validate(&cfg).unwrap_err().to_string().contains("outside the model's vocabulary"));
+    assert!(b
+        .validate(&cfg)
+        .unwrap_err()
+        .to_string()
+        .contains("outside the model's vocabulary"));
     assert!(Batch::from_rows(&[vec![1, 2], vec![3]]).is_err());
 }

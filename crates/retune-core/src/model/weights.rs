@@ -91,14 +91,26 @@ impl<T: Float> Weights<T> {
                     expected: expected.clone(),
                 });
             }
-            Ok(t.data.into_iter().map(|x| <T as Float>::from_f32(x)).collect())
+            Ok(t.data
+                .into_iter()
+                .map(|x| <T as Float>::from_f32(x))
+                .collect())
         };
         let linear = |prefix: &str, take: &mut dyn FnMut(&str) -> Result<Vec<T>>| {
             let wname = format!("{prefix}.weight");
             let shape = &shapes[&wname];
             let bname = format!("{prefix}.bias");
-            let b = if shapes.contains_key(&bname) { Some(take(&bname)?) } else { None };
-            Ok::<_, Error>(Linear { w: take(&wname)?, b, d_in: shape[1], d_out: shape[0] })
+            let b = if shapes.contains_key(&bname) {
+                Some(take(&bname)?)
+            } else {
+                None
+            };
+            Ok::<_, Error>(Linear {
+                w: take(&wname)?,
+                b,
+                d_in: shape[1],
+                d_out: shape[0],
+            })
         };
         let embed = take("model.embed_tokens.weight")?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
@@ -117,9 +129,17 @@ impl<T: Float> Weights<T> {
             });
         }
         let final_norm = take("model.norm.weight")?;
-        let lm_head =
-            if cfg.tie_word_embeddings { None } else { Some(take("lm_head.weight")?) };
-        Ok(Weights { embed, layers, final_norm, lm_head })
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(take("lm_head.weight")?)
+        };
+        Ok(Weights {
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+        })
     }
 
     /// A zero-filled twin, used for gradients of every parameter (full fine-tuning).
@@ -167,12 +187,20 @@ impl<T: Float> Weights<T> {
         for (i, l) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
             out.push((format!("{p}.input_layernorm.weight"), &l.attn_norm));
-            for (name, lin) in [("q_proj", &l.q), ("k_proj", &l.k), ("v_proj", &l.v), ("o_proj", &l.o)]
-            {
+            for (name, lin) in [
+                ("q_proj", &l.q),
+                ("k_proj", &l.k),
+                ("v_proj", &l.v),
+                ("o_proj", &l.o),
+            ] {
                 push_linear(&mut out, &format!("{p}.self_attn.{name}"), lin);
             }
             out.push((format!("{p}.post_attention_layernorm.weight"), &l.mlp_norm));
-            for (name, lin) in [("gate_proj", &l.gate), ("up_proj", &l.up), ("down_proj", &l.down)] {
+            for (name, lin) in [
+                ("gate_proj", &l.gate),
+                ("up_proj", &l.up),
+                ("down_proj", &l.down),
+            ] {
                 push_linear(&mut out, &format!("{p}.mlp.{name}"), lin);
             }
         }
@@ -221,4 +249,3 @@ fn push_linear<'a, T>(out: &mut Vec<(String, &'a [T])>, prefix: &str, lin: &'a L
         out.push((format!("{prefix}.bias"), b));
     }
 }
-

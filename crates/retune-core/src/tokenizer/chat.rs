@@ -32,13 +32,21 @@ pub(super) fn render(
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function("raise_exception", |msg: String| -> std::result::Result<Value, minijinja::Error> {
-        Err(minijinja::Error::new(ErrorKind::InvalidOperation, format!("raise_exception: {msg}")))
-    });
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> std::result::Result<Value, minijinja::Error> {
+            Err(minijinja::Error::new(
+                ErrorKind::InvalidOperation,
+                format!("raise_exception: {msg}"),
+            ))
+        },
+    );
     let now = vars.now_unix;
     env.add_function("strftime_now", move |fmt: String| strftime(&fmt, now));
     env.add_filter("tojson", tojson);
-    let template = env.template_from_named_str(origin, source).map_err(fail)?;
+    let template = env
+        .template_from_named_str("chat_template", source)
+        .map_err(fail)?;
     // transformers passes tools and documents as None when there are none.
     let ctx = context! {
         messages => messages,
@@ -163,9 +171,29 @@ fn json_string(out: &mut String, s: &str) {
     out.push('"');
 }
 
-const MONTHS: [&str; 12] =
-    ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
-const DAYS: [&str; 7] = ["Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"];
+const MONTHS: [&str; 12] = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+];
+const DAYS: [&str; 7] = [
+    "Sunday",
+    "Monday",
+    "Tuesday",
+    "Wednesday",
+    "Thursday",
+    "Friday",
+    "Saturday",
+];
 
 /// Python's `datetime.strftime` for the directives chat templates use (UTC, C locale).
 pub(super) fn strftime(fmt: &str, unix: i64) -> String {
@@ -253,15 +281,22 @@ mod tests {
             env.add_filter("tojson", tojson);
             env.render_str(src, context! { x => v }).unwrap()
         };
-        let v = serde_json::json!({"name": "f", "args": {"q": "naïve \"x\"\n", "n": [1, 2.5, true, null]}});
+        // Keys are in sorted order here: without minijinja's `preserve_order`, maps iterate sorted.
+        let v = serde_json::json!({"args": {"n": [1, 2.5, 3.0, true, null], "q": "naïve \"x\"\n\u{1}"}, "name": "f"});
         assert_eq!(
-            render("{{ x | tojson }}", v.clone()),
-            r#"{"name": "f", "args": {"q": "naïve \"x\"\n", "n": [1, 2.5, true, null]}}"#
+            render("{{ x | tojson }}", v),
+            r#"{"args": {"n": [1, 2.5, 3.0, true, null], "q": "naïve \"x\"\n\u0001"}, "name": "f"}"#
         );
         assert_eq!(
-            render("{{ x | tojson(indent=2) }}", serde_json::json!({"a": [1], "b": {}})),
+            render(
+                "{{ x | tojson(indent=2) }}",
+                serde_json::json!({"a": [1], "b": {}})
+            ),
             "{\n  \"a\": [\n    1\n  ],\n  \"b\": {}\n}"
         );
-        assert_eq!(render("{{ x | tojson }}", serde_json::json!("<&>")), "\"<&>\"");
+        assert_eq!(
+            render("{{ x | tojson }}", serde_json::json!("<&>")),
+            "\"<&>\""
+        );
     }
 }

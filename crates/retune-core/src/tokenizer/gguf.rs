@@ -15,9 +15,11 @@ use tokenizers::normalizers::{Prepend, Replace, Sequence as NormalizerSequence};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::{AddedToken, DecoderWrapper, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior};
+use tokenizers::{
+    AddedToken, DecoderWrapper, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior,
+};
 
-use super::{eog_ids, Tokenizer};
+use super::{eos_list, tok_err, Tokenizer};
 use crate::error::{Error, Result};
 
 // llama.cpp's token types (`llama_token_type`).
@@ -49,6 +51,7 @@ struct PreType {
 }
 
 /// The `tokenizer.ggml.pre` names retune supports (llama.cpp's aliases included).
+#[rustfmt::skip]
 pub const SUPPORTED_PRE: &[&str] = &[
     "default", "llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "dbrx", "smaug-bpe",
     "deepseek-llm", "deepseek-coder", "falcon", "mpt", "starcoder", "refact", "command-r",
@@ -58,15 +61,16 @@ pub const SUPPORTED_PRE: &[&str] = &[
 
 /// llama.cpp's `llm_tokenizer_bpe` table, for the names in [`SUPPORTED_PRE`].
 fn pre_type(pre: &str) -> Option<PreType> {
-    let t = |regexes, ignore_merges, add_bos| Some(PreType { regexes, ignore_merges, add_bos });
+    let t = |regexes, ignore_merges, add_bos| {
+        Some(PreType {
+            regexes,
+            ignore_merges,
+            add_bos,
+        })
+    };
     match pre {
         "default" => t(
-            &[
-                r"[\p{P}\$\+<=>\^~\|]+",
-                GPT2,
-                r"\p{N}+",
-                "[0-9][0-9][0-9]",
-            ],
+            &[r"[\p{P}\$\+<=>\^~\|]+", GPT2, r"\p{N}+", "[0-9][0-9][0-9]"],
             false,
             false,
         ),
@@ -84,10 +88,16 @@ fn pre_type(pre: &str) -> Option<PreType> {
             false,
             false,
         ),
-        "deepseek-coder" => {
-            t(&["[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", DEEPSEEK_CJK, r"\p{N}"], false, false)
-        }
-        "falcon" => t(&[r"[\p{P}\$\+<=>\^~\|`]+", GPT2, "[0-9][0-9][0-9]"], false, false),
+        "deepseek-coder" => t(
+            &["[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", DEEPSEEK_CJK, r"\p{N}"],
+            false,
+            false,
+        ),
+        "falcon" => t(
+            &[r"[\p{P}\$\+<=>\^~\|`]+", GPT2, "[0-9][0-9][0-9]"],
+            false,
+            false,
+        ),
         // SmolLM, StarCoder and friends split every digit off first, then apply GPT-2's regex.
         "starcoder" | "refact" | "command-r" | "smollm" | "codeshell" | "exaone" | "minerva-7b" => {
             t(&[r"\p{N}", GPT2], false, false)
@@ -125,7 +135,9 @@ impl Meta<'_> {
         }
     }
     fn int(&self, key: &str) -> Result<Option<i64>> {
-        self.get(key).map(|v| as_int(v).ok_or_else(|| self.bad(key, "an integer"))).transpose()
+        self.get(key)
+            .map(|v| as_int(v).ok_or_else(|| self.bad(key, "an integer")))
+            .transpose()
     }
     fn id(&self, key: &str) -> Result<Option<u32>> {
         // llama.cpp writes -1 (or nothing) for "no such token".
@@ -135,11 +147,15 @@ impl Meta<'_> {
         match self.get(key) {
             None => Ok(None),
             Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(v) => as_int(v).map(|i| Some(i != 0)).ok_or_else(|| self.bad(key, "a boolean")),
+            Some(v) => as_int(v)
+                .map(|i| Some(i != 0))
+                .ok_or_else(|| self.bad(key, "a boolean")),
         }
     }
     fn strings(&self, key: &str) -> Result<Vec<String>> {
-        let Value::Array(items) = self.require(key)? else { return Err(self.bad(key, "an array")) };
+        let Value::Array(items) = self.require(key)? else {
+            return Err(self.bad(key, "an array"));
+        };
         items
             .iter()
             .map(|v| match v {
@@ -149,8 +165,12 @@ impl Meta<'_> {
             .collect()
     }
     fn numbers(&self, key: &str, n: usize, default: f64) -> Result<Vec<f64>> {
-        let Some(v) = self.get(key) else { return Ok(vec![default; n]) };
-        let Value::Array(items) = v else { return Err(self.bad(key, "an array")) };
+        let Some(v) = self.get(key) else {
+            return Ok(vec![default; n]);
+        };
+        let Value::Array(items) = v else {
+            return Err(self.bad(key, "an array"));
+        };
         let out: Option<Vec<f64>> = items.iter().map(as_f64).collect();
         match out {
             Some(out) if out.len() == n => Ok(out),
@@ -186,14 +206,21 @@ pub(super) fn from_gguf(path: &Path) -> Result<Tokenizer> {
     let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let content = Content::read(&mut file)
         .map_err(|e| Error::format(path, format!("not a readable GGUF file: {e}")))?;
-    let meta = Meta { path, md: &content.metadata };
+    let meta = Meta {
+        path,
+        md: &content.metadata,
+    };
 
     let kind = match meta.require("tokenizer.ggml.model")? {
         Value::String(s) => s.clone(),
         _ => return Err(meta.bad("tokenizer.ggml.model", "a string")),
     };
     let tokens = meta.strings("tokenizer.ggml.tokens")?;
-    let types = meta.numbers("tokenizer.ggml.token_type", tokens.len(), TYPE_NORMAL as f64)?;
+    let types = meta.numbers(
+        "tokenizer.ggml.token_type",
+        tokens.len(),
+        TYPE_NORMAL as f64,
+    )?;
     let types: Vec<i64> = types.into_iter().map(|t| t as i64).collect();
 
     let (mut inner, default_add_bos) = match kind.as_str() {
@@ -217,21 +244,29 @@ pub(super) fn from_gguf(path: &Path) -> Result<Tokenizer> {
         .filter(|(_, &t)| t == TYPE_CONTROL || t == TYPE_USER_DEFINED)
         .map(|(s, &t)| AddedToken::from(s.clone(), t == TYPE_CONTROL).normalized(false))
         .collect();
-    let tok_err = |e: tokenizers::Error| Error::Tokenizer(e.to_string());
-    inner.add_special_tokens(added.iter().filter(|t| t.special).cloned()).map_err(tok_err)?;
-    inner.add_tokens(added.into_iter().filter(|t| !t.special)).map_err(tok_err)?;
+    inner
+        .add_special_tokens(added.iter().filter(|t| t.special).cloned())
+        .map_err(tok_err)?;
+    inner
+        .add_tokens(added.into_iter().filter(|t| !t.special))
+        .map_err(tok_err)?;
 
     let token_text = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize).cloned());
-    let bos_id = meta.id("tokenizer.ggml.bos_token_id")?.filter(|&i| (i as usize) < tokens.len());
-    let eos_id = meta.id("tokenizer.ggml.eos_token_id")?.filter(|&i| (i as usize) < tokens.len());
-    let mut eos_ids: Vec<u32> = eos_id.into_iter().collect();
+    let bos_id = meta
+        .id("tokenizer.ggml.bos_token_id")?
+        .filter(|&i| (i as usize) < tokens.len());
+    let eos_id = meta
+        .id("tokenizer.ggml.eos_token_id")?
+        .filter(|&i| (i as usize) < tokens.len());
+    let mut declared: Vec<u32> = eos_id.into_iter().collect();
     for key in ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
-        eos_ids.extend(meta.id(key)?.filter(|&i| (i as usize) < tokens.len()));
+        declared.extend(meta.id(key)?.filter(|&i| (i as usize) < tokens.len()));
     }
-    let specials = tokens.iter().zip(&types).enumerate().filter(|(_, (_, &t))| t == TYPE_CONTROL);
-    eos_ids.extend(eog_ids(specials.map(|(i, (s, _))| (s.as_str(), i as u32))));
-    let mut seen = std::collections::HashSet::new();
-    eos_ids.retain(|id| seen.insert(*id));
+    let specials = (0u32..).zip(tokens.iter().zip(&types));
+    let specials = specials
+        .filter(|(_, (_, &t))| t == TYPE_CONTROL)
+        .map(|(i, (s, _))| (s.as_str(), i));
+    let eos_ids = eos_list(declared, specials);
 
     Ok(Tokenizer {
         inner,
@@ -240,7 +275,10 @@ pub(super) fn from_gguf(path: &Path) -> Result<Tokenizer> {
         chat_template: meta.string("tokenizer.chat_template")?,
         bos_token: token_text(bos_id),
         eos_token: token_text(eos_id),
-        add_bos: meta.bool("tokenizer.ggml.add_bos_token")?.unwrap_or(default_add_bos) && bos_id.is_some(),
+        add_bos: meta
+            .bool("tokenizer.ggml.add_bos_token")?
+            .unwrap_or(default_add_bos)
+            && bos_id.is_some(),
         template_origin: format!("{} (tokenizer.chat_template)", path.display()),
     })
 }
@@ -248,17 +286,25 @@ pub(super) fn from_gguf(path: &Path) -> Result<Tokenizer> {
 /// Byte-level BPE: the pre-tokenizer's regexes, then bytes mapped to GPT-2's printable alphabet.
 fn build_bpe(meta: &Meta, tokens: &[String]) -> Result<(tokenizers::Tokenizer, bool)> {
     // GGUFs written before llama.cpp named pre-tokenizers carry none; llama.cpp then uses "default".
-    let pre = meta.string("tokenizer.ggml.pre")?.unwrap_or_else(|| "default".into());
+    let pre = meta
+        .string("tokenizer.ggml.pre")?
+        .unwrap_or_else(|| "default".into());
     let pt = pre_type(&pre).ok_or_else(|| Error::Unsupported {
         path: meta.path.into(),
-        reason: format!("pre-tokenizer `{pre}` (tokenizer.ggml.pre); supported: {}", SUPPORTED_PRE.join(", ")),
+        reason: format!(
+            "pre-tokenizer `{pre}` (tokenizer.ggml.pre); supported: {}",
+            SUPPORTED_PRE.join(", ")
+        ),
     })?;
     let merges = meta
         .strings("tokenizer.ggml.merges")?
         .into_iter()
         .map(|m| match m.split_once(' ') {
             Some((a, b)) => Ok((a.to_string(), b.to_string())),
-            None => Err(Error::format(meta.path, format!("merge `{m}` in tokenizer.ggml.merges is not `left right`"))),
+            None => Err(Error::format(
+                meta.path,
+                format!("merge `{m}` in tokenizer.ggml.merges is not `left right`"),
+            )),
         })
         .collect::<Result<Vec<_>>>()?;
     let bpe = BPE::builder()
@@ -269,11 +315,17 @@ fn build_bpe(meta: &Meta, tokens: &[String]) -> Result<(tokenizers::Tokenizer, b
 
     let mut steps = Vec::with_capacity(pt.regexes.len() + 1);
     for re in pt.regexes {
-        let split = Split::new(SplitPattern::Regex((*re).into()), SplitDelimiterBehavior::Isolated, false)
-            .map_err(|e| Error::Tokenizer(format!("pre-tokenizer `{pre}` regex: {e}")))?;
+        let split = Split::new(
+            SplitPattern::Regex((*re).into()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| Error::Tokenizer(format!("pre-tokenizer `{pre}` regex: {e}")))?;
         steps.push(PreTokenizerWrapper::Split(split));
     }
-    steps.push(PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, false)));
+    steps.push(PreTokenizerWrapper::ByteLevel(ByteLevel::new(
+        false, false, false,
+    )));
 
     let mut tk = tokenizers::Tokenizer::new(bpe);
     tk.with_pre_tokenizer(Some(PreSequence::new(steps)));
@@ -284,7 +336,11 @@ fn build_bpe(meta: &Meta, tokens: &[String]) -> Result<(tokenizers::Tokenizer, b
 /// SentencePiece as llama.cpp runs it: repeatedly merge the adjacent pair whose union is the
 /// highest-scoring token, then fall back to `<0xXX>` byte tokens. That is BPE with merges ranked
 /// by the merged token's score.
-fn build_spm(meta: &Meta, tokens: &[String], types: &[i64]) -> Result<(tokenizers::Tokenizer, bool)> {
+fn build_spm(
+    meta: &Meta,
+    tokens: &[String],
+    types: &[i64],
+) -> Result<(tokenizers::Tokenizer, bool)> {
     let scores = meta.numbers("tokenizer.ggml.scores", tokens.len(), 0.0)?;
     let vocab = vocab_map(tokens);
     let mut ranked: Vec<(f64, u32, String, String)> = Vec::new();
@@ -303,18 +359,34 @@ fn build_spm(meta: &Meta, tokens: &[String], types: &[i64]) -> Result<(tokenizer
     ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
     let merges = ranked.into_iter().map(|(_, _, l, r)| (l, r)).collect();
 
-    let mut builder = BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(true).fuse_unk(true);
-    let unk = meta.id("tokenizer.ggml.unknown_token_id")?.or_else(|| types.iter().position(|&t| t == TYPE_UNKNOWN).map(|i| i as u32));
+    let mut builder = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .byte_fallback(true)
+        .fuse_unk(true);
+    let unk = meta.id("tokenizer.ggml.unknown_token_id")?.or_else(|| {
+        types
+            .iter()
+            .position(|&t| t == TYPE_UNKNOWN)
+            .map(|i| i as u32)
+    });
     if let Some(unk) = unk.and_then(|i| tokens.get(i as usize)) {
         builder = builder.unk_token(unk.clone());
     }
-    let bpe = builder.build().map_err(|e| Error::format(meta.path, format!("tokenizer.ggml.tokens: {e}")))?;
+    let bpe = builder
+        .build()
+        .map_err(|e| Error::format(meta.path, format!("tokenizer.ggml.tokens: {e}")))?;
 
-    let space_prefix = meta.bool("tokenizer.ggml.add_space_prefix")?.unwrap_or(true);
-    let escape = Replace::new(" ", "▁").map_err(|e| Error::Tokenizer(e.to_string()))?;
-    let unescape = Replace::new("▁", " ").map_err(|e| Error::Tokenizer(e.to_string()))?;
+    let space_prefix = meta
+        .bool("tokenizer.ggml.add_space_prefix")?
+        .unwrap_or(true);
+    let escape = Replace::new(" ", "▁").map_err(tok_err)?;
+    let unescape = Replace::new("▁", " ").map_err(tok_err)?;
     let mut norm: Vec<NormalizerWrapper> = Vec::new();
-    let mut dec: Vec<DecoderWrapper> = vec![unescape.into(), ByteFallback::new().into(), Fuse::new().into()];
+    let mut dec: Vec<DecoderWrapper> = vec![
+        unescape.into(),
+        ByteFallback::new().into(),
+        Fuse::new().into(),
+    ];
     if space_prefix {
         // A space before every stretch of text (also after a special token), removed again on decode.
         norm.push(Prepend::new("▁".into()).into());
@@ -324,12 +396,37 @@ fn build_spm(meta: &Meta, tokens: &[String], types: &[i64]) -> Result<(tokenizer
 
     let mut tk = tokenizers::Tokenizer::new(bpe);
     tk.with_normalizer(Some(NormalizerSequence::new(norm)))
-        .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        .map_err(tok_err)?;
     tk.with_decoder(Some(DecoderSequence::new(dec)));
     Ok((tk, true))
 }
 
 /// Token text -> id; a repeated text keeps its last id, as llama.cpp's lookup does.
 fn vocab_map(tokens: &[String]) -> Vocab {
-    tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect()
+    tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_supported_pre_tokenizer_builds() {
+        for name in SUPPORTED_PRE {
+            let pt = pre_type(name).unwrap_or_else(|| panic!("{name} is listed but unknown"));
+            for re in pt.regexes {
+                Split::new(
+                    SplitPattern::Regex((*re).into()),
+                    SplitDelimiterBehavior::Isolated,
+                    false,
+                )
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            }
+        }
+        assert!(pre_type("klingon").is_none());
+    }
 }

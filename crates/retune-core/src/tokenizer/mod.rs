@@ -8,6 +8,12 @@
 //! BOS rule: [`Tokenizer::encode`] with `add_bos` prepends BOS only when the model has a BOS token
 //! *and* wants it ([`Tokenizer::add_bos`]: Llama 3 yes, SmolLM2 and Qwen no), and never when the
 //! text already starts with it, so a chat rendered with `bos_token` never gets a second one.
+//!
+//! Chat templates see `messages`, `add_generation_prompt`, `bos_token`, `eos_token`, `tools` and
+//! `documents` (none), `raise_exception` and `strftime_now`; [`Tokenizer::render_chat_at`] pins
+//! the clock so renders (training data) are reproducible. Not supported: `{% break %}` /
+//! `{% continue %}` (minijinja's `loop_controls` feature is off) and `{% generation %}`; maps
+//! iterate in key order, not insertion order (`preserve_order` is off).
 
 mod chat;
 mod gguf;
@@ -31,7 +37,10 @@ pub struct ChatMessage {
 impl ChatMessage {
     /// A message with `role` and `content`.
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        ChatMessage { role: role.into(), content: content.into() }
+        ChatMessage {
+            role: role.into(),
+            content: content.into(),
+        }
     }
 }
 
@@ -66,22 +75,48 @@ impl std::fmt::Debug for Tokenizer {
             .field("bos", &self.bos_token)
             .field("eos_ids", &self.eos_ids)
             .field("add_bos", &self.add_bos)
-            .field("chat_template", &self.chat_template.as_ref().map(|_| &self.template_origin))
+            .field(
+                "chat_template",
+                &self.chat_template.as_ref().map(|_| &self.template_origin),
+            )
             .finish()
     }
 }
 
 /// Texts of special tokens that end a turn, as llama.cpp's end-of-generation detection lists them.
 const END_OF_TURN: &[&str] = &[
-    "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>",
-    "<|eom_id|>", "<EOT>", "_<EOT>", "<｜end▁of▁sentence｜>", "<|return|>", "<|call|>",
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "<|eom_id|>",
+    "<EOT>",
+    "_<EOT>",
+    "<｜end▁of▁sentence｜>",
+    "<|return|>",
+    "<|call|>",
 ];
 
-/// The ids among `specials` (text, id) whose text ends a turn, in id order.
-fn eog_ids<'a>(specials: impl Iterator<Item = (&'a str, u32)>) -> Vec<u32> {
-    let mut ids: Vec<u32> = specials.filter(|(t, _)| END_OF_TURN.contains(t)).map(|(_, id)| id).collect();
-    ids.sort_unstable();
-    ids
+/// The `declared` EOS ids first, then the `specials` (text, id) whose text ends a turn, in id
+/// order; no id twice.
+fn eos_list<'a>(
+    declared: impl IntoIterator<Item = u32>,
+    specials: impl Iterator<Item = (&'a str, u32)>,
+) -> Vec<u32> {
+    let mut end_of_turn: Vec<u32> = specials
+        .filter(|(t, _)| END_OF_TURN.contains(t))
+        .map(|(_, id)| id)
+        .collect();
+    end_of_turn.sort_unstable();
+    let mut out = Vec::new();
+    for id in declared.into_iter().chain(end_of_turn) {
+        if !out.contains(&id) {
+            out.push(id);
+        }
+    }
+    out
 }
 
 fn tok_err(e: impl std::fmt::Display) -> Error {
@@ -119,7 +154,12 @@ impl Tokenizer {
 
     /// One more than the largest id this tokenizer can produce.
     pub fn id_bound(&self) -> usize {
-        let added = self.inner.get_added_tokens_decoder().into_keys().max().map_or(0, |id| id as usize + 1);
+        let added = self
+            .inner
+            .get_added_tokens_decoder()
+            .into_keys()
+            .max()
+            .map_or(0, |id| id as usize + 1);
         added.max(self.inner.get_vocab_size(false))
     }
 
@@ -139,7 +179,12 @@ impl Tokenizer {
     /// Tokenizes `text` without ever adding BOS; special tokens written in the text (e.g.
     /// `<|im_start|>`) become their ids.
     pub fn encode_raw(&self, text: &str) -> Result<Vec<u32>> {
-        Ok(self.inner.encode_fast(text, false).map_err(tok_err)?.get_ids().to_vec())
+        Ok(self
+            .inner
+            .encode_fast(text, false)
+            .map_err(tok_err)?
+            .get_ids()
+            .to_vec())
     }
 
     /// Text of `ids`; with `skip_special`, special (control) tokens are left out.
@@ -164,15 +209,26 @@ impl Tokenizer {
     }
 
     /// Renders `messages` with the chat template, as transformers' `apply_chat_template` does;
-    /// `strftime_now` reads the current UTC time.
-    pub fn render_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    /// `strftime_now` reads the current UTC time (see [`Tokenizer::render_chat_at`]).
+    pub fn render_chat(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
         self.render_chat_at(messages, add_generation_prompt, now)
     }
 
     /// [`Tokenizer::render_chat`] with `strftime_now` fixed at `now_unix` (seconds since the
     /// epoch, UTC), so renders are reproducible.
-    pub fn render_chat_at(&self, messages: &[ChatMessage], add_generation_prompt: bool, now_unix: i64) -> Result<String> {
+    pub fn render_chat_at(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        now_unix: i64,
+    ) -> Result<String> {
         let Some(source) = &self.chat_template else {
             return Err(Error::Tokenizer(format!(
                 "no chat template: {} has none (use raw text, or a model that ships a template)",
@@ -184,12 +240,22 @@ impl Tokenizer {
             eos_token: self.eos_token.as_deref(),
             now_unix,
         };
-        chat::render(&self.template_origin, source, messages, add_generation_prompt, &vars)
+        chat::render(
+            &self.template_origin,
+            source,
+            messages,
+            add_generation_prompt,
+            &vars,
+        )
     }
 
     /// Renders `messages` and tokenizes the result with specials parsed; BOS is added only as
     /// [`Tokenizer::encode`] does, so a template that writes `bos_token` gets exactly one.
-    pub fn encode_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<Vec<u32>> {
+    pub fn encode_chat(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>> {
         self.encode(&self.render_chat(messages, add_generation_prompt)?, true)
     }
 
@@ -222,7 +288,11 @@ pub struct StreamDecoder<'a> {
 impl<'a> StreamDecoder<'a> {
     /// A decoder with nothing pushed yet.
     pub fn new(tok: &'a Tokenizer) -> Self {
-        StreamDecoder { tok, ids: Vec::new(), context: 0 }
+        StreamDecoder {
+            tok,
+            ids: Vec::new(),
+            context: 0,
+        }
     }
 
     /// Adds `id`; returns the new complete text (empty while a character is incomplete).
