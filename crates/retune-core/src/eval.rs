@@ -7,7 +7,7 @@
 
 use crate::error::Result;
 use crate::float::Float;
-use crate::model::{Batch, Model};
+use crate::model::{Batch, Lora, Model};
 use serde::Serialize;
 
 /// Rows evaluated at once when windows have the full length.
@@ -31,9 +31,10 @@ pub fn windows(doc: &[u32], max_seq_len: usize) -> impl Iterator<Item = &[u32]> 
     doc.chunks(max_seq_len.max(2)).filter(|w| w.len() >= 2)
 }
 
-/// Evaluates `model` on tokenised documents.
+/// Evaluates `model` (with `lora` applied, if given) on tokenised documents.
 pub fn evaluate<T: Float>(
     model: &Model<T>,
+    lora: Option<&Lora<T>>,
     docs: &[Vec<u32>],
     max_seq_len: usize,
 ) -> Result<EvalResult> {
@@ -49,7 +50,7 @@ pub fn evaluate<T: Float>(
     for rows in batches {
         let batch = Batch::from_rows(&rows)?;
         batch.validate(&model.config)?;
-        let stats = model.loss(&batch);
+        let stats = model.loss(&batch, lora);
         loss_sum += stats.loss_sum;
         tokens += stats.count;
         correct += stats.correct;

@@ -2,7 +2,7 @@
 //! `tests/fixtures` (made by `tests/fixtures/make_fixtures.py`, see its README): logits within
 //! 1e-4 absolute, the loss, and the gradient of every parameter within 1e-3 relative.
 
-use retune_core::model::{Batch, Model};
+use retune_core::model::{Batch, Grads, Model};
 use retune_core::ops::cross_entropy::IGNORE;
 use retune_core::Float;
 use safetensors::{Dtype, SafeTensors};
@@ -75,7 +75,11 @@ fn check<T: Float>(
     let model = Model::<T>::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let r = reference(&dir);
     let batch = reference_batch(&r);
-    let logits: Vec<f64> = model.logits(&batch).iter().map(|x| x.as_f64()).collect();
+    let logits: Vec<f64> = model
+        .logits(&batch, None)
+        .iter()
+        .map(|x| x.as_f64())
+        .collect();
     let err = max_abs_diff(&logits, &r["logits"].1);
     eprintln!(
         "{fixture_name} {model_file:?} ({}): max |logit diff| = {err:e}",
@@ -87,8 +91,8 @@ fn check<T: Float>(
         path.display()
     );
 
-    let mut grads = model.weights.zeros_like();
-    let stats = model.forward_backward(&batch, batch.target_count(), &mut grads);
+    let mut grads = Grads::full(&model);
+    let stats = model.forward_backward(&batch, batch.target_count(), None, 0, &mut grads);
     let loss = stats.loss_sum / stats.count as f64;
     let ref_loss = r["loss"].1[0];
     assert!(
@@ -97,7 +101,7 @@ fn check<T: Float>(
     );
     let Some(grad_tol) = grad_tol else { return };
     let mut worst = 0.0f64;
-    for (name, g) in grads.named() {
+    for (name, g) in grads.base.named() {
         let (_, expected) = r
             .get(&format!("grad.{name}"))
             .unwrap_or_else(|| panic!("no grad.{name}"));

@@ -7,7 +7,7 @@ use super::print_json;
 use crate::Outcome;
 use anyhow::{bail, Result};
 use retune_core::config::LlamaConfig;
-use retune_core::model::{Batch, Model};
+use retune_core::model::{Batch, Grads, Lora, LoraSpec, Model, Target};
 use serde_json::json;
 use std::time::Instant;
 
@@ -18,9 +18,9 @@ pub struct Args {
     /// layer with a 256-token vocabulary, so the LM head is negligible).
     #[arg(long, default_value = "smollm2-135m")]
     shape: String,
-    /// Gradients: "frozen" (input gradients only, as under LoRA without the adapters) or
-    /// "full" (every weight gets a gradient, as in full fine-tuning).
-    #[arg(long, default_value = "frozen")]
+    /// Gradients: "lora" (LoRA r = 16, alpha = 32 on all linear layers, base frozen), "frozen"
+    /// (input gradients only: the base cost of LoRA) or "full" (every weight, full fine-tuning).
+    #[arg(long, default_value = "lora")]
     grads: String,
     /// Rows per batch.
     #[arg(long, default_value_t = 4)]
@@ -75,7 +75,7 @@ pub fn peak_rss_bytes() -> Option<u64> {
 }
 
 /// FLOPs per token of a training step, counted as `shared/peer/lora_bench.py` counts them.
-fn flops_per_token(cfg: &LlamaConfig, full: bool, t: usize) -> f64 {
+fn flops_per_token(cfg: &LlamaConfig, full: bool, lora_params: usize, t: usize) -> f64 {
     let c = cfg.hidden_size as f64;
     let per_layer = c * (cfg.q_dim() + 2 * cfg.kv_dim()) as f64
         + cfg.q_dim() as f64 * c
@@ -85,7 +85,7 @@ fn flops_per_token(cfg: &LlamaConfig, full: bool, t: usize) -> f64 {
     if full {
         6.0 * n_lin + attn
     } else {
-        4.0 * n_lin + attn
+        4.0 * n_lin + 6.0 * lora_params as f64 + attn
     }
 }
 
@@ -101,17 +101,30 @@ pub fn run(args: Args) -> Result<Outcome> {
     }
     let full = match args.grads.as_str() {
         "full" => true,
-        "frozen" => false,
-        other => bail!("unknown --grads `{other}`; use frozen or full"),
+        "frozen" | "lora" => false,
+        other => bail!("unknown --grads `{other}`; use lora, frozen or full"),
     };
     if args.batch == 0 || args.seq < 2 || args.steps == 0 {
         bail!("--batch, --steps must be positive and --seq at least 2");
     }
     let model = Model::<f32>::random(cfg.clone(), 0, 0.02)?;
-    let mut grads = if full {
-        model.weights.zeros_like()
-    } else {
-        model.weights.empty_like()
+    let lora = match args.grads.as_str() {
+        "lora" => {
+            let spec = LoraSpec {
+                r: 16,
+                alpha: 32.0,
+                dropout: 0.0,
+                targets: Target::ALL.to_vec(),
+                rslora: false,
+            };
+            Some(Lora::init(spec, &model.weights, 0)?)
+        }
+        _ => None,
+    };
+    let mut grads = match &lora {
+        Some(lora) => Grads::lora(&model, lora),
+        None if full => Grads::full(&model),
+        None => Grads::frozen(&model),
     };
     let rows: Vec<Vec<u32>> = (0..args.batch)
         .map(|b| {
@@ -125,7 +138,13 @@ pub fn run(args: Args) -> Result<Outcome> {
     let mut times = Vec::new();
     for step in 0..args.warmup + args.steps {
         let start = Instant::now();
-        let stats = model.forward_backward(&batch, batch.target_count(), &mut grads);
+        let stats = model.forward_backward(
+            &batch,
+            batch.target_count(),
+            lora.as_ref(),
+            step as u64,
+            &mut grads,
+        );
         let secs = start.elapsed().as_secs_f64();
         if !args.json {
             eprintln!(
@@ -143,7 +162,13 @@ pub fn run(args: Args) -> Result<Outcome> {
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     let tok_s = tokens as f64 / median;
-    let gflops = flops_per_token(&cfg, full, args.seq) * tok_s / 1e9;
+    let gflops = flops_per_token(
+        &cfg,
+        full,
+        lora.as_ref().map_or(0, |l| l.param_count()),
+        args.seq,
+    ) * tok_s
+        / 1e9;
     let rss = peak_rss_bytes().unwrap_or(0);
     let report = json!({
         "shape": args.shape,

@@ -32,7 +32,7 @@ pub fn run(args: Args) -> Result<Outcome> {
     let (model, tok) = load_model_and_tokenizer(&model_path, false)?;
     eprintln!("[2/3] perplexity on a cardiology passage");
     let ids = tok.encode(CARDIOLOGY_TEXT, true)?;
-    let r = evaluate(&model, &[ids], 512)?;
+    let r = evaluate(&model, None, &[ids], 512)?;
     println!(
         "cardiology perplexity: {:.2} over {} predicted tokens",
         r.perplexity, r.tokens

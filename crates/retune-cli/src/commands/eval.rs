@@ -88,7 +88,7 @@ pub fn run(args: Args) -> Result<Outcome> {
         );
     }
     let docs = tokenize_documents(&tok, &texts)?;
-    let result = evaluate(&model, &docs, args.max_seq_len)?;
+    let result = evaluate(&model, None, &docs, args.max_seq_len)?;
     if args.json {
         print_json(&json!({
             "tokens": result.tokens,

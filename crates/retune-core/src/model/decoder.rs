@@ -5,13 +5,15 @@
 //! of that layer alone ([`LayerActs`]), then runs the layer's backward. The LM head and the
 //! cross-entropy are fused and chunked, so the `[N, V]` logits never exist whole.
 
-use super::weights::{grad_slot, LayerWeights, Linear, Weights};
-use super::{Batch, Model};
+use super::lora::{LayerLora, Lora, Target};
+use super::weights::{grad_slot, LayerWeights, Linear};
+use super::{Batch, Grads, Model};
 use crate::float::Float;
 use crate::ops::attention::{attention_backward, attention_forward};
 use crate::ops::cross_entropy::{lm_head_cross_entropy, CeStats};
 use crate::ops::embedding::{embedding_backward, embedding_forward};
 use crate::ops::linear::{linear_backward, linear_forward};
+use crate::ops::lora::{dropout_forward, lora_backward, lora_forward};
 use crate::ops::residual::add_inplace;
 use crate::ops::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use crate::ops::rope::{rope_backward, rope_forward, RopeTable};
@@ -37,23 +39,67 @@ struct Dims {
 
 /// One layer's saved activations, reused from layer to layer.
 struct LayerActs<T> {
-    ln1: Vec<T>,   // [N, C]  input_layernorm output
-    rstd1: Vec<T>, // [N]
-    q: Vec<T>,     // [N, NH*HD] after RoPE
-    k: Vec<T>,     // [N, NKV*HD] after RoPE
-    v: Vec<T>,     // [N, NKV*HD]
-    probs: Vec<T>, // [B, NH, T, T]
-    att: Vec<T>,   // [N, NH*HD] attention output before o_proj
-    x1: Vec<T>,    // [N, C]  residual stream after attention
-    ln2: Vec<T>,   // [N, C]
-    rstd2: Vec<T>, // [N]
-    gate: Vec<T>,  // [N, F]
-    up: Vec<T>,    // [N, F]
-    act: Vec<T>,   // [N, F]  silu(gate) * up
+    ln1: Vec<T>,            // [N, C]  input_layernorm output
+    rstd1: Vec<T>,          // [N]
+    q: Vec<T>,              // [N, NH*HD] after RoPE
+    k: Vec<T>,              // [N, NKV*HD] after RoPE
+    v: Vec<T>,              // [N, NKV*HD]
+    probs: Vec<T>,          // [B, NH, T, T]
+    att: Vec<T>,            // [N, NH*HD] attention output before o_proj
+    x1: Vec<T>,             // [N, C]  residual stream after attention
+    ln2: Vec<T>,            // [N, C]
+    rstd2: Vec<T>,          // [N]
+    gate: Vec<T>,           // [N, F]
+    up: Vec<T>,             // [N, F]
+    act: Vec<T>,            // [N, F]  silu(gate) * up
+    lora: [LoraActs<T>; 7], // per adapted target, indexed by Target::index
+}
+
+/// What one LoRA branch saves: its (dropped-out) input and `x A^T`.
+#[derive(Default)]
+struct LoraActs<T> {
+    x_drop: Vec<T>, // [N, D_in], only when dropout > 0
+    xa: Vec<T>,     // [N, r]
+}
+
+/// The adapter as one pass uses it: the branch scale, and the seed of this pass's dropout masks.
+struct AdapterPass<'a, T> {
+    lora: &'a Lora<T>,
+    scale: T,
+    /// Dropout probability of this pass: the spec's in training, 0 in evaluation.
+    dropout: f64,
+    seed: u64,
+}
+
+impl<'a, T: Float> AdapterPass<'a, T> {
+    fn train(lora: &'a Lora<T>, seed: u64) -> Self {
+        let dropout = lora.spec.dropout;
+        AdapterPass {
+            lora,
+            scale: T::of(lora.spec.scale()),
+            dropout,
+            seed,
+        }
+    }
+
+    /// Evaluation: the same adapter without dropout.
+    fn eval(lora: &'a Lora<T>) -> Self {
+        AdapterPass {
+            lora,
+            scale: T::of(lora.spec.scale()),
+            dropout: 0.0,
+            seed: 0,
+        }
+    }
+
+    /// The dropout mask seed of one target in one layer: distinct for every branch.
+    fn mask_seed(&self, layer: usize, t: Target) -> u64 {
+        self.seed ^ ((layer as u64) << 8 | t.index() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    }
 }
 
 impl<T: Float> LayerActs<T> {
-    fn new(d: &Dims) -> Self {
+    fn new(d: &Dims, adapter: Option<&AdapterPass<T>>) -> Self {
         let z = |len: usize| vec![T::zero(); len];
         let (n, qd, kvd) = (d.n, d.nh * d.hd, d.nkv * d.hd);
         LayerActs {
@@ -70,36 +116,148 @@ impl<T: Float> LayerActs<T> {
             gate: z(n * d.f),
             up: z(n * d.f),
             act: z(n * d.f),
+            lora: std::array::from_fn(|i| {
+                let Some(ad) = adapter else {
+                    return LoraActs::default();
+                };
+                let spec = &ad.lora.spec;
+                if !spec.targets.contains(&Target::ALL[i]) {
+                    return LoraActs::default();
+                }
+                let d_in = match Target::ALL[i] {
+                    Target::OProj => qd,
+                    Target::DownProj => d.f,
+                    _ => d.c,
+                };
+                let x_drop = if ad.dropout > 0.0 {
+                    z(n * d_in)
+                } else {
+                    Vec::new()
+                };
+                LoraActs {
+                    x_drop,
+                    xa: z(n * spec.r),
+                }
+            }),
         }
     }
 }
 
-fn linear_fwd<T: Float>(y: &mut [T], x: &[T], l: &Linear<T>, n: usize) {
-    linear_forward(y, x, &l.w, l.b.as_deref(), n, l.d_in, l.d_out);
+/// A projection: base linear layer plus, when adapted, its LoRA branch (saving into `saved`).
+#[allow(clippy::too_many_arguments)]
+fn proj_forward<T: Float>(
+    y: &mut [T],
+    saved: &mut LoraActs<T>,
+    x: &[T],
+    lin: &Linear<T>,
+    t: Target,
+    layer: usize,
+    adapter: Option<&AdapterPass<T>>,
+    n: usize,
+) {
+    linear_forward(y, x, &lin.w, lin.b.as_deref(), n, lin.d_in, lin.d_out);
+    let Some(ad) = adapter else { return };
+    let Some(pair) = &ad.lora.layers[layer].pairs[t.index()] else {
+        return;
+    };
+    let spec = &ad.lora.spec;
+    let input = if ad.dropout > 0.0 {
+        dropout_forward(&mut saved.x_drop, x, ad.dropout, ad.mask_seed(layer, t));
+        &saved.x_drop[..]
+    } else {
+        x
+    };
+    lora_forward(
+        y,
+        &mut saved.xa,
+        input,
+        &pair.a,
+        &pair.b,
+        ad.scale,
+        n,
+        lin.d_in,
+        lin.d_out,
+        spec.r,
+    );
 }
 
-/// Backward of a linear layer: accumulates into `dx` and into the gradient twin `g`
-/// (whose empty tensors are frozen and skipped).
-fn linear_bwd<T: Float>(
+/// Backward of [`proj_forward`]: accumulates into `dx`, the base gradient twin `g` (empty
+/// tensors are frozen and skipped) and, when adapted, the LoRA gradient `g_lora`.
+#[allow(clippy::too_many_arguments)]
+fn proj_backward<T: Float>(
     dx: &mut [T],
     g: &mut Linear<T>,
+    g_lora: Option<&mut LayerLora<T>>,
     dy: &[T],
     x: &[T],
-    l: &Linear<T>,
+    saved: &LoraActs<T>,
+    lin: &Linear<T>,
+    t: Target,
+    layer: usize,
+    adapter: Option<&AdapterPass<T>>,
     n: usize,
 ) {
     let db = g.b.as_deref_mut().and_then(grad_slot);
     linear_backward(
-        Some(dx),
+        Some(&mut *dx),
         grad_slot(&mut g.w),
         db,
         dy,
         x,
-        &l.w,
+        &lin.w,
         n,
-        l.d_in,
-        l.d_out,
+        lin.d_in,
+        lin.d_out,
     );
+    let Some(ad) = adapter else { return };
+    let Some(pair) = &ad.lora.layers[layer].pairs[t.index()] else {
+        return;
+    };
+    let spec = &ad.lora.spec;
+    let grads = g_lora.and_then(|g| g.pairs[t.index()].as_mut());
+    let (da, dbl) = match grads {
+        Some(gp) => (Some(&mut gp.a[..]), Some(&mut gp.b[..])),
+        None => (None, None),
+    };
+    let (din, dout, r, s) = (lin.d_in, lin.d_out, spec.r, ad.scale);
+    if ad.dropout > 0.0 {
+        // The branch saw dropout(x): its input gradient goes back through the same mask.
+        let mut d_drop = vec![T::zero(); n * din];
+        lora_backward(
+            Some(&mut d_drop),
+            da,
+            dbl,
+            dy,
+            &saved.x_drop,
+            &saved.xa,
+            &pair.a,
+            &pair.b,
+            s,
+            n,
+            din,
+            dout,
+            r,
+        );
+        let mut masked = vec![T::zero(); n * din];
+        dropout_forward(&mut masked, &d_drop, ad.dropout, ad.mask_seed(layer, t));
+        add_inplace(dx, &masked);
+    } else {
+        lora_backward(
+            Some(dx),
+            da,
+            dbl,
+            dy,
+            x,
+            &saved.xa,
+            &pair.a,
+            &pair.b,
+            s,
+            n,
+            din,
+            dout,
+            r,
+        );
+    }
 }
 
 impl<T: Float> Model<T> {
@@ -125,17 +283,20 @@ impl<T: Float> Model<T> {
         out: &mut [T],
         acts: &mut LayerActs<T>,
         x: &[T],
-        lw: &LayerWeights<T>,
+        l: usize,
+        adapter: Option<&AdapterPass<T>>,
         batch: &Batch,
         rope: &RopeTable<T>,
         d: &Dims,
     ) {
         let eps = self.config.rms_norm_eps;
+        let lw = &self.weights.layers[l];
         let a = acts;
+        let [lq, lk, lv, lo, lg, lu, ld] = &mut a.lora;
         rmsnorm_forward(&mut a.ln1, &mut a.rstd1, x, &lw.attn_norm, d.n, d.c, eps);
-        linear_fwd(&mut a.q, &a.ln1, &lw.q, d.n);
-        linear_fwd(&mut a.k, &a.ln1, &lw.k, d.n);
-        linear_fwd(&mut a.v, &a.ln1, &lw.v, d.n);
+        proj_forward(&mut a.q, lq, &a.ln1, &lw.q, Target::QProj, l, adapter, d.n);
+        proj_forward(&mut a.k, lk, &a.ln1, &lw.k, Target::KProj, l, adapter, d.n);
+        proj_forward(&mut a.v, lv, &a.ln1, &lw.v, Target::VProj, l, adapter, d.n);
         rope_forward(&mut a.q, &batch.positions, rope, d.nh, d.hd);
         rope_forward(&mut a.k, &batch.positions, rope, d.nkv, d.hd);
         let segments = batch.segments.as_deref();
@@ -152,13 +313,31 @@ impl<T: Float> Model<T> {
             d.nkv,
             d.hd,
         );
-        linear_fwd(&mut a.x1, &a.att, &lw.o, d.n);
+        proj_forward(&mut a.x1, lo, &a.att, &lw.o, Target::OProj, l, adapter, d.n);
         add_inplace(&mut a.x1, x);
         rmsnorm_forward(&mut a.ln2, &mut a.rstd2, &a.x1, &lw.mlp_norm, d.n, d.c, eps);
-        linear_fwd(&mut a.gate, &a.ln2, &lw.gate, d.n);
-        linear_fwd(&mut a.up, &a.ln2, &lw.up, d.n);
+        proj_forward(
+            &mut a.gate,
+            lg,
+            &a.ln2,
+            &lw.gate,
+            Target::GateProj,
+            l,
+            adapter,
+            d.n,
+        );
+        proj_forward(
+            &mut a.up,
+            lu,
+            &a.ln2,
+            &lw.up,
+            Target::UpProj,
+            l,
+            adapter,
+            d.n,
+        );
         swiglu_forward(&mut a.act, &a.gate, &a.up);
-        linear_fwd(out, &a.act, &lw.down, d.n);
+        proj_forward(out, ld, &a.act, &lw.down, Target::DownProj, l, adapter, d.n);
         add_inplace(out, &a.x1);
     }
 
@@ -169,15 +348,19 @@ impl<T: Float> Model<T> {
         &self,
         dx: &mut [T],
         g: &mut LayerWeights<T>,
+        mut g_lora: Option<&mut LayerLora<T>>,
         scratch: &mut LayerActs<T>,
         dout: &[T],
         x: &[T],
         a: &LayerActs<T>,
-        lw: &LayerWeights<T>,
+        l: usize,
+        adapter: Option<&AdapterPass<T>>,
         batch: &Batch,
         rope: &RopeTable<T>,
         d: &Dims,
     ) {
+        let lw = &self.weights.layers[l];
+        let [lq, lk, lv, lo, lg, lu, ld] = &a.lora;
         // `scratch` has the same shapes as the activations; its buffers hold their gradients.
         let s = scratch;
         for buf in [
@@ -190,10 +373,49 @@ impl<T: Float> Model<T> {
         }
         // MLP block: out = x1 + down(swiglu(gate(ln2), up(ln2))).
         s.x1.copy_from_slice(dout);
-        linear_bwd(&mut s.act, &mut g.down, dout, &a.act, &lw.down, d.n);
+        let gl = g_lora.as_deref_mut();
+        proj_backward(
+            &mut s.act,
+            &mut g.down,
+            gl,
+            dout,
+            &a.act,
+            ld,
+            &lw.down,
+            Target::DownProj,
+            l,
+            adapter,
+            d.n,
+        );
         swiglu_backward(&mut s.gate, &mut s.up, &s.act, &a.gate, &a.up);
-        linear_bwd(&mut s.ln2, &mut g.gate, &s.gate, &a.ln2, &lw.gate, d.n);
-        linear_bwd(&mut s.ln2, &mut g.up, &s.up, &a.ln2, &lw.up, d.n);
+        let gl = g_lora.as_deref_mut();
+        proj_backward(
+            &mut s.ln2,
+            &mut g.gate,
+            gl,
+            &s.gate,
+            &a.ln2,
+            lg,
+            &lw.gate,
+            Target::GateProj,
+            l,
+            adapter,
+            d.n,
+        );
+        let gl = g_lora.as_deref_mut();
+        proj_backward(
+            &mut s.ln2,
+            &mut g.up,
+            gl,
+            &s.up,
+            &a.ln2,
+            lu,
+            &lw.up,
+            Target::UpProj,
+            l,
+            adapter,
+            d.n,
+        );
         let dw = grad_slot(&mut g.mlp_norm);
         rmsnorm_backward(
             &mut s.x1,
@@ -206,16 +428,68 @@ impl<T: Float> Model<T> {
             d.c,
         );
         // Attention block: x1 = x + o(attention(rope(q(ln1)), rope(k(ln1)), v(ln1))).
-        linear_bwd(&mut s.att, &mut g.o, &s.x1, &a.att, &lw.o, d.n);
+        let gl = g_lora.as_deref_mut();
+        proj_backward(
+            &mut s.att,
+            &mut g.o,
+            gl,
+            &s.x1,
+            &a.att,
+            lo,
+            &lw.o,
+            Target::OProj,
+            l,
+            adapter,
+            d.n,
+        );
         attention_backward(
             &mut s.q, &mut s.k, &mut s.v, &s.att, &a.q, &a.k, &a.v, &a.probs, d.b, d.t, d.nh,
             d.nkv, d.hd,
         );
         rope_backward(&mut s.q, &batch.positions, rope, d.nh, d.hd);
         rope_backward(&mut s.k, &batch.positions, rope, d.nkv, d.hd);
-        linear_bwd(&mut s.ln1, &mut g.q, &s.q, &a.ln1, &lw.q, d.n);
-        linear_bwd(&mut s.ln1, &mut g.k, &s.k, &a.ln1, &lw.k, d.n);
-        linear_bwd(&mut s.ln1, &mut g.v, &s.v, &a.ln1, &lw.v, d.n);
+        let gl = g_lora.as_deref_mut();
+        proj_backward(
+            &mut s.ln1,
+            &mut g.q,
+            gl,
+            &s.q,
+            &a.ln1,
+            lq,
+            &lw.q,
+            Target::QProj,
+            l,
+            adapter,
+            d.n,
+        );
+        let gl = g_lora.as_deref_mut();
+        proj_backward(
+            &mut s.ln1,
+            &mut g.k,
+            gl,
+            &s.k,
+            &a.ln1,
+            lk,
+            &lw.k,
+            Target::KProj,
+            l,
+            adapter,
+            d.n,
+        );
+        let gl = g_lora.as_deref_mut();
+        proj_backward(
+            &mut s.ln1,
+            &mut g.v,
+            gl,
+            &s.v,
+            &a.ln1,
+            lv,
+            &lw.v,
+            Target::VProj,
+            l,
+            adapter,
+            d.n,
+        );
         let dw = grad_slot(&mut g.attn_norm);
         rmsnorm_backward(dx, dw, &s.ln1, x, &lw.attn_norm, &a.rstd1, d.n, d.c);
         add_inplace(dx, &s.x1);
@@ -223,15 +497,21 @@ impl<T: Float> Model<T> {
 
     /// Runs embedding and every layer, keeping each layer's input. Returns the inputs of
     /// layers `0..L` and the final residual stream (index L).
-    fn forward_residuals(&self, batch: &Batch, rope: &RopeTable<T>, d: &Dims) -> Vec<Vec<T>> {
+    fn forward_residuals(
+        &self,
+        batch: &Batch,
+        adapter: Option<&AdapterPass<T>>,
+        rope: &RopeTable<T>,
+        d: &Dims,
+    ) -> Vec<Vec<T>> {
         let w = &self.weights;
         let mut residuals = Vec::with_capacity(w.layers.len() + 1);
         let mut x = vec![T::zero(); d.n * d.c];
         embedding_forward(&mut x, &batch.ids, &w.embed, d.c);
-        let mut acts = LayerActs::new(d);
-        for lw in &w.layers {
+        let mut acts = LayerActs::new(d, adapter);
+        for l in 0..w.layers.len() {
             let mut out = vec![T::zero(); d.n * d.c];
-            self.layer_forward(&mut out, &mut acts, &x, lw, batch, rope, d);
+            self.layer_forward(&mut out, &mut acts, &x, l, adapter, batch, rope, d);
             residuals.push(std::mem::replace(&mut x, out));
         }
         residuals.push(x);
@@ -244,11 +524,12 @@ impl<T: Float> Model<T> {
         RopeTable::new(c.head_dim, max_pos, c.rope_theta, c.rope_scaling.as_ref())
     }
 
-    /// Loss statistics of a batch without gradients (evaluation).
-    pub fn loss(&self, batch: &Batch) -> CeStats {
+    /// Loss statistics of a batch without gradients (evaluation; an adapter runs without dropout).
+    pub fn loss(&self, batch: &Batch, lora: Option<&Lora<T>>) -> CeStats {
         let d = self.dims(batch);
         let rope = self.rope_for(batch);
-        let residuals = self.forward_residuals(batch, &rope, &d);
+        let adapter = lora.map(|lora| AdapterPass::eval(lora));
+        let residuals = self.forward_residuals(batch, adapter.as_ref(), &rope, &d);
         let x = &residuals[residuals.len() - 1];
         let mut h = vec![T::zero(); d.n * d.c];
         let mut rstd = vec![T::zero(); d.n];
@@ -278,18 +559,28 @@ impl<T: Float> Model<T> {
 
     /// Forward and backward of the mean cross-entropy over the batch's targets, divided by
     /// `normaliser` target tokens (pass the count of the whole accumulated batch, so micro-
-    /// batches add up to the large batch). Accumulates gradients into `grads`, whose empty
-    /// tensors are frozen and get none. Returns the loss statistics of this batch.
+    /// batches add up to the large batch). Accumulates gradients into `grads`: its base
+    /// tensors that are empty are frozen and get none; its adapter gradient, when `lora` is
+    /// given, receives the adapter's. `dropout_seed` draws this step's LoRA dropout masks.
+    /// Returns the loss statistics of this batch.
     pub fn forward_backward(
         &self,
         batch: &Batch,
         normaliser: usize,
-        grads: &mut Weights<T>,
+        lora: Option<&Lora<T>>,
+        dropout_seed: u64,
+        grads: &mut Grads<T>,
     ) -> CeStats {
         let d = self.dims(batch);
         let rope = self.rope_for(batch);
         let w = &self.weights;
-        let residuals = self.forward_residuals(batch, &rope, &d);
+        let adapter = lora.map(|lora| AdapterPass::train(lora, dropout_seed));
+        let adapter = adapter.as_ref();
+        let residuals = self.forward_residuals(batch, adapter, &rope, &d);
+        let Grads {
+            base: grads,
+            lora: lora_grads,
+        } = grads;
         let eps = self.config.rms_norm_eps;
 
         // Final norm and fused LM head + cross-entropy.
@@ -320,23 +611,26 @@ impl<T: Float> Model<T> {
         rmsnorm_backward(&mut dx, dw, &dh, x_last, &w.final_norm, &rstd, d.n, d.c);
 
         // Layers in reverse, each recomputed from its saved input.
-        let mut acts = LayerActs::new(&d);
-        let mut scratch = LayerActs::new(&d);
+        let mut acts = LayerActs::new(&d, adapter);
+        let mut scratch = LayerActs::new(&d, None);
         let mut out = vec![T::zero(); d.n * d.c];
         let mut dx_in = vec![T::zero(); d.n * d.c];
-        for (l, lw) in w.layers.iter().enumerate().rev() {
+        for l in (0..w.layers.len()).rev() {
             let x = &residuals[l];
-            self.layer_forward(&mut out, &mut acts, x, lw, batch, &rope, &d);
+            self.layer_forward(&mut out, &mut acts, x, l, adapter, batch, &rope, &d);
             dx_in.fill(T::zero());
             let g = &mut grads.layers[l];
+            let gl = lora_grads.as_mut().map(|g| &mut g.layers[l]);
             self.layer_backward(
                 &mut dx_in,
                 g,
+                gl,
                 &mut scratch,
                 &dx,
                 x,
                 &acts,
-                lw,
+                l,
+                adapter,
                 batch,
                 &rope,
                 &d,
@@ -350,10 +644,11 @@ impl<T: Float> Model<T> {
     }
 
     /// Logits `[B*T, V]` of a batch (tests and small evaluations; generation uses the KV cache).
-    pub fn logits(&self, batch: &Batch) -> Vec<T> {
+    pub fn logits(&self, batch: &Batch, lora: Option<&Lora<T>>) -> Vec<T> {
         let d = self.dims(batch);
         let rope = self.rope_for(batch);
-        let residuals = self.forward_residuals(batch, &rope, &d);
+        let adapter = lora.map(|lora| AdapterPass::eval(lora));
+        let residuals = self.forward_residuals(batch, adapter.as_ref(), &rope, &d);
         let x = &residuals[d_last(&residuals)];
         let mut h = vec![T::zero(); d.n * d.c];
         let mut rstd = vec![T::zero(); d.n];

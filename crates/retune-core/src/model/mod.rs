@@ -7,8 +7,10 @@
 
 pub mod decoder;
 pub mod generate;
+pub mod lora;
 pub mod weights;
 
+pub use lora::{Lora, LoraSpec, Target};
 pub use weights::{LayerWeights, Linear, Weights};
 
 use crate::config::LlamaConfig;
@@ -41,6 +43,42 @@ impl<T: Float> Model<T> {
     pub fn load(path: &Path) -> Result<Self> {
         let loaded = crate::load::load_model(path)?;
         Self::from_loaded(loaded, path)
+    }
+}
+
+/// Gradients of one step: of the base weights (an empty tensor is frozen and gets none) and,
+/// when training an adapter, of the adapter.
+#[derive(Clone, Debug)]
+pub struct Grads<T> {
+    /// Base-weight gradients; all empty under LoRA.
+    pub base: Weights<T>,
+    /// Adapter gradients.
+    pub lora: Option<Lora<T>>,
+}
+
+impl<T: Float> Grads<T> {
+    /// Gradients for full fine-tuning: every base weight.
+    pub fn full(model: &Model<T>) -> Self {
+        Grads {
+            base: model.weights.zeros_like(),
+            lora: None,
+        }
+    }
+
+    /// Gradients for LoRA: the adapter's only; base weights are frozen.
+    pub fn lora(model: &Model<T>, lora: &Lora<T>) -> Self {
+        Grads {
+            base: model.weights.empty_like(),
+            lora: Some(lora.zeros_like()),
+        }
+    }
+
+    /// No gradient at all (inputs' gradients still flow: benchmarks of the frozen path).
+    pub fn frozen(model: &Model<T>) -> Self {
+        Grads {
+            base: model.weights.empty_like(),
+            lora: None,
+        }
     }
 }
 

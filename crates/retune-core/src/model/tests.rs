@@ -1,7 +1,8 @@
 //! Whole-model checks on tiny random models in f64: gradients of every parameter against
 //! central finite differences, KV-cached inference against the full forward, and packing.
 
-use super::{Batch, Model};
+use super::lora::{Lora, LoraSpec, Target};
+use super::{Batch, Grads, Model};
 use crate::config::{LlamaConfig, RopeScaling};
 use crate::ops::cross_entropy::IGNORE;
 
@@ -46,7 +47,7 @@ fn batch() -> Batch {
 }
 
 fn mean_loss(model: &Model<f64>, batch: &Batch) -> f64 {
-    let s = model.loss(batch);
+    let s = model.loss(batch, None);
     s.loss_sum / s.count as f64
 }
 
@@ -54,11 +55,16 @@ fn mean_loss(model: &Model<f64>, batch: &Batch) -> f64 {
 /// central differences of the mean loss.
 fn check_gradients(cfg: LlamaConfig, batch: &Batch) {
     let mut model = Model::<f64>::random(cfg, 7, 0.3).unwrap();
-    let mut grads = model.weights.zeros_like();
-    let stats = model.forward_backward(batch, batch.target_count(), &mut grads);
+    let mut grads = Grads::full(&model);
+    let stats = model.forward_backward(batch, batch.target_count(), None, 0, &mut grads);
     assert_eq!(stats.count, batch.target_count());
     let names: Vec<String> = model.weights.named().into_iter().map(|(n, _)| n).collect();
-    let analytic: Vec<Vec<f64>> = grads.named().into_iter().map(|(_, g)| g.to_vec()).collect();
+    let analytic: Vec<Vec<f64>> = grads
+        .base
+        .named()
+        .into_iter()
+        .map(|(_, g)| g.to_vec())
+        .collect();
     let eps = 1e-5;
     let mut worst = 0.0f64;
     for (ti, name) in names.iter().enumerate() {
@@ -115,10 +121,10 @@ fn gradients_match_finite_differences_packed() {
 fn frozen_weights_get_no_gradient_and_loss_is_unchanged() {
     let model = Model::<f64>::random(tiny(false, true, false), 3, 0.3).unwrap();
     let b = batch();
-    let mut frozen = model.weights.empty_like();
-    let s1 = model.forward_backward(&b, b.target_count(), &mut frozen);
-    assert!(frozen.named().iter().all(|(_, g)| g.is_empty()));
-    let s2 = model.loss(&b);
+    let mut frozen = Grads::frozen(&model);
+    let s1 = model.forward_backward(&b, b.target_count(), None, 0, &mut frozen);
+    assert!(frozen.base.named().iter().all(|(_, g)| g.is_empty()));
+    let s2 = model.loss(&b, None);
     assert!((s1.loss_sum - s2.loss_sum).abs() < 1e-12);
 }
 
@@ -127,7 +133,7 @@ fn kv_cache_matches_full_forward() {
     let model = Model::<f64>::random(tiny(false, true, true), 11, 0.3).unwrap();
     let ids = [3u32, 7, 1, 30, 12, 5, 9];
     let v = model.config.vocab_size;
-    let full = model.logits(&Batch::from_rows(&[ids.to_vec()]).unwrap());
+    let full = model.logits(&Batch::from_rows(&[ids.to_vec()]).unwrap(), None);
     let mut cache = model.new_cache(16);
     let mut last = model.forward_cached(&ids[..4], &mut cache).unwrap();
     for (p, &id) in ids.iter().enumerate().skip(4) {
@@ -158,17 +164,17 @@ fn packed_examples_score_as_separate_rows() {
     let a = vec![3u32, 7, 1];
     let b = vec![30u32, 12, 5, 9];
     let apart = model
-        .loss(&Batch::from_rows(std::slice::from_ref(&a)).unwrap())
+        .loss(&Batch::from_rows(std::slice::from_ref(&a)).unwrap(), None)
         .loss_sum
         + model
-            .loss(&Batch::from_rows(std::slice::from_ref(&b)).unwrap())
+            .loss(&Batch::from_rows(std::slice::from_ref(&b)).unwrap(), None)
             .loss_sum;
     let ids = [a.clone(), b.clone()].concat();
     let targets = vec![7, 1, IGNORE, 12, 5, 9, IGNORE];
     let mut packed = Batch::with_targets(ids, targets, 1, 7);
     packed.positions = vec![0, 1, 2, 0, 1, 2, 3];
     packed.segments = Some(vec![0, 0, 0, 1, 1, 1, 1]);
-    let together = model.loss(&packed).loss_sum;
+    let together = model.loss(&packed, None).loss_sum;
     assert!(
         (apart - together).abs() < 1e-10,
         "apart {apart} packed {together}"
@@ -185,4 +191,154 @@ fn bad_batches_are_errors() {
         .to_string()
         .contains("outside the model's vocabulary"));
     assert!(Batch::from_rows(&[vec![1, 2], vec![3]]).is_err());
+}
+
+fn spec(dropout: f64, targets: &[Target]) -> LoraSpec {
+    LoraSpec {
+        r: 3,
+        alpha: 6.0,
+        dropout,
+        targets: targets.to_vec(),
+        rslora: false,
+    }
+}
+
+/// An adapter whose B is random too (PEFT starts B at zero, where A has no gradient yet).
+fn random_lora(model: &Model<f64>, spec: LoraSpec, seed: u64) -> Lora<f64> {
+    let mut lora = Lora::init(spec, &model.weights, seed).unwrap();
+    let mut s = seed;
+    for t in lora.tensors_mut() {
+        for v in t.iter_mut().filter(|v| **v == 0.0) {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            *v = ((s >> 33) as f64 / (1u64 << 31) as f64 - 0.5) * 0.6;
+        }
+    }
+    lora
+}
+
+/// Adapter gradients against central differences; the base gets no gradient. With dropout
+/// the masks are a function of the seed, so the loss is a fixed function of the adapter.
+fn check_lora_gradients(dropout: f64, targets: &[Target]) {
+    let model = Model::<f64>::random(tiny(false, true, true), 7, 0.3).unwrap();
+    let b = batch();
+    let mut lora = random_lora(&model, spec(dropout, targets), 9);
+    let mut grads = Grads::lora(&model, &lora);
+    model.forward_backward(&b, b.target_count(), Some(&lora), 1234, &mut grads);
+    assert!(
+        grads.base.named().iter().all(|(_, g)| g.is_empty()),
+        "frozen base got a gradient"
+    );
+    let analytic: Vec<Vec<f64>> = grads
+        .lora
+        .as_ref()
+        .unwrap()
+        .named(&model.config)
+        .into_iter()
+        .map(|(_, _, g)| g.to_vec())
+        .collect();
+    let names: Vec<String> = lora
+        .named(&model.config)
+        .into_iter()
+        .map(|(n, _, _)| n)
+        .collect();
+    assert_eq!(
+        names.len(),
+        2 * targets.len() * model.config.num_hidden_layers
+    );
+    // The loss as training sees it: the same dropout masks (seed 1234) for every evaluation.
+    let train_loss = |model: &Model<f64>, lora: &Lora<f64>| {
+        let mut g = Grads::frozen(model);
+        let s = model.forward_backward(&b, b.target_count(), Some(lora), 1234, &mut g);
+        s.loss_sum / s.count as f64
+    };
+    let eps = 1e-5;
+    for (ti, name) in names.iter().enumerate() {
+        let g = &analytic[ti];
+        assert!(g.iter().any(|&v| v != 0.0), "{name} received no gradient");
+        let floor = 1e-3f64.max(1e-4 * g.iter().fold(0.0f64, |m, x| m.max(x.abs())));
+        for k in 0..4usize.min(g.len()) {
+            let i = (k * 7919 + ti * 31) % g.len();
+            let orig = lora.tensors_mut()[ti][i];
+            lora.tensors_mut()[ti][i] = orig + eps;
+            let plus = train_loss(&model, &lora);
+            lora.tensors_mut()[ti][i] = orig - eps;
+            let minus = train_loss(&model, &lora);
+            lora.tensors_mut()[ti][i] = orig;
+            let numeric = (plus - minus) / (2.0 * eps);
+            let err = (g[i] - numeric).abs() / (g[i].abs() + numeric.abs()).max(floor);
+            assert!(
+                err < 1e-6,
+                "{name}[{i}]: analytic {} numeric {numeric} (rel {err:e})",
+                g[i]
+            );
+        }
+    }
+}
+
+#[test]
+fn lora_gradients_match_finite_differences_all_targets() {
+    check_lora_gradients(0.0, &Target::ALL);
+}
+
+#[test]
+fn lora_gradients_match_finite_differences_with_dropout() {
+    check_lora_gradients(0.3, &[Target::QProj, Target::VProj, Target::DownProj]);
+}
+
+/// PEFT's initialisation (B = 0) leaves the model's output unchanged.
+#[test]
+fn fresh_lora_changes_nothing() {
+    let model = Model::<f64>::random(tiny(true, false, false), 3, 0.3).unwrap();
+    let lora = Lora::init(spec(0.1, &Target::ALL), &model.weights, 1).unwrap();
+    let b = batch();
+    assert_eq!(
+        model.loss(&b, None).loss_sum,
+        model.loss(&b, Some(&lora)).loss_sum
+    );
+}
+
+/// Merging `s B A` into the base weights computes what base + adapter computes.
+#[test]
+fn merged_weights_equal_base_plus_adapter() {
+    let mut model = Model::<f64>::random(tiny(false, true, true), 5, 0.3).unwrap();
+    let lora = random_lora(&model, spec(0.0, &Target::ALL), 4);
+    let b = batch();
+    let with_adapter = model.logits(&b, Some(&lora));
+    lora.merge_into(&mut model.weights);
+    let merged = model.logits(&b, None);
+    let err = with_adapter
+        .iter()
+        .zip(&merged)
+        .map(|(a, m)| (a - m).abs())
+        .fold(0.0, f64::max);
+    assert!(err < 1e-10, "max abs diff {err}");
+}
+
+#[test]
+fn lora_spec_rejects_bad_values() {
+    for bad in [
+        LoraSpec {
+            r: 0,
+            ..spec(0.0, &Target::ALL)
+        },
+        LoraSpec {
+            alpha: 0.0,
+            ..spec(0.0, &Target::ALL)
+        },
+        LoraSpec {
+            dropout: 1.0,
+            ..spec(0.0, &Target::ALL)
+        },
+        spec(0.0, &[]),
+    ] {
+        assert!(bad.validate().is_err(), "{bad:?}");
+    }
+    let rs = LoraSpec {
+        rslora: true,
+        ..spec(0.0, &Target::ALL)
+    };
+    assert!((rs.scale() - 6.0 / 3f64.sqrt()).abs() < 1e-12);
+    assert!((spec(0.0, &Target::ALL).scale() - 2.0).abs() < 1e-12);
 }

@@ -12,6 +12,7 @@ pub mod attention;
 pub mod cross_entropy;
 pub mod embedding;
 pub mod linear;
+pub mod lora;
 pub mod matmul;
 pub mod residual;
 pub mod rmsnorm;
