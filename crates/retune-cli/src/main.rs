@@ -20,6 +20,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Fine-tune a model (LoRA or full; clm or sft) as a TOML configuration describes.
+    Train(commands::train::Args),
     /// Show a model's architecture, parameter count, weight dtypes and memory estimates.
     Inspect(commands::inspect::Args),
     /// Measure loss and perplexity of a model on text files.
@@ -53,6 +55,7 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
+        Command::Train(args) => commands::train::run(args),
         Command::Inspect(args) => commands::inspect::run(args),
         Command::Eval(args) => commands::eval::run(args),
         Command::Generate(args) => commands::generate::run(args),

@@ -6,6 +6,7 @@ pub mod eval;
 pub mod fetch;
 pub mod generate;
 pub mod inspect;
+pub mod train;
 
 use anyhow::{Context, Result};
 use retune_core::model::Model;

@@ -16,6 +16,8 @@ use crate::error::{Error, Result};
 
 pub mod gguf;
 pub mod hf;
+pub mod peft;
+pub mod save;
 
 #[cfg(test)]
 mod tests;

@@ -18,6 +18,7 @@
 mod chat;
 mod gguf;
 mod hf;
+mod save;
 
 use std::path::Path;
 

@@ -1,0 +1,101 @@
+//! `retune train`: a fine-tuning run, or the continuation of one.
+
+use super::print_json;
+use crate::Outcome;
+use anyhow::{bail, Result};
+use retune_train::config::RunConfig;
+use retune_train::trainer::{self, RunSummary, TrainOptions};
+use retune_train::TrainError;
+use std::path::PathBuf;
+
+/// Fine-tune a model as CONFIG.toml describes (LoRA or full; objective clm or sft), writing a
+/// run folder: config.toml, events.jsonl, metrics.jsonl, checkpoints/step-N/ and, at the end,
+/// adapter/ (PEFT) or model/ (full weights). Prints the run folder.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The run configuration (TOML).
+    config: Option<PathBuf>,
+    /// Override a configuration key, e.g. --set train.lr=1e-4 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// The run folder (same as --set output.dir=DIR).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue the run in this folder from its last checkpoint, exactly.
+    #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["config", "sets", "out"])]
+    resume: Option<PathBuf>,
+    /// No progress output.
+    #[arg(long, short)]
+    quiet: bool,
+    /// Print the run summary as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: Args) -> Result<Outcome> {
+    let opts = TrainOptions {
+        quiet: args.quiet || args.json,
+        stop_after: None,
+    };
+    let result = match (&args.resume, &args.config) {
+        (Some(dir), _) => trainer::resume(dir, &opts),
+        (None, Some(path)) => {
+            let mut sets = args.sets.clone();
+            if let Some(out) = &args.out {
+                sets.push(format!(
+                    "output.dir={}",
+                    toml_string(&out.display().to_string())
+                ));
+            }
+            let config = RunConfig::load(path, &sets)?;
+            trainer::train(&config, &opts)
+        }
+        (None, None) => {
+            bail!("give a CONFIG.toml to start a run, or --resume RUN_DIR to continue one")
+        }
+    };
+    match result {
+        Ok(summary) => {
+            report(&summary, args.json)?;
+            Ok(Outcome::Success)
+        }
+        Err(e) if e.is_run_failure() => {
+            eprintln!("error: {e}");
+            Ok(Outcome::Failed)
+        }
+        Err(e) => Err(TrainFailure(e).into()),
+    }
+}
+
+/// Keeps the trainer's error as the message, whatever its kind.
+#[derive(Debug)]
+struct TrainFailure(TrainError);
+
+impl std::fmt::Display for TrainFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl std::error::Error for TrainFailure {}
+
+fn toml_string(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+fn report(s: &RunSummary, json: bool) -> Result<()> {
+    if json {
+        return print_json(&serde_json::to_value(s)?);
+    }
+    if let (Some(before), Some(after)) = (&s.eval_before, &s.eval_after) {
+        eprintln!(
+            "eval loss {:.4} -> {:.4}, perplexity {:.3} -> {:.3}",
+            before.loss, after.loss, before.perplexity, after.perplexity
+        );
+    }
+    if let Some(out) = &s.output {
+        eprintln!("wrote {}", out.display());
+    }
+    println!("{}", s.run_dir.display());
+    Ok(())
+}

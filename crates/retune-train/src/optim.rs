@@ -1,0 +1,506 @@
+//! AdamW over the trainable tensors (flat f32), as `torch.optim.AdamW` computes it, and global
+//! gradient-norm clipping as `torch.nn.utils.clip_grad_norm_`.
+//!
+//! One step, per element, with t the step count after incrementing (PyTorch's single-tensor path,
+//! operation by operation, so the f32 results match it bit for bit):
+//! ```text
+//! p  = p * (1 - lr * wd)                       decoupled weight decay, first
+//! m  = lerp(m, g, 1 - beta1)                   = beta1 * m + (1 - beta1) * g
+//! v  = v * beta2 + (1 - beta2) * g * g
+//! denom = sqrt(v) / sqrt(1 - beta2^t) + eps
+//! p  = p - (lr / (1 - beta1^t)) * m / denom
+//! ```
+//! Scalars (`1 - lr * wd`, the bias corrections, the step size) are computed in f64 as Python
+//! does and rounded to f32 where PyTorch rounds them. Work is split over fixed-size chunks with
+//! rayon; every element's update depends only on that element, so results do not depend on the
+//! number of threads.
+
+use rayon::prelude::*;
+
+/// Elements per parallel work item.
+const CHUNK: usize = 1 << 14;
+
+/// AdamW state for a list of flat f32 tensors.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdamW {
+    /// Decay rate of the first moment.
+    pub beta1: f64,
+    /// Decay rate of the second moment.
+    pub beta2: f64,
+    /// Added to the denominator.
+    pub eps: f64,
+    /// Decoupled weight decay.
+    pub weight_decay: f64,
+    /// Whether each tensor is decayed (all by default; transformers leaves biases and norm
+    /// weights undecayed in full fine-tuning).
+    pub decay: Vec<bool>,
+    /// Steps taken.
+    pub step: u64,
+    /// First moments, one per tensor.
+    pub m: Vec<Vec<f32>>,
+    /// Second moments, one per tensor.
+    pub v: Vec<Vec<f32>>,
+}
+
+/// One chunk of one tensor, with its moments and gradient.
+struct Work<'a> {
+    p: &'a mut [f32],
+    m: &'a mut [f32],
+    v: &'a mut [f32],
+    g: &'a [f32],
+    decay: f32,
+}
+
+/// Per-step scalars, rounded to f32 as PyTorch rounds them.
+#[derive(Clone, Copy)]
+struct Scalars {
+    w1: f32,
+    b2: f32,
+    w2: f32,
+    bc2_sqrt: f32,
+    eps: f32,
+    neg_step_size: f32,
+}
+
+/// `torch.lerp(start, end, w)` as its vectorised CPU kernel computes it.
+fn lerp(start: f32, end: f32, w: f32) -> f32 {
+    if w.abs() < 0.5 {
+        w.mul_add(end - start, start)
+    } else {
+        (w - 1.0).mul_add(end - start, end)
+    }
+}
+
+fn update(work: Work, s: Scalars) {
+    for (((p, m), v), &g) in work
+        .p
+        .iter_mut()
+        .zip(work.m.iter_mut())
+        .zip(work.v.iter_mut())
+        .zip(work.g)
+    {
+        *p *= work.decay;
+        *m = lerp(*m, g, s.w1);
+        *v = (s.w2 * g).mul_add(g, *v * s.b2);
+        let denom = v.sqrt() / s.bc2_sqrt + s.eps;
+        *p += s.neg_step_size * *m / denom;
+    }
+}
+
+impl AdamW {
+    /// Zeroed state for tensors of `sizes` elements.
+    pub fn new(sizes: &[usize], beta1: f64, beta2: f64, eps: f64, weight_decay: f64) -> Self {
+        AdamW {
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            decay: vec![true; sizes.len()],
+            step: 0,
+            m: sizes.iter().map(|&n| vec![0.0; n]).collect(),
+            v: sizes.iter().map(|&n| vec![0.0; n]).collect(),
+        }
+    }
+
+    /// Zeroed state with the betas, epsilon and weight decay of a `[train]` section.
+    pub fn from_config(sizes: &[usize], train: &crate::config::TrainConfig) -> Self {
+        Self::new(
+            sizes,
+            train.adam_beta1,
+            train.adam_beta2,
+            train.adam_eps,
+            train.weight_decay,
+        )
+    }
+
+    /// One AdamW step at learning rate `lr`: updates `params` in place from `grads`.
+    ///
+    /// # Panics
+    /// When the number or sizes of `params` and `grads` differ from those the optimizer was
+    /// built for: a caller's bug, never user input.
+    pub fn step(&mut self, params: &mut [&mut Vec<f32>], grads: &[&[f32]], lr: f64) {
+        assert!(
+            params.len() == self.m.len() && grads.len() == self.m.len(),
+            "AdamW built for {} tensors, stepped with {} params and {} grads",
+            self.m.len(),
+            params.len(),
+            grads.len()
+        );
+        self.step += 1;
+        let t = self.step as f64;
+        let bc1 = 1.0 - self.beta1.powf(t);
+        let bc2 = 1.0 - self.beta2.powf(t);
+        let s = Scalars {
+            w1: (1.0 - self.beta1) as f32,
+            b2: self.beta2 as f32,
+            w2: (1.0 - self.beta2) as f32,
+            bc2_sqrt: bc2.powf(0.5) as f32,
+            eps: self.eps as f32,
+            neg_step_size: (-(lr / bc1)) as f32,
+        };
+        let decay = (1.0 - lr * self.weight_decay) as f32;
+        let mut work = Vec::new();
+        for (i, ((p, m), v)) in params
+            .iter_mut()
+            .zip(self.m.iter_mut())
+            .zip(self.v.iter_mut())
+            .enumerate()
+        {
+            let g = grads[i];
+            assert!(
+                p.len() == m.len() && g.len() == m.len(),
+                "AdamW tensor {i}: built for {} elements, got param {} and grad {}",
+                m.len(),
+                p.len(),
+                g.len()
+            );
+            let d = if self.decay[i] { decay } else { 1.0 };
+            for (((p, m), v), g) in p
+                .chunks_mut(CHUNK)
+                .zip(m.chunks_mut(CHUNK))
+                .zip(v.chunks_mut(CHUNK))
+                .zip(g.chunks(CHUNK))
+            {
+                work.push(Work {
+                    p,
+                    m,
+                    v,
+                    g,
+                    decay: d,
+                });
+            }
+        }
+        work.into_par_iter().for_each(|w| update(w, s));
+    }
+
+    /// The moments as named tensors for a checkpoint: `adamw.m.{i}` and `adamw.v.{i}`, each
+    /// of shape `[len]`. The step count is saved separately (in the trainer state).
+    pub fn state_tensors(&self) -> Vec<(String, Vec<usize>, &[f32])> {
+        let mut out = Vec::with_capacity(2 * self.m.len());
+        for (i, (m, v)) in self.m.iter().zip(&self.v).enumerate() {
+            out.push((format!("adamw.m.{i}"), vec![m.len()], m.as_slice()));
+            out.push((format!("adamw.v.{i}"), vec![v.len()], v.as_slice()));
+        }
+        out
+    }
+
+    /// Restores the moments written by [`AdamW::state_tensors`] and the step count. The
+    /// optimizer must have been built for the same tensors; `what` names the source in errors.
+    pub fn load_state(
+        &mut self,
+        step: u64,
+        tensors: &std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+        what: &std::path::Path,
+    ) -> Result<(), crate::checkpoint::StoreError> {
+        let expected = 2 * self.m.len();
+        let found = tensors.keys().filter(|k| k.starts_with("adamw.")).count();
+        if found != expected {
+            return Err(crate::checkpoint::StoreError::format(
+                what,
+                format!(
+                    "optimizer state holds {found} moment tensors, expected {expected}: the \
+                     checkpoint was made with other trainable parameters (method or targets changed)"
+                ),
+            ));
+        }
+        for (i, (m, v)) in self.m.iter_mut().zip(self.v.iter_mut()).enumerate() {
+            for (name, dst) in [(format!("adamw.m.{i}"), m), (format!("adamw.v.{i}"), v)] {
+                let Some((_, data)) = tensors.get(&name) else {
+                    return Err(crate::checkpoint::StoreError::format(
+                        what,
+                        format!("optimizer tensor `{name}` is missing"),
+                    ));
+                };
+                if data.len() != dst.len() {
+                    return Err(crate::checkpoint::StoreError::format(
+                        what,
+                        format!(
+                            "optimizer tensor `{name}` has {} elements, expected {}: the \
+                             checkpoint was made with other trainable parameters",
+                            data.len(),
+                            dst.len()
+                        ),
+                    ));
+                }
+                dst.copy_from_slice(data);
+            }
+        }
+        self.step = step;
+        Ok(())
+    }
+}
+
+/// Sum of squares of one tensor in f64, over fixed chunks combined in order (deterministic).
+fn sum_squares(g: &[f32]) -> f64 {
+    let partial: Vec<f64> = g
+        .par_chunks(CHUNK)
+        .map(|c| c.iter().map(|&x| f64::from(x) * f64::from(x)).sum())
+        .collect();
+    partial.iter().sum()
+}
+
+/// Scales `grads` so their global L2 norm is at most `max_norm`, as
+/// `torch.nn.utils.clip_grad_norm_`: coefficient `max_norm / (norm + 1e-6)`, applied only when
+/// below 1. Returns the norm before clipping, computed in f64 in a fixed order. A non-finite
+/// norm is returned without scaling (the caller's NaN guard stops the run), and
+/// `max_norm <= 0` turns clipping off (`train.max_grad_norm = 0`).
+pub fn clip_grad_norm(grads: &mut [&mut [f32]], max_norm: f32) -> f32 {
+    let total: f64 = grads
+        .iter()
+        .map(|g| sum_squares(g))
+        .collect::<Vec<f64>>()
+        .iter()
+        .sum::<f64>()
+        .sqrt();
+    let coef = f64::from(max_norm) / (total + 1e-6);
+    if total.is_finite() && max_norm > 0.0 && coef < 1.0 {
+        let c = coef as f32;
+        for g in grads.iter_mut() {
+            g.par_chunks_mut(CHUNK)
+                .for_each(|chunk| chunk.iter_mut().for_each(|x| *x *= c));
+        }
+    }
+    total as f32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P0: [f64; 16] = [
+        0.5, -1.25, 0.003, 2.0, -0.75, 1e-3, -3.5, 0.25, 0.125, -0.0625, 4.0, -2.2, 0.9, -0.01,
+        0.33, 1.7,
+    ];
+    const G: [[f32; 16]; 3] = [
+        [
+            0.5, -0.25, 0.125, 1.0, -2.0, 0.0625, 0.75, -0.375, 3.0, -0.5, 0.25, 1.5, -1.0,
+            0.03125, -0.125, 2.5,
+        ],
+        [
+            -0.25, 0.5, 0.0, 2.0, 1.0, -0.125, 0.375, 0.75, -1.5, 0.5, -0.25, 0.5, 1.0, -0.0625,
+            0.25, -2.0,
+        ],
+        [
+            1.0, 0.0, -0.5, 0.25, 0.5, 0.25, -0.75, 0.125, 0.5, -1.0, 2.0, -0.5, 0.0, 0.125, -0.5,
+            1.0,
+        ],
+    ];
+    const LRS: [f64; 3] = [1e-2, 5e-3, 2e-3];
+
+    /// Bits of the parameters after each of 3 steps, printed by `fixtures/adamw_reference.py`
+    /// (PyTorch 2.15, CPU, `torch.optim.AdamW(..., foreach=False)`; `foreach=True` gives the
+    /// same bits):
+    /// ```python
+    /// p = torch.nn.Parameter(torch.tensor(P0, dtype=torch.float32))
+    /// opt = torch.optim.AdamW([p], lr=LRS[0], foreach=False, **kw)
+    /// for k in range(3):
+    ///     for gr in opt.param_groups: gr['lr'] = LRS[k]
+    ///     p.grad = torch.tensor(G[k], dtype=torch.float32); opt.step()
+    ///     print([hex(b) for b in bits(p.detach())])
+    /// ```
+    /// Case A: betas (0.9, 0.999), eps 1e-8, weight_decay 0.1.
+    const TORCH_A: [[u32; 16]; 3] = [
+        [
+            0x3efa9fbf, 0xbf9e8f5c, 0xbbe57968, 0x3ffe76c9, 0xbf3d3f7d, 0xbc1378ec, 0xc0606a7f,
+            0x3e84fdf4, 0x3deb4396, 0xbd56c8b4, 0x407f1aa0, 0xc00d4c99, 0x3f68bac7, 0xbca3c210,
+            0x3eade93a, 0x3fd81a38,
+        ],
+        [
+            0x3ef9d11e, 0xbf9eb70b, 0xbc299228, 0x3ffdb813, 0xbf3ccffd, 0xbbead098, 0xc0609a22,
+            0x3e83fd00, 0x3de86b49, 0xbd57c127, 0x407efe48, 0xc00d81df, 0x3f688bbe, 0xbc94ae3b,
+            0x3eace309, 0x3fd7f508,
+        ],
+        [
+            0x3ef917cf, 0xbf9ec177, 0xbc195739, 0x3ffd75d7, 0xbf3cbe47, 0xbc03229d, 0xc0609243,
+            0x3e83942a, 0x3de72705, 0xbd53a137, 0x407edcd8, 0xc00d8958, 0x3f687a81, 0xbc9b86c8,
+            0x3ead4832, 0x3fd7daad,
+        ],
+    ];
+    /// Case A, moments after step 3.
+    const TORCH_A_M: [u32; 16] = [
+        0x3df1a9fc, 0x3ccac082, 0xbd2353f8, 0x3e926e97, 0xbcb43958, 0x3c9a1cad, 0x3c9fbe77,
+        0x3d4b4396, 0x3e21cac1, 0xbdc39581, 0x3e4a7efa, 0x3dee978d, 0x3c1374bf, 0x3c1a1cad,
+        0xbd1a1cad, 0x3dfae148,
+    ];
+    const TORCH_A_V: [u32; 16] = [
+        0x3aabf554, 0x39a3a4b8, 0x398b3f65, 0x3ba5b102, 0x3babbcbb, 0x38abfb9d, 0x3aa5b8e1,
+        0x3a3c31e2, 0x3c3c1598, 0x3ac4827e, 0x3b872970, 0x3b33e9b0, 0x3b02e01e, 0x37abfb9d,
+        0x39abfb9d, 0x3c380cbf,
+    ];
+    /// Case B: betas (0.3, 0.95), eps 1e-3, weight_decay 0 (lerp's other branch).
+    const TORCH_B: [[u32; 16]; 3] = [
+        [
+            0x3efae3e5, 0xbf9eb9a0, 0xbbe2c67d, 0x3ffeb8a6, 0xbf3d70f8, 0xbc10e036, 0xc060a39f,
+            0x3e851b3c, 0x3deb86de, 0xbd571f2c, 0x407f5cd0, 0xc00d7088, 0x3f68f51b, 0xbca14cc2,
+            0x3eae0a14, 0x3fd8520d,
+        ],
+        [
+            0x3efb6418, 0xbf9f3fc3, 0xbc0c2a59, 0x3ffe02d4, 0xbf3db131, 0xbb9c9d34, 0xc060e3c6,
+            0x3e83023c, 0x3ded88c1, 0xbd6220a0, 0x407f88bf, 0xc00da696, 0x3f6844d7, 0xbc8057d6,
+            0x3eabf2de, 0x3fd897ce,
+        ],
+        [
+            0x3efa53f1, 0xbf9f526e, 0xbbccd8d1, 0x3ffde090, 0xbf3dde2e, 0xbbd9551d, 0xc060cf1f,
+            0x3e82880d, 0x3ded0b0f, 0xbd5ac5d3, 0x407f628f, 0xc00da132, 0x3f682c4c, 0xbc8f6f01,
+            0x3eace676, 0x3fd88869,
+        ],
+    ];
+
+    /// The formula in f64, written out (no f32 rounding): the reference for "close".
+    fn adamw_f64((b1, b2, eps, wd): (f64, f64, f64, f64)) -> [[f64; 16]; 3] {
+        let mut p: Vec<f64> = P0.iter().map(|&x| f64::from(x as f32)).collect();
+        let (mut m, mut v) = (vec![0.0f64; 16], vec![0.0f64; 16]);
+        let mut out = [[0.0; 16]; 3];
+        for k in 0..3 {
+            let (lr, t) = (LRS[k], (k + 1) as i32);
+            for i in 0..16 {
+                let g = f64::from(G[k][i]);
+                p[i] -= lr * wd * p[i];
+                m[i] = b1 * m[i] + (1.0 - b1) * g;
+                v[i] = b2 * v[i] + (1.0 - b2) * g * g;
+                let mhat = m[i] / (1.0 - b1.powi(t));
+                let vhat = v[i] / (1.0 - b2.powi(t));
+                p[i] -= lr * mhat / (vhat.sqrt() + eps);
+                out[k][i] = p[i];
+            }
+        }
+        out
+    }
+
+    fn run(b1: f64, b2: f64, eps: f64, wd: f64, torch: &[[u32; 16]; 3]) -> AdamW {
+        let reference = adamw_f64((b1, b2, eps, wd));
+        let mut p: Vec<f32> = P0.iter().map(|&x| x as f32).collect();
+        let mut opt = AdamW::new(&[16], b1, b2, eps, wd);
+        for k in 0..3 {
+            opt.step(&mut [&mut p], &[&G[k]], LRS[k]);
+            let bits: Vec<u32> = p.iter().map(|x| x.to_bits()).collect();
+            assert_eq!(
+                bits,
+                torch[k].to_vec(),
+                "step {}: bits differ from PyTorch",
+                k + 1
+            );
+            for (i, (&x, &r)) in p.iter().zip(&reference[k]).enumerate() {
+                let tol = 1e-6 * r.abs().max(1e-3);
+                assert!(
+                    (f64::from(x) - r).abs() < tol,
+                    "step {} [{i}]: {x} vs f64 {r}",
+                    k + 1
+                );
+            }
+        }
+        assert_eq!(opt.step, 3);
+        opt
+    }
+
+    #[test]
+    fn adamw_matches_pytorch_bit_for_bit_and_the_f64_formula() {
+        let opt = run(0.9, 0.999, 1e-8, 0.1, &TORCH_A);
+        let bits = |x: &[f32]| x.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+        assert_eq!(bits(&opt.m[0]), TORCH_A_M.to_vec());
+        assert_eq!(bits(&opt.v[0]), TORCH_A_V.to_vec());
+        run(0.3, 0.95, 1e-3, 0.0, &TORCH_B);
+    }
+
+    /// One step by hand: p = 1, g = 0.5, lr = 0.1, wd = 0.01, betas (0.9, 0.999), eps 1e-8.
+    /// p' = 1 * (1 - 0.001) = 0.999; m = 0.05, v = 0.00025; mhat = 0.5, vhat = 0.25;
+    /// p'' = 0.999 - 0.1 * 0.5 / (0.5 + 1e-8) = 0.899000002 (the first step moves by ~lr).
+    #[test]
+    fn first_step_moves_by_about_lr() {
+        let mut p = vec![1.0f32];
+        let mut opt = AdamW::new(&[1], 0.9, 0.999, 1e-8, 0.01);
+        opt.step(&mut [&mut p], &[&[0.5]], 0.1);
+        assert!((f64::from(p[0]) - 0.899_000_002).abs() < 1e-7, "{}", p[0]);
+        assert!((opt.m[0][0] - 0.05).abs() < 1e-9);
+        assert!((opt.v[0][0] - 0.00025).abs() < 1e-10);
+    }
+
+    #[test]
+    fn undecayed_tensors_and_many_chunks_are_handled() {
+        // Two tensors, one spanning several chunks; the same update element by element.
+        let n = 3 * CHUNK + 5;
+        let mut a: Vec<f32> = (0..n).map(|i| (i % 7) as f32 - 3.0).collect();
+        let mut b = vec![2.0f32; 3];
+        let ga: Vec<f32> = (0..n).map(|i| ((i % 5) as f32 - 2.0) * 0.1).collect();
+        let gb = [0.0f32; 3];
+        let mut opt = AdamW::new(&[n, 3], 0.9, 0.999, 1e-8, 0.5);
+        opt.decay[1] = false;
+        opt.step(&mut [&mut a, &mut b], &[&ga, &gb], 0.1);
+        assert_eq!(b, vec![2.0; 3], "zero grad and no decay leave it unchanged");
+        let mut single = vec![(n - 1) as f32 % 7.0 - 3.0];
+        let mut o1 = AdamW::new(&[1], 0.9, 0.999, 1e-8, 0.5);
+        o1.step(&mut [&mut single], &[&ga[n - 1..]], 0.1);
+        assert_eq!(a[n - 1].to_bits(), single[0].to_bits());
+    }
+
+    #[test]
+    fn state_round_trips_and_mismatches_are_errors() {
+        let mut p = vec![1.0f32, 2.0];
+        let mut opt = AdamW::new(&[2], 0.9, 0.999, 1e-8, 0.0);
+        opt.step(&mut [&mut p], &[&[0.5, -0.5]], 0.1);
+        let map: std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)> = opt
+            .state_tensors()
+            .into_iter()
+            .map(|(n, s, d)| (n, (s, d.to_vec())))
+            .collect();
+        let mut fresh = AdamW::new(&[2], 0.9, 0.999, 1e-8, 0.0);
+        fresh
+            .load_state(1, &map, std::path::Path::new("ck"))
+            .unwrap();
+        assert_eq!(fresh, opt);
+        let mut other = AdamW::new(&[3], 0.9, 0.999, 1e-8, 0.0);
+        let e = other
+            .load_state(1, &map, std::path::Path::new("ck/optimizer.safetensors"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(
+                "ck/optimizer.safetensors: optimizer tensor `adamw.m.0` has 2 elements, expected 3"
+            ),
+            "{e}"
+        );
+    }
+
+    /// PyTorch: grads [3, 4] and [12] (norm 13), `clip_grad_norm_(.., 6.5)` returns 13.0 and
+    /// leaves [1.4999999, 1.9999999] (0x3fbfffff, 0x3fffffff) and [5.9999995] (0x40bfffff).
+    #[test]
+    fn clip_grad_norm_matches_pytorch() {
+        let (mut a, mut b) = (vec![3.0f32, 4.0], vec![12.0f32]);
+        let n = clip_grad_norm(&mut [&mut a, &mut b], 6.5);
+        assert_eq!(n, 13.0);
+        assert_eq!(
+            a.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            [0x3fbf_ffff, 0x3fff_ffff]
+        );
+        assert_eq!(b[0].to_bits(), 0x40bf_ffff);
+        // Below the threshold: untouched.
+        let mut c = vec![0.3f32, 0.4];
+        assert_eq!(clip_grad_norm(&mut [&mut c], 1.0), 0.5);
+        assert_eq!(c, vec![0.3, 0.4]);
+        // Off (max_norm 0) and non-finite: returned, not applied.
+        let mut d = vec![30.0f32, 40.0];
+        assert_eq!(clip_grad_norm(&mut [&mut d], 0.0), 50.0);
+        assert_eq!(d, vec![30.0, 40.0]);
+        let mut e = vec![f32::NAN, 1.0];
+        assert!(clip_grad_norm(&mut [&mut e], 1.0).is_nan());
+        assert_eq!(e[1], 1.0);
+    }
+
+    #[test]
+    fn norm_does_not_depend_on_thread_count() {
+        let g: Vec<f32> = (0..5 * CHUNK + 17)
+            .map(|i| ((i * 7919) % 1000) as f32 * 1e-3)
+            .collect();
+        let one = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        let four = rayon::ThreadPoolBuilder::new()
+            .num_threads(4)
+            .build()
+            .unwrap();
+        let n1 = one.install(|| clip_grad_norm(&mut [&mut g.clone()], 0.0));
+        let n4 = four.install(|| clip_grad_norm(&mut [&mut g.clone()], 0.0));
+        assert_eq!(n1.to_bits(), n4.to_bits());
+    }
+}

@@ -1,0 +1,638 @@
+//! The training loop: LoRA or full fine-tuning with the `clm` or `sft` objective.
+//!
+//! One optimizer step takes `grad_accum` micro-batches of `batch_size` rows. The loss of every
+//! micro-batch is divided by the number of target tokens of the *whole* step, so accumulation
+//! computes exactly the gradient of one large batch. Rows are visited in a fresh order each
+//! epoch, drawn from the run's seed; LoRA dropout masks are drawn from the seed, the step and
+//! the micro-batch. So the step number alone fixes the data position and every random draw:
+//! a run resumed from a checkpoint continues bitwise-identically.
+
+use crate::checkpoint::{self, Contents, TrainerState};
+use crate::config::{MethodKind, ObjectiveKind, OnOverflow, RunConfig};
+use crate::data::{self, Example, FileStats, Overflow, Row};
+use crate::events::{self, EvalRow, Event, EventLog, MetricsLog, StepRow};
+use crate::nan_guard::check_finite;
+use crate::optim::{clip_grad_norm, AdamW};
+use crate::progress::Progress;
+use crate::schedule::LrSchedule;
+use crate::TrainError;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use retune_core::model::{Grads, Lora, LoraSpec, Model};
+use retune_core::ops::cross_entropy::CeStats;
+use retune_core::tokenizer::Tokenizer;
+use serde::Serialize;
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// How to run, beyond the configuration.
+#[derive(Clone, Debug, Default)]
+pub struct TrainOptions {
+    /// No progress output.
+    pub quiet: bool,
+    /// Stop after this many optimizer steps of this invocation (tests of resume); the
+    /// schedule still spans the whole run.
+    pub stop_after: Option<u64>,
+}
+
+/// Evaluation figures at one step.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct EvalFigures {
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// Mean loss per target token.
+    pub loss: f64,
+    /// `exp(loss)`.
+    pub perplexity: f64,
+    /// Share of targets predicted exactly (argmax).
+    pub accuracy: f64,
+    /// Target tokens evaluated.
+    pub tokens: usize,
+}
+
+/// What a run did.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunSummary {
+    /// The run folder.
+    pub run_dir: PathBuf,
+    /// Optimizer steps completed.
+    pub steps: u64,
+    /// Steps the run was planned for.
+    pub total_steps: u64,
+    /// Mean training loss of the last step.
+    pub final_loss: Option<f64>,
+    /// Evaluation before training (absent on resume or without an eval set).
+    pub eval_before: Option<EvalFigures>,
+    /// Evaluation at the end.
+    pub eval_after: Option<EvalFigures>,
+    /// Step of the best evaluation.
+    pub best_step: Option<u64>,
+    /// Trainable parameters.
+    pub trainable_parameters: usize,
+    /// All parameters of the base model.
+    pub model_parameters: usize,
+    /// Training and evaluation rows after packing.
+    pub train_rows: usize,
+    /// Evaluation rows after packing.
+    pub eval_rows: usize,
+    /// Per-file data statistics.
+    pub data: Vec<FileStats>,
+    /// Early stopping ended the run.
+    pub stopped_early: bool,
+    /// The adapter (LoRA) or model (full) written at the end, if the run finished.
+    pub output: Option<PathBuf>,
+    /// Training tokens seen.
+    pub tokens_seen: u64,
+    /// Wall time of training, seconds.
+    pub elapsed_s: f64,
+}
+
+/// Everything prepared before the first step.
+struct Setup {
+    model: Model<f32>,
+    tokenizer: Tokenizer,
+    lora: Option<Lora<f32>>,
+    train_rows: Vec<Row>,
+    eval_rows: Vec<Row>,
+    stats: Vec<FileStats>,
+    total_steps: u64,
+}
+
+fn overflow(o: OnOverflow) -> Overflow {
+    match o {
+        OnOverflow::Error => Overflow::Error,
+        OnOverflow::Truncate => Overflow::Truncate,
+        OnOverflow::Drop => Overflow::Drop,
+    }
+}
+
+fn read_examples(
+    config: &RunConfig,
+    tok: &Tokenizer,
+    paths: &[PathBuf],
+) -> Result<(Vec<Example>, Vec<FileStats>), TrainError> {
+    let d = &config.data;
+    match config.objective.kind {
+        ObjectiveKind::Clm => data::read_clm(paths, tok, d.max_seq_len),
+        ObjectiveKind::Sft => data::read_sft(
+            paths,
+            tok,
+            d.max_seq_len,
+            overflow(d.on_overflow),
+            d.train_on_prompt,
+        ),
+        ObjectiveKind::Dpo => Err(TrainError::Invalid(
+            "objective.kind = \"dpo\" is not available yet; use \"clm\" or \"sft\"".into(),
+        )),
+    }
+}
+
+fn setup(config: &RunConfig) -> Result<Setup, TrainError> {
+    let path = &config.model.path;
+    let model = Model::<f32>::load(path)?;
+    let tokenizer = Tokenizer::load(path)?;
+    tokenizer.check_vocab(model.config.vocab_size, path)?;
+    let d = &config.data;
+    let (train, mut stats) = read_examples(config, &tokenizer, &d.train)?;
+    let (train, eval) = if !d.eval.is_empty() {
+        let (eval, eval_stats) = read_examples(config, &tokenizer, &d.eval)?;
+        stats.extend(eval_stats);
+        (train, eval)
+    } else if let Some(fraction) = d.eval_fraction {
+        data::split_by_hash(train, fraction)
+    } else {
+        (train, Vec::new())
+    };
+    if train.is_empty() {
+        return Err(TrainError::Invalid(
+            "no training examples: every row was empty or dropped".into(),
+        ));
+    }
+    let pad = tokenizer.eos_ids.first().copied().unwrap_or(0);
+    let train_rows = data::pack(&train, d.max_seq_len, d.packing, pad);
+    let eval_rows = data::pack(&eval, d.max_seq_len, d.packing, pad);
+    let t = &config.train;
+    let per_step = t.batch_size * t.grad_accum;
+    let steps_per_epoch = train_rows.len().div_ceil(per_step) as u64;
+    let total_steps = t.max_steps.unwrap_or(t.epochs * steps_per_epoch).max(1);
+    let lora = match config.method.kind {
+        MethodKind::Lora => {
+            let m = &config.method;
+            let spec = LoraSpec {
+                r: m.r,
+                alpha: m.alpha,
+                dropout: m.dropout,
+                targets: m.targets.modules(),
+                rslora: m.rslora,
+            };
+            Some(Lora::init(spec, &model.weights, t.seed)?)
+        }
+        MethodKind::Full => None,
+    };
+    Ok(Setup {
+        model,
+        tokenizer,
+        lora,
+        train_rows,
+        eval_rows,
+        stats,
+        total_steps,
+    })
+}
+
+/// The rows of optimizer step `step` (0-based), micro-batch by micro-batch: row `k` of the run
+/// is row `order_e[k mod R]` of epoch `e = k / R`, each epoch in its own seeded order.
+fn step_rows(rows: usize, seed: u64, step: u64, batch: usize, accum: usize) -> Vec<Vec<usize>> {
+    let per_step = (batch * accum) as u64;
+    let mut out = Vec::with_capacity(accum);
+    let mut cached: Option<(u64, Vec<usize>)> = None;
+    for m in 0..accum {
+        let mut micro = Vec::with_capacity(batch);
+        for j in 0..batch {
+            let k = step * per_step + (m * batch + j) as u64;
+            let epoch = k / rows as u64;
+            if cached.as_ref().is_none_or(|(e, _)| *e != epoch) {
+                let mut order: Vec<usize> = (0..rows).collect();
+                order.shuffle(&mut ChaCha8Rng::seed_from_u64(
+                    seed ^ epoch.wrapping_mul(0xA24B_AED4_963E_E407),
+                ));
+                cached = Some((epoch, order));
+            }
+            let order = &cached
+                .as_ref()
+                .map(|c| &c.1)
+                .unwrap_or_else(|| unreachable!("just set"));
+            micro.push(order[(k % rows as u64) as usize]);
+        }
+        out.push(micro);
+    }
+    out
+}
+
+fn evaluate(
+    model: &Model<f32>,
+    lora: Option<&Lora<f32>>,
+    rows: &[Row],
+    batch: usize,
+    step: u64,
+) -> Option<EvalFigures> {
+    if rows.is_empty() {
+        return None;
+    }
+    let mut total = CeStats::default();
+    for chunk in rows.chunks(batch.max(1)) {
+        let refs: Vec<&Row> = chunk.iter().collect();
+        let s = model.loss(&data::batch_of(&refs), lora);
+        total.loss_sum += s.loss_sum;
+        total.count += s.count;
+        total.correct += s.correct;
+    }
+    let loss = total.loss_sum / total.count.max(1) as f64;
+    Some(EvalFigures {
+        step,
+        loss,
+        perplexity: loss.exp(),
+        accuracy: total.correct as f64 / total.count.max(1) as f64,
+        tokens: total.count,
+    })
+}
+
+/// The trainable tensors and their gradients, in one fixed order.
+fn trainable<'a>(
+    model: &'a mut Model<f32>,
+    lora: &'a mut Option<Lora<f32>>,
+) -> Vec<&'a mut Vec<f32>> {
+    match lora {
+        Some(l) => l.tensors_mut(),
+        None => model.weights.tensors_mut(),
+    }
+}
+
+fn grad_tensors(grads: &mut Grads<f32>) -> Vec<&mut Vec<f32>> {
+    match &mut grads.lora {
+        Some(l) => l.tensors_mut(),
+        None => grads.base.tensors_mut(),
+    }
+}
+
+/// Named trainable tensors for checkpoints: PEFT keys for LoRA, HF names for full.
+fn named_trainables<'a>(
+    model: &'a Model<f32>,
+    lora: &'a Option<Lora<f32>>,
+) -> Vec<(String, Vec<usize>, &'a [f32])> {
+    match lora {
+        Some(l) => l.named(&model.config),
+        None => {
+            let shapes = model.config.tensor_shapes();
+            model
+                .weights
+                .named()
+                .into_iter()
+                .zip(shapes)
+                .map(|((name, data), (_, shape))| (name, shape, data))
+                .collect()
+        }
+    }
+}
+
+fn restore_trainables(
+    model: &mut Model<f32>,
+    lora: &mut Option<Lora<f32>>,
+    saved: &checkpoint::TensorMap,
+    file: &Path,
+) -> Result<(), TrainError> {
+    let names: Vec<String> = named_trainables(model, lora)
+        .into_iter()
+        .map(|(n, _, _)| n)
+        .collect();
+    for (name, tensor) in names.iter().zip(trainable(model, lora)) {
+        let (_, data) = saved.get(name).ok_or_else(|| {
+            TrainError::Invalid(format!(
+                "{}: checkpoint lacks tensor `{name}`",
+                file.display()
+            ))
+        })?;
+        if data.len() != tensor.len() {
+            return Err(TrainError::Invalid(format!(
+                "{}: tensor `{name}` has {} values, the model needs {}: the checkpoint belongs to another model",
+                file.display(),
+                data.len(),
+                tensor.len()
+            )));
+        }
+        tensor.copy_from_slice(data);
+    }
+    Ok(())
+}
+
+const TRAINABLE_FILE: &str = "trainable.safetensors";
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+
+/// Starts a run from `config` in `config.output.dir` (created; it must not hold a run yet).
+pub fn train(config: &RunConfig, opts: &TrainOptions) -> Result<RunSummary, TrainError> {
+    let run_dir = config.output.dir.clone();
+    if checkpoint::latest_checkpoint(&run_dir)?.is_some() {
+        return Err(TrainError::Invalid(format!(
+            "{} already holds a run with checkpoints: continue it with `retune train --resume {}`, \
+             or choose another output.dir",
+            run_dir.display(),
+            run_dir.display()
+        )));
+    }
+    std::fs::create_dir_all(&run_dir)
+        .map_err(|e| TrainError::Invalid(format!("creating {}: {e}", run_dir.display())))?;
+    events::write_config(&run_dir, config)?;
+    run(config, &run_dir, None, opts)
+}
+
+/// Continues the run in `run_dir` from its last complete checkpoint.
+pub fn resume(run_dir: &Path, opts: &TrainOptions) -> Result<RunSummary, TrainError> {
+    let config_path = run_dir.join("config.toml");
+    if !config_path.exists() {
+        return Err(TrainError::Invalid(format!(
+            "{} is not a run folder (no config.toml)",
+            run_dir.display()
+        )));
+    }
+    let config = RunConfig::load(&config_path, &[] as &[&str])?;
+    let (step, dir) = checkpoint::latest_checkpoint(run_dir)?.ok_or_else(|| {
+        TrainError::Invalid(format!(
+            "{} has no complete checkpoint to resume from (checkpoints/step-N/); start it again \
+             with `retune train`",
+            run_dir.display()
+        ))
+    })?;
+    let state = checkpoint::verify_checkpoint(&dir)?;
+    debug_assert_eq!(state.step, step);
+    run(&config, run_dir, Some((state, dir)), opts)
+}
+
+fn run(
+    config: &RunConfig,
+    run_dir: &Path,
+    resume_from: Option<(TrainerState, PathBuf)>,
+    opts: &TrainOptions,
+) -> Result<RunSummary, TrainError> {
+    let mut events = EventLog::open(run_dir)?;
+    events.emit(
+        Event::ValidatingFiles,
+        json!({ "train": config.data.train, "eval": config.data.eval }),
+    )?;
+    let result = run_inner(config, run_dir, resume_from, opts, &mut events);
+    if let Err(e) = &result {
+        events.emit(Event::Failed, json!({ "error": e.to_string() }))?;
+    }
+    result
+}
+
+fn run_inner(
+    config: &RunConfig,
+    run_dir: &Path,
+    resume_from: Option<(TrainerState, PathBuf)>,
+    opts: &TrainOptions,
+    events: &mut EventLog,
+) -> Result<RunSummary, TrainError> {
+    let Setup {
+        mut model,
+        tokenizer,
+        mut lora,
+        train_rows,
+        eval_rows,
+        stats,
+        total_steps,
+    } = setup(config)?;
+    let t = &config.train;
+    let sizes: Vec<usize> = trainable(&mut model, &mut lora)
+        .iter()
+        .map(|v| v.len())
+        .collect();
+    let trainable_parameters: usize = sizes.iter().sum();
+    let model_parameters = model.config.param_count();
+    let mut optimizer = AdamW::from_config(&sizes, t);
+    let schedule = LrSchedule::from_config(t, total_steps);
+    let mut state = TrainerState {
+        total_steps,
+        seed: t.seed,
+        ..Default::default()
+    };
+    let mut metrics = match &resume_from {
+        Some((saved, dir)) => {
+            let tensors = checkpoint::load_tensors(&dir.join(TRAINABLE_FILE))?;
+            restore_trainables(&mut model, &mut lora, &tensors, &dir.join(TRAINABLE_FILE))?;
+            let opt_path = dir.join(OPTIMIZER_FILE);
+            optimizer.load_state(saved.step, &checkpoint::load_tensors(&opt_path)?, &opt_path)?;
+            state = saved.clone();
+            MetricsLog::open_for_resume(run_dir, saved.step)?
+        }
+        None => MetricsLog::open(run_dir)?,
+    };
+    let start_step = state.step;
+    let mut grads = match &lora {
+        Some(l) => Grads::lora(&model, l),
+        None => Grads::full(&model),
+    };
+    if !opts.quiet {
+        let share = 100.0 * trainable_parameters as f64 / model_parameters as f64;
+        eprintln!(
+            "trainable parameters: {trainable_parameters} of {model_parameters} ({share:.3}%); \
+             {} training rows, {} eval rows of {} tokens; {total_steps} steps",
+            train_rows.len(),
+            eval_rows.len(),
+            config.data.max_seq_len
+        );
+    }
+    events.emit(
+        Event::Started,
+        json!({ "step": start_step, "total_steps": total_steps, "trainable_parameters": trainable_parameters,
+                "model_parameters": model_parameters, "train_rows": train_rows.len(), "eval_rows": eval_rows.len() }),
+    )?;
+    let eval_before = if resume_from.is_none() {
+        let e = evaluate(&model, lora.as_ref(), &eval_rows, t.batch_size, 0);
+        if let Some(e) = &e {
+            metrics.eval(&EvalRow {
+                step: 0,
+                eval_loss: e.loss,
+                perplexity: e.perplexity,
+                accuracy: e.accuracy,
+            })?;
+            events.emit(Event::Eval, e)?;
+        }
+        e
+    } else {
+        None
+    };
+    let mut progress = Progress::new(total_steps, start_step, opts.quiet);
+    let wall = Instant::now();
+    let elapsed_before = state.elapsed_s;
+    let mut final_loss = None;
+    let mut stopped_early = false;
+    let mut last_eval = None;
+    let mut step = start_step;
+    while step < total_steps {
+        if opts.stop_after.is_some_and(|n| step - start_step >= n) {
+            break;
+        }
+        let started = Instant::now();
+        let lr = schedule.lr(step);
+        let micro = step_rows(train_rows.len(), t.seed, step, t.batch_size, t.grad_accum);
+        let normaliser: usize = micro
+            .iter()
+            .flatten()
+            .map(|&i| train_rows[i].target_count())
+            .sum();
+        for g in grad_tensors(&mut grads) {
+            g.fill(0.0);
+        }
+        let mut loss_sum = 0.0;
+        for (m, rows) in micro.iter().enumerate() {
+            let refs: Vec<&Row> = rows.iter().map(|&i| &train_rows[i]).collect();
+            let batch = data::batch_of(&refs);
+            let seed = t.seed
+                ^ (step * t.grad_accum as u64 + m as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93);
+            loss_sum += model
+                .forward_backward(&batch, normaliser, lora.as_ref(), seed, &mut grads)
+                .loss_sum;
+        }
+        let loss = loss_sum / normaliser.max(1) as f64;
+        let grad_norm = {
+            let mut g = grad_tensors(&mut grads);
+            let mut slices: Vec<&mut [f32]> = g.iter_mut().map(|v| v.as_mut_slice()).collect();
+            clip_grad_norm(&mut slices, t.max_grad_norm as f32) as f64
+        };
+        check_finite(step + 1, loss, grad_norm, lr, config.model.dtype)?;
+        {
+            let g = grad_tensors(&mut grads);
+            let g: Vec<&[f32]> = g.into_iter().map(|v| v.as_slice()).collect();
+            let mut p = trainable(&mut model, &mut lora);
+            optimizer.step(&mut p, &g, lr);
+        }
+        step += 1;
+        let tokens = (micro.iter().map(Vec::len).sum::<usize>() * config.data.max_seq_len) as u64;
+        state.tokens_seen += tokens;
+        let secs = started.elapsed().as_secs_f64();
+        let row = StepRow {
+            step,
+            loss,
+            lr,
+            grad_norm,
+            tokens,
+            tokens_per_s: tokens as f64 / secs,
+        };
+        metrics.step(&row)?;
+        events.emit(Event::Step, &row)?;
+        progress.update(step, loss, lr, row.tokens_per_s);
+        final_loss = Some(loss);
+
+        let at_end = step == total_steps || opts.stop_after.is_some_and(|n| step - start_step >= n);
+        if (t.eval_every > 0 && step % t.eval_every == 0) || step == total_steps {
+            if let Some(e) = evaluate(&model, lora.as_ref(), &eval_rows, t.batch_size, step) {
+                metrics.eval(&EvalRow {
+                    step,
+                    eval_loss: e.loss,
+                    perplexity: e.perplexity,
+                    accuracy: e.accuracy,
+                })?;
+                events.emit(Event::Eval, e)?;
+                progress.println(&format!(
+                    "step {step}: eval loss {:.4}, perplexity {:.3}",
+                    e.loss, e.perplexity
+                ));
+                if state.best_eval_loss.is_none_or(|b| e.loss < b) {
+                    state.best_eval_loss = Some(e.loss);
+                    state.best_step = Some(step);
+                    state.evals_without_improvement = 0;
+                } else {
+                    state.evals_without_improvement += 1;
+                }
+                last_eval = Some(e);
+                if t.early_stopping_patience > 0
+                    && state.evals_without_improvement >= t.early_stopping_patience
+                {
+                    stopped_early = true;
+                }
+            }
+        }
+        state.step = step;
+        state.epoch = step * (t.batch_size * t.grad_accum) as u64 / train_rows.len() as u64;
+        state.data_position = step * (t.batch_size * t.grad_accum) as u64 % train_rows.len() as u64;
+        state.elapsed_s = elapsed_before + wall.elapsed().as_secs_f64();
+        if (t.save_every > 0 && step % t.save_every == 0) || at_end || stopped_early {
+            let named = named_trainables(&model, &lora);
+            let opt = optimizer.state_tensors();
+            let files = [
+                (TRAINABLE_FILE, Contents::Tensors(&named)),
+                (OPTIMIZER_FILE, Contents::Tensors(&opt)),
+            ];
+            let dir = checkpoint::write_checkpoint(run_dir, step, &files, &state)?;
+            checkpoint::prune_checkpoints(run_dir, 2, state.best_step)?;
+            events.emit(Event::Checkpoint, json!({ "step": step, "path": dir }))?;
+        }
+        if stopped_early {
+            break;
+        }
+    }
+    progress.finish();
+    let finished = step == total_steps || stopped_early;
+    let output = if finished {
+        Some(write_output(&model, &lora, &tokenizer, config, run_dir)?)
+    } else {
+        None
+    };
+    let summary = RunSummary {
+        run_dir: run_dir.to_path_buf(),
+        steps: step,
+        total_steps,
+        final_loss,
+        eval_before,
+        eval_after: last_eval,
+        best_step: state.best_step,
+        trainable_parameters,
+        model_parameters,
+        train_rows: train_rows.len(),
+        eval_rows: eval_rows.len(),
+        data: stats,
+        stopped_early,
+        output,
+        tokens_seen: state.tokens_seen,
+        elapsed_s: state.elapsed_s,
+    };
+    if finished {
+        events.emit(Event::Finished, &summary)?;
+    }
+    Ok(summary)
+}
+
+/// The run's product: `adapter/` (PEFT) for LoRA, `model/` (HF folder) for full fine-tuning.
+fn write_output(
+    model: &Model<f32>,
+    lora: &Option<Lora<f32>>,
+    tokenizer: &Tokenizer,
+    config: &RunConfig,
+    run_dir: &Path,
+) -> Result<PathBuf, TrainError> {
+    let base = config.model.path.display().to_string();
+    match lora {
+        Some(l) => {
+            let dir = run_dir.join("adapter");
+            retune_core::load::peft::save_peft_adapter(&dir, l, &model.config, &base)?;
+            Ok(dir)
+        }
+        None => {
+            let dir = run_dir.join("model");
+            retune_core::load::save::save_hf_folder(
+                &dir,
+                &model.config,
+                &model.weights,
+                tokenizer,
+                retune_core::load::save::SaveDtype::F32,
+            )?;
+            Ok(dir)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::step_rows;
+
+    #[test]
+    fn every_row_is_visited_once_per_epoch() {
+        let rows = 10;
+        let mut seen = Vec::new();
+        for step in 0..5 {
+            for micro in step_rows(rows, 7, step, 2, 1) {
+                seen.extend(micro);
+            }
+        }
+        let mut sorted = seen.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..10).collect::<Vec<_>>());
+        assert_ne!(seen, (0..10).collect::<Vec<_>>(), "rows are shuffled");
+        let again: Vec<usize> = (0..5)
+            .flat_map(|s| step_rows(rows, 7, s, 2, 1).concat())
+            .collect();
+        assert_eq!(seen, again, "the order is a function of the seed");
+    }
+}
