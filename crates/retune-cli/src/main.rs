@@ -22,12 +22,16 @@ struct Cli {
 enum Command {
     /// Fine-tune a model (LoRA or full; clm or sft) as a TOML configuration describes.
     Train(commands::train::Args),
+    /// Build datasets (the real cardiology sets of the demo).
+    Data(commands::data::Args),
     /// Show a model's architecture, parameter count, weight dtypes and memory estimates.
     Inspect(commands::inspect::Args),
     /// Measure loss and perplexity of a model on text files.
     Eval(commands::eval::Args),
     /// Generate text from a prompt (streamed to stdout).
-    Generate(commands::generate::Args),
+    Generate(commands::generate::CliArgs),
+    /// Merge a LoRA adapter into its base model and write a Hugging Face folder (checked).
+    Merge(commands::merge::Args),
     /// The embedded default: answer a cardiology question with SmolLM2-135M-Instruct.
     Demo(commands::demo::Args),
     /// Fetch real assets (model, tokenizers, corpora) into the cache, verified by sha256.
@@ -56,9 +60,11 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Train(args) => commands::train::run(args),
+        Command::Data(args) => commands::data::run(args),
         Command::Inspect(args) => commands::inspect::run(args),
         Command::Eval(args) => commands::eval::run(args),
         Command::Generate(args) => commands::generate::run(args),
+        Command::Merge(args) => commands::merge::run(args),
         Command::Demo(args) => commands::demo::run(args),
         Command::Fetch(args) => commands::fetch::run(args),
         Command::Bench(args) => commands::bench::run(args),

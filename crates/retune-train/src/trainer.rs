@@ -415,12 +415,20 @@ fn run_inner(
     };
     if !opts.quiet {
         let share = 100.0 * trainable_parameters as f64 / model_parameters as f64;
+        let peak = retune_core::model::memory::training_bytes(
+            &model.config,
+            t.batch_size,
+            config.data.max_seq_len,
+            trainable_parameters,
+        );
         eprintln!(
             "trainable parameters: {trainable_parameters} of {model_parameters} ({share:.3}%); \
-             {} training rows, {} eval rows of {} tokens; {total_steps} steps",
+             {} training rows, {} eval rows of {} tokens; {total_steps} steps; estimated peak \
+             memory {:.2} GiB",
             train_rows.len(),
             eval_rows.len(),
-            config.data.max_seq_len
+            config.data.max_seq_len,
+            peak as f64 / (1u64 << 30) as f64
         );
     }
     events.emit(

@@ -21,6 +21,9 @@ pub struct Args {
     /// A Hugging Face model folder or a .gguf file.
     #[arg(long)]
     model: PathBuf,
+    /// A LoRA adapter folder (PEFT format) to apply: merged into the base weights after loading.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// Text files (.txt, .md) or JSON Lines files with a "text" field.
     #[arg(long, required = true, num_args = 1..)]
     data: Vec<PathBuf>,
@@ -79,7 +82,10 @@ pub fn run(args: Args) -> Result<Outcome> {
     for path in &args.data {
         texts.extend(read_documents(path)?);
     }
-    let (model, tok) = load_model_and_tokenizer(&args.model, args.json)?;
+    let (mut model, tok) = load_model_and_tokenizer(&args.model, args.json)?;
+    if let Some(dir) = &args.adapter {
+        super::merge::apply_adapter(&mut model, dir, args.json)?;
+    }
     if args.max_seq_len > model.config.max_position_embeddings {
         bail!(
             "--max-seq-len {} exceeds the model's context of {}",

@@ -12,6 +12,17 @@ use std::path::PathBuf;
 /// Generate text from a prompt, streamed to stdout. Temperature 0 (the default) is greedy
 /// decoding: the same output on every run.
 #[derive(clap::Args, Debug)]
+pub struct CliArgs {
+    /// Generation options.
+    #[command(flatten)]
+    pub args: Args,
+    /// A LoRA adapter folder (PEFT format) to apply: merged into the base weights after loading.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+}
+
+/// Generation options (also used by `retune demo`).
+#[derive(clap::Args, Debug)]
 pub struct Args {
     /// A Hugging Face model folder or a .gguf file.
     #[arg(long)]
@@ -96,8 +107,12 @@ pub fn answer(
     Ok(text)
 }
 
-pub fn run(args: Args) -> Result<Outcome> {
-    let (model, tok) = load_model_and_tokenizer(&args.model, false)?;
+pub fn run(cli: CliArgs) -> Result<Outcome> {
+    let args = cli.args;
+    let (mut model, tok) = load_model_and_tokenizer(&args.model, false)?;
+    if let Some(dir) = &cli.adapter {
+        super::merge::apply_adapter(&mut model, dir, false)?;
+    }
     let ids = encode_prompt(&tok, &args.prompt, args.chat, args.system.as_deref())?;
     let start = std::time::Instant::now();
     let text = answer(&model, &tok, &ids, &args, &mut std::io::stdout().lock())?;

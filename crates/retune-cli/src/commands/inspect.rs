@@ -5,6 +5,7 @@ use crate::Outcome;
 use anyhow::{Context, Result};
 use retune_core::config::LlamaConfig;
 use retune_core::load::{inspect_model, ModelSummary};
+use retune_core::model::memory;
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -37,34 +38,22 @@ fn weight_class(name: &str) -> &'static str {
     }
 }
 
-/// Rough memory needs in bytes, all weights held in f32 (how retune computes today).
-/// Training figures assume batch 4 x 256 tokens with per-layer recompute, LoRA r = 16 on all
-/// linear layers; they are estimates, not measurements (`retune bench` measures).
+/// Memory estimates (weights in f32, as retune computes today): inference with a 4k-token KV
+/// cache; training at batch 4 x 256 tokens with per-layer recompute, LoRA r = 16 on all linear
+/// layers or full fine-tuning. Estimates, not measurements (`retune bench` measures).
 pub fn memory_estimates(cfg: &LlamaConfig) -> BTreeMap<&'static str, u64> {
-    let p = cfg.param_count() as u64;
-    let (l, c, f, v) = (
-        cfg.num_hidden_layers as u64,
-        cfg.hidden_size as u64,
-        cfg.intermediate_size as u64,
-        cfg.vocab_size as u64,
-    );
-    let (q, kv) = (cfg.q_dim() as u64, cfg.kv_dim() as u64);
-    let weights = 4 * p;
-    let ctx = cfg.max_position_embeddings.min(4096) as u64;
-    let kv_cache = 2 * l * kv * 4 * ctx;
-    let n = 4 * 256u64;
-    // Saved layer inputs + one layer's activations (twice: values and gradients) + LM-head chunk.
-    let one_layer = n * (4 * c + 2 * q + 2 * kv + 3 * f) * 4
-        + 4 * cfg.num_attention_heads as u64 * 256 * 256 * 4;
-    let activations = (l + 1) * n * c * 4 + 2 * one_layer + 256 * v * 4;
-    let lora_params = l * 16 * ((c + q) + 2 * (c + kv) + (q + c) + 2 * (c + f) + (f + c));
+    let ctx = cfg.max_position_embeddings.min(4096);
+    let lora = memory::lora_all_linear_params(cfg, 16);
     let mut m = BTreeMap::new();
-    m.insert("inference_bytes", weights + kv_cache);
+    m.insert("inference_bytes", memory::inference_bytes(cfg, ctx));
     m.insert(
         "lora_training_bytes",
-        weights + 16 * lora_params + activations,
+        memory::training_bytes(cfg, 4, 256, lora),
     );
-    m.insert("full_training_bytes", 4 * weights + activations);
+    m.insert(
+        "full_training_bytes",
+        memory::training_bytes(cfg, 4, 256, cfg.param_count()),
+    );
     m
 }
 

@@ -1,11 +1,13 @@
 //! One module per command: an `Args` struct (its doc comments are the help) and `run`.
 
 pub mod bench;
+pub mod data;
 pub mod demo;
 pub mod eval;
 pub mod fetch;
 pub mod generate;
 pub mod inspect;
+pub mod merge;
 pub mod train;
 
 use anyhow::{Context, Result};

@@ -492,6 +492,8 @@ pub fn load_peft_adapter(dir: &Path, config: &LlamaConfig) -> Result<Lora<f32>> 
     let mut found: BTreeMap<(usize, Target, bool), Vec<f32>> = BTreeMap::new();
     let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
     names.sort();
+    // Every key first (names, layers, targets), so the most telling problem is reported.
+    let mut parsed = Vec::with_capacity(names.len());
     for key in &names {
         let Some((layer, t, is_a)) = parse_key(key) else {
             let hint = if !key.starts_with(KEY_PREFIX) && key.contains(".lora_") {
@@ -510,16 +512,6 @@ pub fn load_peft_adapter(dir: &Path, config: &LlamaConfig) -> Result<Lora<f32>> 
                 ),
             ));
         };
-        if layer >= n_layers {
-            return Err(Error::format(
-                path,
-                format!(
-                    "adapter `{}` was trained on a model with more layers: tensor `{key}` is for \
-                     layer {layer}, this base has {n_layers} layers",
-                    dir.display()
-                ),
-            ));
-        }
         if peft.targets_listed && !peft.spec.targets.contains(&t) {
             return Err(Error::format(
                 path,
@@ -542,6 +534,20 @@ pub fn load_peft_adapter(dir: &Path, config: &LlamaConfig) -> Result<Lora<f32>> 
                 ));
             }
         }
+        parsed.push((key, layer, t, is_a));
+    }
+    let deepest = parsed.iter().max_by_key(|p| p.1);
+    if let Some((key, layer, ..)) = deepest.filter(|p| p.1 >= n_layers) {
+        return Err(Error::format(
+            path,
+            format!(
+                "adapter `{}` was trained on a model with more layers: tensor `{key}` is for \
+                 layer {layer}, this base has {n_layers} layers",
+                dir.display()
+            ),
+        ));
+    }
+    for (key, layer, t, is_a) in parsed {
         let view = st
             .tensor(key)
             .map_err(|e| Error::format(path, e.to_string()))?;

@@ -8,6 +8,7 @@
 pub mod decoder;
 pub mod generate;
 pub mod lora;
+pub mod memory;
 pub mod weights;
 
 pub use lora::{Lora, LoraSpec, Target};
