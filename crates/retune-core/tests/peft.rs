@@ -623,3 +623,37 @@ fn hf_folder_refuses_a_folder_with_other_weights() {
         .unwrap();
     }
 }
+
+/// The `tokenizer.json` written for a tokenizer rebuilt from GGUF metadata encodes, in Hugging
+/// Face `tokenizers` (what transformers runs, special tokens on), exactly as retune (llama.cpp)
+/// does, BOS included where the model wants it: on llama.cpp's golden inputs.
+#[test]
+fn saved_tokenizer_json_encodes_like_retune_in_hf_tokenizers() {
+    let vocabs = retune_assets::fetch(retune_assets::Asset::LlamaCppVocabs).unwrap();
+    let smollm2 = retune_assets::fetch(retune_assets::Asset::SmolLm2Gguf).unwrap();
+    let cases = [
+        ("llama-bpe", vocabs.join("ggml-vocab-llama-bpe.gguf"), true),
+        ("llama-spm", vocabs.join("ggml-vocab-llama-spm.gguf"), true),
+        ("qwen2", vocabs.join("ggml-vocab-qwen2.gguf"), false),
+        ("smollm2", smollm2, false),
+    ];
+    let inputs = std::fs::read_to_string(vocabs.join("ggml-vocab-llama-bpe.gguf.inp")).unwrap();
+    let mut texts: Vec<&str> = inputs
+        .split("\n__ggml_vocab_test__\n")
+        .filter(|t| !t.is_empty())
+        .collect();
+    texts.push("<|im_start|>user\nHi<|im_end|>");
+    for (name, path, add_bos) in cases {
+        let tok = Tokenizer::from_gguf(&path).unwrap();
+        assert_eq!(tok.add_bos, add_bos, "{name}");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tokenizer.json");
+        tok.save_tokenizer_json(&file).unwrap();
+        let hf = tokenizers::Tokenizer::from_file(&file).unwrap();
+        for text in &texts {
+            let ours = tok.encode(text, true).unwrap();
+            let theirs = hf.encode(*text, true).unwrap().get_ids().to_vec();
+            assert_eq!(theirs, ours, "{name}: {text:?}");
+        }
+    }
+}

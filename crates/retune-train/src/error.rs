@@ -31,6 +31,30 @@ pub enum TrainError {
     /// The run cannot start or continue as asked (exit code 2).
     #[error("{0}")]
     Invalid(String),
+    /// General-text perplexity rose past `retention.max_increase` (exit code 1). The run's
+    /// output was written from the last checkpoint within the bound, if any.
+    #[error(
+        "step {step}: general-text perplexity rose from {before:.3} to {after:.3} (+{:.1}%), past \
+         retention.max_increase = {:.1}%; {}",
+        100.0 * (after / before - 1.0),
+        100.0 * limit,
+        match kept_step {
+            Some(s) => format!("kept the last checkpoint within the bound (step {s}) as the run's output"),
+            None => "no checkpoint was within the bound, so no output was written".to_string(),
+        }
+    )]
+    RetentionExceeded {
+        /// The step whose measurement crossed the bound.
+        step: u64,
+        /// Perplexity of the base model.
+        before: f64,
+        /// Perplexity at `step`.
+        after: f64,
+        /// `retention.max_increase`.
+        limit: f64,
+        /// The step written as output instead.
+        kept_step: Option<u64>,
+    },
     /// The loss or gradient norm stopped being finite (the run diverged; exit code 1).
     #[error(
         "step {step}: {what} is {} ({}, lr {}, dtype {}): lower train.lr, check the data for \
@@ -70,7 +94,7 @@ impl TrainError {
 
     /// Whether the run itself failed (exit code 1) rather than its input (exit code 2).
     pub fn is_run_failure(&self) -> bool {
-        matches!(self, TrainError::NonFinite { .. })
+        matches!(self, TrainError::NonFinite { .. } | TrainError::RetentionExceeded { .. })
     }
 }
 

@@ -202,12 +202,28 @@ pub struct EvalRow {
     pub accuracy: f64,
 }
 
-/// One row of `metrics.jsonl`, either kind.
+/// A `metrics.jsonl` row after measuring general-text (retention) perplexity, windowed as
+/// `retune eval` windows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RetentionRow {
+    /// Optimizer steps completed when measured (0: the base model).
+    pub step: u64,
+    /// Mean loss per predicted token on the general text.
+    pub retention_loss: f64,
+    /// `exp(retention_loss)`.
+    pub retention_perplexity: f64,
+    /// Tokens predicted.
+    pub retention_tokens: u64,
+}
+
+/// One row of `metrics.jsonl`, any kind.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum MetricsRow {
     /// Written by [`MetricsLog::eval`] (tried first: it has `eval_loss`).
     Eval(EvalRow),
+    /// Written by [`MetricsLog::retention`].
+    Retention(RetentionRow),
     /// Written by [`MetricsLog::step`].
     Step(StepRow),
 }
@@ -217,6 +233,7 @@ impl MetricsRow {
     pub fn step(&self) -> u64 {
         match self {
             MetricsRow::Eval(r) => r.step,
+            MetricsRow::Retention(r) => r.step,
             MetricsRow::Step(r) => r.step,
         }
     }
@@ -266,6 +283,11 @@ impl MetricsLog {
 
     /// Appends an eval row.
     pub fn eval(&mut self, row: &EvalRow) -> Result<()> {
+        self.lines.append(row)
+    }
+
+    /// Appends a retention row.
+    pub fn retention(&mut self, row: &RetentionRow) -> Result<()> {
         self.lines.append(row)
     }
 }

@@ -10,7 +10,7 @@
 use crate::checkpoint::{self, Contents, TrainerState};
 use crate::config::{MethodKind, ObjectiveKind, OnOverflow, RunConfig};
 use crate::data::{self, Example, FileStats, Overflow, Row};
-use crate::events::{self, EvalRow, Event, EventLog, MetricsLog, StepRow};
+use crate::events::{self, EvalRow, Event, EventLog, MetricsLog, RetentionRow, StepRow};
 use crate::nan_guard::check_finite;
 use crate::optim::{clip_grad_norm, AdamW};
 use crate::progress::Progress;
@@ -38,7 +38,7 @@ pub struct TrainOptions {
 }
 
 /// Evaluation figures at one step.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, serde::Deserialize)]
 pub struct EvalFigures {
     /// Optimizer steps completed.
     pub step: u64,
@@ -83,6 +83,10 @@ pub struct RunSummary {
     pub stopped_early: bool,
     /// The adapter (LoRA) or model (full) written at the end, if the run finished.
     pub output: Option<PathBuf>,
+    /// General-text perplexity of the base model (absent without `[retention] data`, or on resume).
+    pub retention_before: Option<EvalFigures>,
+    /// General-text perplexity at the end.
+    pub retention_after: Option<EvalFigures>,
     /// Training tokens seen.
     pub tokens_seen: u64,
     /// Wall time of training, seconds.
@@ -96,6 +100,8 @@ struct Setup {
     lora: Option<Lora<f32>>,
     train_rows: Vec<Row>,
     eval_rows: Vec<Row>,
+    /// Tokenised general text for the retention measurement.
+    retention_docs: Vec<Vec<u32>>,
     stats: Vec<FileStats>,
     total_steps: u64,
 }
@@ -171,12 +177,14 @@ fn setup(config: &RunConfig) -> Result<Setup, TrainError> {
         }
         MethodKind::Full => None,
     };
+    let retention_docs = crate::retention::tokenize_files(&config.retention.data, &tokenizer)?;
     Ok(Setup {
         model,
         tokenizer,
         lora,
         train_rows,
         eval_rows,
+        retention_docs,
         stats,
         total_steps,
     })
@@ -237,6 +245,31 @@ fn evaluate(
         accuracy: total.correct as f64 / total.count.max(1) as f64,
         tokens: total.count,
     })
+}
+
+/// Measures general-text perplexity at `step`, logging a metrics row and an event.
+fn measure_retention(
+    model: &Model<f32>,
+    lora: Option<&Lora<f32>>,
+    docs: &[Vec<u32>],
+    config: &RunConfig,
+    step: u64,
+    metrics: &mut MetricsLog,
+    events: &mut EventLog,
+) -> Result<Option<EvalFigures>, TrainError> {
+    if docs.is_empty() {
+        return Ok(None);
+    }
+    let r = crate::retention::measure(model, lora, docs, config.data.max_seq_len)?;
+    let row = RetentionRow {
+        step,
+        retention_loss: r.loss,
+        retention_perplexity: r.perplexity,
+        retention_tokens: r.tokens as u64,
+    };
+    metrics.retention(&row)?;
+    events.emit(Event::Retention, &row)?;
+    Ok(Some(EvalFigures { step, loss: r.loss, perplexity: r.perplexity, accuracy: r.accuracy, tokens: r.tokens }))
 }
 
 /// The trainable tensors and their gradients, in one fixed order.
@@ -380,6 +413,7 @@ fn run_inner(
         mut lora,
         train_rows,
         eval_rows,
+        retention_docs,
         stats,
         total_steps,
     } = setup(config)?;
@@ -451,6 +485,18 @@ fn run_inner(
     } else {
         None
     };
+    // The base model's general-text perplexity: measured once, kept in the state for resumes.
+    let retention_before = match state.extra.get("retention_before") {
+        Some(v) => serde_json::from_value::<EvalFigures>(v.clone()).ok(),
+        None => {
+            let r = measure_retention(&model, lora.as_ref(), &retention_docs, config, 0, &mut metrics, events)?;
+            if let Some(r) = &r {
+                state.extra.insert("retention_before".into(), serde_json::to_value(r).unwrap_or_default());
+            }
+            r
+        }
+    };
+    let mut retention_after = None;
     let mut progress = Progress::new(total_steps, start_step, opts.quiet);
     let wall = Instant::now();
     let elapsed_before = state.elapsed_s;
@@ -514,7 +560,31 @@ fn run_inner(
         final_loss = Some(loss);
 
         let at_end = step == total_steps || opts.stop_after.is_some_and(|n| step - start_step >= n);
-        if (t.eval_every > 0 && step % t.eval_every == 0) || step == total_steps {
+        let eval_now = (t.eval_every > 0 && step % t.eval_every == 0) || step == total_steps;
+        let mut retention_ok = false;
+        if eval_now {
+            if let Some(r) = measure_retention(&model, lora.as_ref(), &retention_docs, config, step, &mut metrics, events)? {
+                retention_after = Some(r);
+                let before = retention_before.map_or(r.perplexity, |b| b.perplexity);
+                if let Some(limit) = config.retention.max_increase {
+                    if crate::retention::relative_change(before, r.perplexity) > limit {
+                        let kept_step = state.extra.get("retention_ok_step").and_then(|v| v.as_u64());
+                        if let Some(kept) = kept_step {
+                            let dir = checkpoint::checkpoints_dir(run_dir).join(format!("step-{kept}"));
+                            let file = dir.join(TRAINABLE_FILE);
+                            restore_trainables(&mut model, &mut lora, &checkpoint::load_tensors(&file)?, &file)?;
+                            write_output(&model, &lora, &tokenizer, config, run_dir)?;
+                        }
+                        progress.finish();
+                        return Err(TrainError::RetentionExceeded { step, before, after: r.perplexity, limit, kept_step });
+                    }
+                    retention_ok = true;
+                    state.extra.insert("retention_ok_step".into(), step.into());
+                }
+                progress.println(&format!("step {step}: general-text perplexity {:.3} (base {before:.3})", r.perplexity));
+            }
+        }
+        if eval_now {
             if let Some(e) = evaluate(&model, lora.as_ref(), &eval_rows, t.batch_size, step) {
                 metrics.eval(&EvalRow {
                     step,
@@ -546,7 +616,8 @@ fn run_inner(
         state.epoch = step * (t.batch_size * t.grad_accum) as u64 / train_rows.len() as u64;
         state.data_position = step * (t.batch_size * t.grad_accum) as u64 % train_rows.len() as u64;
         state.elapsed_s = elapsed_before + wall.elapsed().as_secs_f64();
-        if (t.save_every > 0 && step % t.save_every == 0) || at_end || stopped_early {
+        // Under a retention bound, every measurement within it is checkpointed: the fallback.
+        if (t.save_every > 0 && step % t.save_every == 0) || at_end || stopped_early || retention_ok {
             let named = named_trainables(&model, &lora);
             let opt = optimizer.state_tensors();
             let files = [
@@ -583,6 +654,8 @@ fn run_inner(
         data: stats,
         stopped_early,
         output,
+        retention_before,
+        retention_after,
         tokens_seen: state.tokens_seen,
         elapsed_s: state.elapsed_s,
     };

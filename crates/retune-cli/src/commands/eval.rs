@@ -2,11 +2,11 @@
 
 use super::{load_model_and_tokenizer, print_json};
 use crate::Outcome;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use retune_core::eval::evaluate;
-use retune_core::tokenizer::Tokenizer;
+use retune_train::retention::read_documents;
 use serde_json::json;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// Measure loss and perplexity of a model on text files.
 ///
@@ -35,44 +35,6 @@ pub struct Args {
     json: bool,
 }
 
-/// Reads the documents of one file: the whole file, or each JSON line's "text".
-pub fn read_documents(path: &Path) -> Result<Vec<String>> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let text = String::from_utf8(bytes).map_err(|e| {
-        anyhow::anyhow!(
-            "{}: not UTF-8 text (byte {})",
-            path.display(),
-            e.utf8_error().valid_up_to()
-        )
-    })?;
-    if path.extension().is_some_and(|e| e == "jsonl") {
-        let mut docs = Vec::new();
-        for (i, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            let v: serde_json::Value = serde_json::from_str(line)
-                .with_context(|| format!("{}:{}: invalid JSON", path.display(), i + 1))?;
-            match v.get("text").and_then(|t| t.as_str()) {
-                Some(t) => docs.push(t.to_string()),
-                None => bail!(
-                    "{}:{}: field `text`: missing or not a string",
-                    path.display(),
-                    i + 1
-                ),
-            }
-        }
-        Ok(docs)
-    } else {
-        Ok(vec![text])
-    }
-}
-
-/// Tokenises documents for evaluation (BOS as the tokenizer wants it).
-pub fn tokenize_documents(tok: &Tokenizer, docs: &[String]) -> Result<Vec<Vec<u32>>> {
-    docs.iter().map(|d| Ok(tok.encode(d, true)?)).collect()
-}
-
 pub fn run(args: Args) -> Result<Outcome> {
     if args.max_seq_len < 2 {
         bail!("--max-seq-len must be at least 2 (one token to predict from another)");
@@ -82,6 +44,7 @@ pub fn run(args: Args) -> Result<Outcome> {
     for path in &args.data {
         texts.extend(read_documents(path)?);
     }
+    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
     let (mut model, tok) = load_model_and_tokenizer(&args.model, args.json)?;
     if let Some(dir) = &args.adapter {
         super::merge::apply_adapter(&mut model, dir, args.json)?;
@@ -93,7 +56,7 @@ pub fn run(args: Args) -> Result<Outcome> {
             model.config.max_position_embeddings
         );
     }
-    let docs = tokenize_documents(&tok, &texts)?;
+    let docs = texts.iter().map(|d| tok.encode(d, true)).collect::<Result<Vec<_>, _>>()?;
     let result = evaluate(&model, None, &docs, args.max_seq_len)?;
     if args.json {
         print_json(&json!({
