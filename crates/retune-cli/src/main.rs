@@ -38,6 +38,10 @@ enum Command {
     Fetch(commands::fetch::Args),
     /// Measure forward+backward throughput and peak memory.
     Bench(commands::bench::Args),
+    /// Print a run's disclosure record (json, jsonld, jats or the md model card).
+    Disclose(commands::disclose::Args),
+    /// Check that a model is the base an adapter was trained on (sha256 of every weight file).
+    Verify(commands::verify::Args),
 }
 
 /// How a command ended, beyond success.
@@ -68,6 +72,8 @@ fn main() -> ExitCode {
         Command::Demo(args) => commands::demo::run(args),
         Command::Fetch(args) => commands::fetch::run(args),
         Command::Bench(args) => commands::bench::run(args),
+        Command::Disclose(args) => commands::disclose::run(args),
+        Command::Verify(args) => commands::verify::run(args),
     };
     match result {
         Ok(Outcome::Success) => ExitCode::SUCCESS,

@@ -385,6 +385,117 @@ pub fn base_model(path: &Path) -> Result<BaseModel> {
     })
 }
 
+/// What a run reports at its end, read by field name from a [`RunSummary`] or from the
+/// `finished` event of `events.jsonl` (which carries the same object), so figures added to the
+/// summary later are picked up and a record can be rebuilt from the run folder alone.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct SummaryView {
+    /// Optimizer steps completed.
+    pub steps: Option<u64>,
+    /// Steps planned.
+    pub total_steps: Option<u64>,
+    /// Training loss of the last step.
+    pub final_loss: Option<f64>,
+    /// Evaluation before training.
+    pub eval_before: Option<EvalView>,
+    /// Evaluation at the end.
+    pub eval_after: Option<EvalView>,
+    /// Step of the best evaluation.
+    pub best_step: Option<u64>,
+    /// General-text perplexity before: a number or an object with `perplexity`.
+    pub retention_before: Option<serde_json::Value>,
+    /// General-text perplexity after: a number or an object with `perplexity`.
+    pub retention_after: Option<serde_json::Value>,
+    /// Trainable parameters.
+    pub trainable_parameters: Option<usize>,
+    /// All parameters of the base model.
+    pub model_parameters: Option<usize>,
+    /// Training rows after packing.
+    pub train_rows: Option<usize>,
+    /// Evaluation rows after packing.
+    pub eval_rows: Option<usize>,
+    /// Per-file data statistics.
+    pub data: Vec<StatsView>,
+    /// Early stopping ended the run.
+    pub stopped_early: Option<bool>,
+    /// Training tokens seen.
+    pub tokens_seen: Option<u64>,
+    /// Wall time, seconds.
+    pub elapsed_s: Option<f64>,
+}
+
+/// Evaluation figures as a summary reports them.
+#[derive(Clone, Copy, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct EvalView {
+    /// Step.
+    pub step: u64,
+    /// Mean loss per target token.
+    pub loss: f64,
+    /// `exp(loss)`.
+    pub perplexity: f64,
+    /// Token accuracy.
+    pub accuracy: Option<f64>,
+}
+
+/// Per-file data statistics as a summary reports them.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct StatsView {
+    /// The file.
+    pub path: PathBuf,
+    /// Rows read.
+    pub rows_read: usize,
+    /// Rows used.
+    pub rows_used: usize,
+    /// Rows dropped, by reason.
+    pub dropped: BTreeMap<String, usize>,
+    /// Rows truncated, by reason.
+    pub truncated: BTreeMap<String, usize>,
+    /// Tokens.
+    pub tokens: usize,
+    /// Target tokens.
+    pub target_tokens: usize,
+    /// Format the rows were read as.
+    pub format: String,
+}
+
+impl SummaryView {
+    /// The view of a trainer's summary.
+    pub fn of(summary: &RunSummary) -> Self {
+        serde_json::to_value(summary)
+            .ok()
+            .and_then(|v| serde_json::from_value(v).ok())
+            .unwrap_or_default()
+    }
+}
+
+fn perplexity_of(v: &Option<serde_json::Value>) -> Option<f64> {
+    match v.as_ref()? {
+        serde_json::Value::Number(n) => n.as_f64(),
+        o => o.get("perplexity").and_then(|p| p.as_f64()),
+    }
+}
+
+/// The last `finished` or `failed` event of `run_dir/events.jsonl`: the status, the summary
+/// (finished) or the error (failed). None when the run has neither (still running, killed).
+pub fn terminal_event(run_dir: &Path) -> Option<(Status, Option<SummaryView>, Option<String>)> {
+    let text = std::fs::read_to_string(run_dir.join("events.jsonl")).ok()?;
+    text.lines().rev().find_map(|line| {
+        let v: serde_json::Value = serde_json::from_str(line).ok()?;
+        match v.get("event")?.as_str()? {
+            "finished" => Some((Status::Finished, serde_json::from_value(v).ok(), None)),
+            "failed" => Some((
+                Status::Failed,
+                None,
+                v.get("error").and_then(|e| e.as_str()).map(String::from),
+            )),
+            _ => None,
+        }
+    })
+}
+
 fn data_format(config: &RunConfig, path: &Path) -> String {
     let named = match config.data.format {
         DataFormat::Auto => None,
@@ -411,7 +522,7 @@ fn data_format(config: &RunConfig, path: &Path) -> String {
 
 fn data_files(
     config: &RunConfig,
-    summary: Option<&RunSummary>,
+    summary: Option<&SummaryView>,
     failed: bool,
 ) -> Result<Vec<DataFile>> {
     let d = &config.data;
@@ -435,10 +546,10 @@ fn data_files(
             sha256: hash.as_ref().map(|h| h.sha256.clone()),
             bytes: hash.as_ref().map(|h| h.bytes),
             role: role.to_string(),
-            format: if role == "retention" {
-                "text".into()
-            } else {
-                data_format(config, path)
+            format: match stats.map(|s| s.format.as_str()) {
+                Some(f) if !f.is_empty() => f.to_string(),
+                _ if role == "retention" => "text".into(),
+                _ => data_format(config, path),
             },
             rows_read: stats.map(|s| s.rows_read),
             rows_used: stats.map(|s| s.rows_used),
@@ -472,7 +583,7 @@ fn split_rule(config: &RunConfig) -> String {
     }
 }
 
-fn method(config: &RunConfig, summary: Option<&RunSummary>) -> Method {
+fn method(config: &RunConfig, summary: Option<&SummaryView>) -> Method {
     let m = &config.method;
     let lora = (m.kind == MethodKind::Lora).then(|| LoraMethod {
         r: m.r,
@@ -513,10 +624,11 @@ fn method(config: &RunConfig, summary: Option<&RunSummary>) -> Method {
         .into(),
         lora,
         objective,
-        trainable_parameters: summary.map(|s| s.trainable_parameters),
+        trainable_parameters: summary.and_then(|s| s.trainable_parameters),
         trainable_share: summary
-            .filter(|s| s.model_parameters > 0)
-            .map(|s| s.trainable_parameters as f64 / s.model_parameters as f64),
+            .and_then(|s| s.trainable_parameters.zip(s.model_parameters))
+            .filter(|(_, all)| *all > 0)
+            .map(|(t, all)| t as f64 / all as f64),
         seed: config.train.seed,
         deterministic: config.train.deterministic,
         config: serde_json::to_value(config).unwrap_or(serde_json::Value::Null),
@@ -563,16 +675,16 @@ pub fn environment(wall_time_s: Option<f64>) -> Environment {
     }
 }
 
-fn eval_result(e: &retune_train::trainer::EvalFigures) -> EvalResult {
+fn eval_result(e: &EvalView) -> EvalResult {
     EvalResult {
         step: e.step,
         loss: e.loss,
         perplexity: e.perplexity,
-        accuracy: Some(e.accuracy),
+        accuracy: e.accuracy,
     }
 }
 
-fn results(summary: Option<&RunSummary>, metrics: &Metrics) -> Results {
+fn results(summary: Option<&SummaryView>, metrics: &Metrics) -> Results {
     let from_metrics = |e: &crate::metrics::EvalPoint| EvalResult {
         step: e.step,
         loss: e.loss,
@@ -590,30 +702,36 @@ fn results(summary: Option<&RunSummary>, metrics: &Metrics) -> Results {
         .iter()
         .min_by(|a, b| a.loss.total_cmp(&b.loss))
         .map(|e| e.step);
-    let retention = (!metrics.retention.is_empty()).then(|| {
-        let before = metrics
-            .retention
-            .iter()
-            .find(|r| r.step == 0)
-            .map(|r| r.perplexity);
-        let after = metrics.retention.last().map(|r| r.perplexity);
-        RetentionResult {
-            before,
-            after,
-            relative_change: before.zip(after).map(|(b, a)| a / b - 1.0),
-            history: metrics.retention.clone(),
-        }
-    });
+    let from_summary = |f: fn(&SummaryView) -> Option<f64>| summary.and_then(f);
+    let sum_before = from_summary(|s| perplexity_of(&s.retention_before));
+    let sum_after = from_summary(|s| perplexity_of(&s.retention_after));
+    let retention = (!metrics.retention.is_empty() || sum_before.is_some() || sum_after.is_some())
+        .then(|| {
+            let before = sum_before.or_else(|| {
+                metrics
+                    .retention
+                    .iter()
+                    .find(|r| r.step == 0)
+                    .map(|r| r.perplexity)
+            });
+            let after = sum_after.or_else(|| metrics.retention.last().map(|r| r.perplexity));
+            RetentionResult {
+                before,
+                after,
+                relative_change: before.zip(after).map(|(b, a)| a / b - 1.0),
+                history: metrics.retention.clone(),
+            }
+        });
     match summary {
         Some(s) => Results {
-            steps: Some(s.steps),
-            total_steps: Some(s.total_steps),
-            final_train_loss: s.final_loss,
+            steps: s.steps.or(metrics.last_step()),
+            total_steps: s.total_steps,
+            final_train_loss: s.final_loss.or(metrics.train_loss.last().map(|(_, l)| *l)),
             eval_before: s.eval_before.as_ref().map(eval_result).or(first_eval),
             eval_after: s.eval_after.as_ref().map(eval_result).or(last_eval),
             best_step: s.best_step.or(best_eval),
             retention,
-            stopped_early: Some(s.stopped_early),
+            stopped_early: s.stopped_early,
         },
         None => Results {
             steps: metrics.last_step(),
@@ -686,12 +804,14 @@ pub fn build_record(
     summary: Option<&RunSummary>,
     error: Option<&str>,
 ) -> Result<DisclosureRecord> {
-    let failed = error.is_some();
-    let status = match (error, summary) {
-        (Some(_), _) => Status::Failed,
-        (None, Some(_)) => Status::Finished,
-        (None, None) => Status::Running,
+    let (status, view, error) = match (error, summary) {
+        (Some(e), s) => (Status::Failed, s.map(SummaryView::of), Some(e.to_string())),
+        (None, Some(s)) => (Status::Finished, Some(SummaryView::of(s)), None),
+        // Rebuilding from the run folder: its events say how it ended.
+        (None, None) => terminal_event(run_dir).unwrap_or((Status::Running, None, None)),
     };
+    let summary = view.as_ref();
+    let failed = status == Status::Failed;
     let metrics = Metrics::read(&run_dir.join("metrics.jsonl"))?;
     let base = match base_model(&config.model.path) {
         Ok(b) => b,
@@ -703,22 +823,24 @@ pub fn build_record(
         },
     };
     let files = data_files(config, summary, failed || status == Status::Running)?;
-    let train_examples = summary.map(|s| {
-        s.data
-            .iter()
-            .filter(|f| config.data.train.contains(&f.path))
-            .map(|f| f.rows_used)
-            .sum()
-    });
+    let train_examples = summary
+        .map(|s| {
+            s.data
+                .iter()
+                .filter(|f| config.data.train.contains(&f.path))
+                .map(|f| f.rows_used)
+                .sum()
+        })
+        .filter(|n: &usize| *n > 0 || summary.is_some_and(|s| !s.data.is_empty()));
     let data = Data {
         files,
         split: split_rule(config),
         train_examples,
         tokens_trained: summary
-            .map(|s| s.tokens_seen)
+            .and_then(|s| s.tokens_seen)
             .or((metrics.tokens > 0).then_some(metrics.tokens)),
-        train_rows: summary.map(|s| s.train_rows),
-        eval_rows: summary.map(|s| s.eval_rows),
+        train_rows: summary.and_then(|s| s.train_rows),
+        eval_rows: summary.and_then(|s| s.eval_rows),
     };
     Ok(DisclosureRecord {
         schema: SCHEMA.to_string(),
@@ -728,13 +850,13 @@ pub fn build_record(
             commit: env!("RETUNE_GIT_COMMIT").into(),
         },
         status,
-        error: error.map(String::from),
+        error,
         created: retune_train::events::rfc3339(std::time::SystemTime::now()),
         run_dir: run_dir.display().to_string(),
         base_model: base,
         data,
         method: method(config, summary),
-        environment: environment(summary.map(|s| s.elapsed_s)),
+        environment: environment(summary.and_then(|s| s.elapsed_s)),
         results: results(summary, &metrics),
         outputs: outputs(run_dir)?,
     })

@@ -266,14 +266,12 @@ pub fn summary_sentences(r: &DisclosureRecord) -> Vec<String> {
         .map(|f| file_name(&f.path))
         .collect::<Vec<_>>()
         .join(", ");
-    let examples = r
-        .data
-        .train_examples
-        .map_or_else(String::new, |n| format!("{n} examples "));
-    let tokens = r
-        .data
-        .tokens_trained
-        .map_or_else(String::new, |t| format!("({t} tokens) "));
+    let what = match (r.data.train_examples, r.data.tokens_trained) {
+        (Some(n), Some(t)) => format!("{n} examples ({t} tokens)"),
+        (Some(n), None) => format!("{n} examples"),
+        (None, Some(t)) => format!("{t} tokens"),
+        (None, None) => "data".to_string(),
+    };
     let steps = r
         .results
         .steps
@@ -284,7 +282,7 @@ pub fn summary_sentences(r: &DisclosureRecord) -> Vec<String> {
         crate::record::Status::Running => "We are fine-tuning",
     };
     let mut first = format!(
-        "{verb} {base} {how}, objective {}, on {examples}{tokens}from {names}{steps}",
+        "{verb} {base} {how}, objective {}, on {what} from {names}{steps}",
         r.method.objective.kind
     );
     if let (Some(b), Some(a)) = (&r.results.eval_before, &r.results.eval_after) {
@@ -312,7 +310,7 @@ pub fn summary_sentences(r: &DisclosureRecord) -> Vec<String> {
         s.push(format!("The run failed: {e}."));
     }
     s.push(format!(
-        "Seed {}, {}; retune {} (commit {}) on {} ({}{} threads).",
+        "Seed {}, {}; retune {} (commit {}) on {} ({}, {} threads).",
         r.method.seed,
         if r.method.deterministic {
             "deterministic"
@@ -326,7 +324,7 @@ pub fn summary_sentences(r: &DisclosureRecord) -> Vec<String> {
             .as_deref()
             .unwrap_or(&r.environment.arch),
         r.environment.os,
-        format!(", {}", r.environment.threads)
+        r.environment.threads
     ));
     s
 }

@@ -197,7 +197,7 @@ pub fn check_base(dir: &Path, model_path: &Path) -> Result<BaseCheck> {
                 model_path.display(),
                 record_path.display(),
                 record.base_model.name,
-                files.iter().filter(|f| !f.matches).count() + recorded.len().abs_diff(actual.len()).min(1) * usize::from(files.iter().all(|f| f.matches)),
+                files.iter().filter(|f| !f.matches).count().max(usize::from(recorded.len() != actual.len())),
                 files.len().max(actual.len())
             )
         };

@@ -94,7 +94,10 @@ impl TrainError {
 
     /// Whether the run itself failed (exit code 1) rather than its input (exit code 2).
     pub fn is_run_failure(&self) -> bool {
-        matches!(self, TrainError::NonFinite { .. } | TrainError::RetentionExceeded { .. })
+        matches!(
+            self,
+            TrainError::NonFinite { .. } | TrainError::RetentionExceeded { .. }
+        )
     }
 }
 

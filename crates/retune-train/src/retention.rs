@@ -12,9 +12,14 @@ pub fn read_documents(path: &Path) -> Result<Vec<String>, TrainError> {
     let bytes = std::fs::read(path).map_err(|e| TrainError::data(path, 0, "", e.to_string()))?;
     let text = String::from_utf8(bytes).map_err(|e| {
         let at = e.utf8_error().valid_up_to();
-        TrainError::data(path, 0, "", format!("not UTF-8 text (invalid byte at offset {at})"))
+        TrainError::data(
+            path,
+            0,
+            "",
+            format!("not UTF-8 text (invalid byte at offset {at})"),
+        )
     })?;
-    if !path.extension().is_some_and(|e| e == "jsonl") {
+    if path.extension().is_none_or(|e| e != "jsonl") {
         return Ok(vec![text]);
     }
     let mut docs = Vec::new();
@@ -27,7 +32,14 @@ pub fn read_documents(path: &Path) -> Result<Vec<String>, TrainError> {
             .map_err(|e| TrainError::data(path, line_no, "", format!("invalid JSON: {e}")))?;
         match v.get("text").and_then(|t| t.as_str()) {
             Some(t) => docs.push(t.to_string()),
-            None => return Err(TrainError::data(path, line_no, "text", "missing or not a string".into())),
+            None => {
+                return Err(TrainError::data(
+                    path,
+                    line_no,
+                    "text",
+                    "missing or not a string".into(),
+                ))
+            }
         }
     }
     Ok(docs)

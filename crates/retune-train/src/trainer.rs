@@ -8,8 +8,8 @@
 //! a run resumed from a checkpoint continues bitwise-identically.
 
 use crate::checkpoint::{self, Contents, TrainerState};
-use crate::config::{MethodKind, ObjectiveKind, OnOverflow, RunConfig};
-use crate::data::{self, Example, FileStats, Overflow, Row};
+use crate::config::{MethodKind, ObjectiveKind, RunConfig};
+use crate::data::{self, Example, FileStats, Row};
 use crate::events::{self, EvalRow, Event, EventLog, MetricsLog, RetentionRow, StepRow};
 use crate::nan_guard::check_finite;
 use crate::optim::{clip_grad_norm, AdamW};
@@ -106,33 +106,33 @@ struct Setup {
     total_steps: u64,
 }
 
-fn overflow(o: OnOverflow) -> Overflow {
-    match o {
-        OnOverflow::Error => Overflow::Error,
-        OnOverflow::Truncate => Overflow::Truncate,
-        OnOverflow::Drop => Overflow::Drop,
-    }
-}
-
+/// Reads training or evaluation examples. On a bad row, every problem of the files is
+/// collected (`retune data check` semantics) so the user fixes them in one pass.
 fn read_examples(
     config: &RunConfig,
     tok: &Tokenizer,
     paths: &[PathBuf],
 ) -> Result<(Vec<Example>, Vec<FileStats>), TrainError> {
-    let d = &config.data;
-    match config.objective.kind {
-        ObjectiveKind::Clm => data::read_clm(paths, tok, d.max_seq_len),
-        ObjectiveKind::Sft => data::read_sft(
-            paths,
-            tok,
-            d.max_seq_len,
-            overflow(d.on_overflow),
-            d.train_on_prompt,
-        ),
-        ObjectiveKind::Dpo => Err(TrainError::Invalid(
+    if config.objective.kind == ObjectiveKind::Dpo {
+        return Err(TrainError::Invalid(
             "objective.kind = \"dpo\" is not available yet; use \"clm\" or \"sft\"".into(),
-        )),
+        ));
     }
+    let opts = data::ReadOptions::from_config(config);
+    data::read_examples(paths, tok, &opts).map_err(|first| {
+        let report = data::check_files(paths, Some(tok), &opts);
+        if report.problems.len() <= 1 {
+            return first;
+        }
+        let shown: Vec<String> = report.problems.iter().take(20).map(|p| p.to_string()).collect();
+        let more = report.problems.len().saturating_sub(shown.len());
+        TrainError::Invalid(format!(
+            "the data have {} problems (run `retune data check` for all of them and statistics):\n  {}{}",
+            report.problems.len(),
+            shown.join("\n  "),
+            if more > 0 { format!("\n  ... and {more} more") } else { String::new() }
+        ))
+    })
 }
 
 fn setup(config: &RunConfig) -> Result<Setup, TrainError> {
@@ -269,7 +269,13 @@ fn measure_retention(
     };
     metrics.retention(&row)?;
     events.emit(Event::Retention, &row)?;
-    Ok(Some(EvalFigures { step, loss: r.loss, perplexity: r.perplexity, accuracy: r.accuracy, tokens: r.tokens }))
+    Ok(Some(EvalFigures {
+        step,
+        loss: r.loss,
+        perplexity: r.perplexity,
+        accuracy: r.accuracy,
+        tokens: r.tokens,
+    }))
 }
 
 /// The trainable tensors and their gradients, in one fixed order.
@@ -489,9 +495,20 @@ fn run_inner(
     let retention_before = match state.extra.get("retention_before") {
         Some(v) => serde_json::from_value::<EvalFigures>(v.clone()).ok(),
         None => {
-            let r = measure_retention(&model, lora.as_ref(), &retention_docs, config, 0, &mut metrics, events)?;
+            let r = measure_retention(
+                &model,
+                lora.as_ref(),
+                &retention_docs,
+                config,
+                0,
+                &mut metrics,
+                events,
+            )?;
             if let Some(r) = &r {
-                state.extra.insert("retention_before".into(), serde_json::to_value(r).unwrap_or_default());
+                state.extra.insert(
+                    "retention_before".into(),
+                    serde_json::to_value(r).unwrap_or_default(),
+                );
             }
             r
         }
@@ -560,28 +577,55 @@ fn run_inner(
         final_loss = Some(loss);
 
         let at_end = step == total_steps || opts.stop_after.is_some_and(|n| step - start_step >= n);
-        let eval_now = (t.eval_every > 0 && step % t.eval_every == 0) || step == total_steps;
+        let eval_now =
+            (t.eval_every > 0 && step.is_multiple_of(t.eval_every)) || step == total_steps;
         let mut retention_ok = false;
         if eval_now {
-            if let Some(r) = measure_retention(&model, lora.as_ref(), &retention_docs, config, step, &mut metrics, events)? {
+            if let Some(r) = measure_retention(
+                &model,
+                lora.as_ref(),
+                &retention_docs,
+                config,
+                step,
+                &mut metrics,
+                events,
+            )? {
                 retention_after = Some(r);
                 let before = retention_before.map_or(r.perplexity, |b| b.perplexity);
                 if let Some(limit) = config.retention.max_increase {
                     if crate::retention::relative_change(before, r.perplexity) > limit {
-                        let kept_step = state.extra.get("retention_ok_step").and_then(|v| v.as_u64());
+                        let kept_step = state
+                            .extra
+                            .get("retention_ok_step")
+                            .and_then(|v| v.as_u64());
                         if let Some(kept) = kept_step {
-                            let dir = checkpoint::checkpoints_dir(run_dir).join(format!("step-{kept}"));
+                            let dir =
+                                checkpoint::checkpoints_dir(run_dir).join(format!("step-{kept}"));
                             let file = dir.join(TRAINABLE_FILE);
-                            restore_trainables(&mut model, &mut lora, &checkpoint::load_tensors(&file)?, &file)?;
+                            restore_trainables(
+                                &mut model,
+                                &mut lora,
+                                &checkpoint::load_tensors(&file)?,
+                                &file,
+                            )?;
                             write_output(&model, &lora, &tokenizer, config, run_dir)?;
                         }
                         progress.finish();
-                        return Err(TrainError::RetentionExceeded { step, before, after: r.perplexity, limit, kept_step });
+                        return Err(TrainError::RetentionExceeded {
+                            step,
+                            before,
+                            after: r.perplexity,
+                            limit,
+                            kept_step,
+                        });
                     }
                     retention_ok = true;
                     state.extra.insert("retention_ok_step".into(), step.into());
                 }
-                progress.println(&format!("step {step}: general-text perplexity {:.3} (base {before:.3})", r.perplexity));
+                progress.println(&format!(
+                    "step {step}: general-text perplexity {:.3} (base {before:.3})",
+                    r.perplexity
+                ));
             }
         }
         if eval_now {
@@ -617,7 +661,11 @@ fn run_inner(
         state.data_position = step * (t.batch_size * t.grad_accum) as u64 % train_rows.len() as u64;
         state.elapsed_s = elapsed_before + wall.elapsed().as_secs_f64();
         // Under a retention bound, every measurement within it is checkpointed: the fallback.
-        if (t.save_every > 0 && step % t.save_every == 0) || at_end || stopped_early || retention_ok {
+        if (t.save_every > 0 && step.is_multiple_of(t.save_every))
+            || at_end
+            || stopped_early
+            || retention_ok
+        {
             let named = named_trainables(&model, &lora);
             let opt = optimizer.state_tensors();
             let files = [

@@ -276,9 +276,17 @@ fn resuming_a_folder_without_a_checkpoint_is_a_clear_error() {
 fn retention_is_measured_before_and_after_as_retune_eval_measures_it() {
     let data = corpus();
     let general = data.path().join("general.txt");
-    std::fs::write(&general, "It was a bright cold day in April, and the clocks were striking thirteen.").unwrap();
+    std::fs::write(
+        &general,
+        "It was a bright cold day in April, and the clocks were striking thirteen.",
+    )
+    .unwrap();
     let set = format!("retention.data=[\"{}\"]", general.display());
-    let s = train(&config(data.path(), &data.path().join("ret"), &[&set]), &quiet()).unwrap();
+    let s = train(
+        &config(data.path(), &data.path().join("ret"), &[&set]),
+        &quiet(),
+    )
+    .unwrap();
     let before = s.retention_before.unwrap();
     let after = s.retention_after.unwrap();
     assert_eq!(before.step, 0);
@@ -286,7 +294,9 @@ fn retention_is_measured_before_and_after_as_retune_eval_measures_it() {
     // Recompute both with the library's evaluation (the base model, then base + adapter).
     let model = retune_core::model::Model::<f32>::load(&fixture_model()).unwrap();
     let tok = retune_core::tokenizer::Tokenizer::load(&fixture_model()).unwrap();
-    let docs = vec![tok.encode(&std::fs::read_to_string(&general).unwrap(), true).unwrap()];
+    let docs = vec![tok
+        .encode(&std::fs::read_to_string(&general).unwrap(), true)
+        .unwrap()];
     let base = retune_core::eval::evaluate(&model, None, &docs, 48).unwrap();
     assert_eq!(base.perplexity, before.perplexity);
     assert_eq!(base.tokens, before.tokens);
@@ -301,7 +311,11 @@ fn retention_is_measured_before_and_after_as_retune_eval_measures_it() {
 fn crossing_the_retention_bound_stops_and_keeps_the_last_good_checkpoint() {
     let data = corpus();
     let general = data.path().join("general.txt");
-    std::fs::write(&general, "It was a bright cold day in April, and the clocks were striking thirteen.").unwrap();
+    std::fs::write(
+        &general,
+        "It was a bright cold day in April, and the clocks were striking thirteen.",
+    )
+    .unwrap();
     let set = format!("retention.data=[\"{}\"]", general.display());
     // Training hard on one repeated non-word pulls the model away from English text.
     let junk = data.path().join("junk.jsonl");
@@ -317,8 +331,19 @@ fn crossing_the_retention_bound_stops_and_keeps_the_last_good_checkpoint() {
         "train.warmup_steps=0",
         "train.max_steps=30",
     ];
-    let err = train(&config(data.path(), &data.path().join("bound"), &sets), &quiet()).unwrap_err();
-    let TrainError::RetentionExceeded { step, before, after, kept_step, .. } = err else {
+    let err = train(
+        &config(data.path(), &data.path().join("bound"), &sets),
+        &quiet(),
+    )
+    .unwrap_err();
+    let TrainError::RetentionExceeded {
+        step,
+        before,
+        after,
+        kept_step,
+        ..
+    } = err
+    else {
         panic!("expected a retention failure, got {err}");
     };
     assert!(after > before * 1.5);
@@ -326,7 +351,10 @@ fn crossing_the_retention_bound_stops_and_keeps_the_last_good_checkpoint() {
     assert!(kept < step);
     // The output is the kept checkpoint's adapter, byte for byte its tensors.
     let out = load_tensors(&data.path().join("bound/adapter/adapter_model.safetensors")).unwrap();
-    let ckpt = load_tensors(&data.path().join(format!("bound/checkpoints/step-{kept}/trainable.safetensors"))).unwrap();
+    let ckpt = load_tensors(&data.path().join(format!(
+        "bound/checkpoints/step-{kept}/trainable.safetensors"
+    )))
+    .unwrap();
     assert_eq!(out, ckpt);
     let events = std::fs::read_to_string(data.path().join("bound/events.jsonl")).unwrap();
     assert!(events.contains("\"retention\""));

@@ -56,7 +56,10 @@ pub fn run(args: Args) -> Result<Outcome> {
             model.config.max_position_embeddings
         );
     }
-    let docs = texts.iter().map(|d| tok.encode(d, true)).collect::<Result<Vec<_>, _>>()?;
+    let docs = texts
+        .iter()
+        .map(|d| tok.encode(d, true))
+        .collect::<Result<Vec<_>, _>>()?;
     let result = evaluate(&model, None, &docs, args.max_seq_len)?;
     if args.json {
         print_json(&json!({

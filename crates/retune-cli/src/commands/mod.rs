@@ -3,12 +3,14 @@
 pub mod bench;
 pub mod data;
 pub mod demo;
+pub mod disclose;
 pub mod eval;
 pub mod fetch;
 pub mod generate;
 pub mod inspect;
 pub mod merge;
 pub mod train;
+pub mod verify;
 
 use anyhow::{Context, Result};
 use retune_core::model::Model;

@@ -93,9 +93,21 @@ fn report(s: &RunSummary, json: bool) -> Result<()> {
             before.loss, after.loss, before.perplexity, after.perplexity
         );
     }
+    if let (Some(before), Some(after)) = (&s.retention_before, &s.retention_after) {
+        eprintln!(
+            "general-text perplexity {:.3} -> {:.3} ({:+.1}%)",
+            before.perplexity,
+            after.perplexity,
+            100.0 * (after.perplexity / before.perplexity - 1.0)
+        );
+    }
     if let Some(out) = &s.output {
         eprintln!("wrote {}", out.display());
     }
+    eprintln!(
+        "disclosure record: {}",
+        s.run_dir.join("disclosure.json").display()
+    );
     println!("{}", s.run_dir.display());
     Ok(())
 }

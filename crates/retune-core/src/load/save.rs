@@ -111,6 +111,15 @@ impl SaveDtype {
         }
     }
 
+    /// Rounds `values` in place to what this dtype stores (what a reader of the file gets back).
+    pub fn round(self, values: &mut [f32]) {
+        if self == SaveDtype::Bf16 {
+            values
+                .iter_mut()
+                .for_each(|v| *v = half::bf16::from_f32(*v).to_f32());
+        }
+    }
+
     /// Appends `values` in this dtype, little-endian, to `out`.
     pub fn encode(self, values: &[f32], out: &mut Vec<u8>) {
         match self {

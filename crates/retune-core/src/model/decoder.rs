@@ -476,7 +476,7 @@ impl<T: Float> Model<T> {
             adapter,
             d.n,
         );
-        let gl = g_lora.as_deref_mut();
+        let gl = g_lora;
         proj_backward(
             &mut s.ln1,
             &mut g.v,

@@ -133,7 +133,7 @@ impl LoraSpec {
         if self.r == 0 {
             return Err(Error::Invalid("LoRA rank r must be at least 1".into()));
         }
-        if !(self.alpha > 0.0) {
+        if self.alpha.is_nan() || self.alpha <= 0.0 {
             return Err(Error::Invalid(format!(
                 "LoRA alpha must be positive, got {}",
                 self.alpha

@@ -36,7 +36,9 @@
 mod rows;
 mod source;
 
-pub use rows::{alpaca_prompt, alpaca_user, format_name, render_ids, PreferenceExample, CHAT_TIME, ROLES};
+pub use rows::{
+    alpaca_prompt, alpaca_user, format_name, render_ids, PreferenceExample, CHAT_TIME, ROLES,
+};
 
 use crate::config::{DataFormat, ObjectiveKind, OnOverflow, RunConfig};
 use crate::TrainError;
@@ -77,18 +79,27 @@ pub fn histogram_buckets(max_seq_len: usize) -> Vec<Bucket> {
     let mut b = Vec::new();
     let mut e = 16;
     while e < max_seq_len {
-        b.push(Bucket { up_to: Some(e), rows: 0 });
+        b.push(Bucket {
+            up_to: Some(e),
+            rows: 0,
+        });
         e *= 2;
     }
-    b.push(Bucket { up_to: Some(max_seq_len), rows: 0 });
-    b.push(Bucket { up_to: None, rows: 0 });
+    b.push(Bucket {
+        up_to: Some(max_seq_len),
+        rows: 0,
+    });
+    b.push(Bucket {
+        up_to: None,
+        rows: 0,
+    });
     b
 }
 
 fn record_length(buckets: &mut [Bucket], len: usize) {
     if let Some(b) = buckets
         .iter_mut()
-        .find(|b| b.up_to.map_or(true, |u| len <= u))
+        .find(|b| b.up_to.is_none_or(|u| len <= u))
     {
         b.rows += 1;
     }
@@ -164,7 +175,9 @@ pub struct ReadOptions {
     /// Row format (`Auto`: detected per file).
     pub format: DataFormat,
     /// `Clm`: text documents cut into pieces; `Sft`: supervised rows; `Dpo`: preference rows.
-    pub objective: ObjectiveKind,
+    /// `None` (for checking files without a run configuration): each row as its format implies
+    /// ([`ReadOptions::objective_for`]).
+    pub objective: Option<ObjectiveKind>,
     /// Longest example in tokens.
     pub max_seq_len: usize,
     /// What to do with longer ones.
@@ -179,7 +192,7 @@ impl ReadOptions {
         let d = &config.data;
         ReadOptions {
             format: d.format,
-            objective: config.objective.kind,
+            objective: Some(config.objective.kind),
             max_seq_len: d.max_seq_len,
             on_overflow: d.on_overflow.into(),
             train_on_prompt: d.train_on_prompt,
@@ -300,7 +313,8 @@ struct Reader<'a> {
     examples: Vec<Example>,
     prefs: Vec<PreferenceExample>,
     problems: Vec<Problem>,
-    seen: HashSet<String>,
+    /// First 64 bits of each row's content hash (8 bytes a row, for duplicate counting).
+    seen: HashSet<u64>,
 }
 
 impl Reader<'_> {
@@ -353,7 +367,7 @@ impl Reader<'_> {
         };
         let mut on_row = |line: u64, raw: Result<RawRow, source::Issue>| -> bool {
             stats.rows_read += 1;
-            let mut bad = |this: &mut Self, stats: &mut FileStats, issues: Vec<source::Issue>| {
+            let bad = |this: &mut Self, stats: &mut FileStats, issues: Vec<source::Issue>| {
                 *stats.dropped.entry(DROP_INVALID.into()).or_default() += 1;
                 for (field, message) in issues {
                     this.problem(path, line, field, message);
@@ -415,7 +429,9 @@ impl Reader<'_> {
             }
             Err(e) => self.problem(path, 0, String::new(), format!("reading: {e}")),
         }
-        stats.format = format.map(|f| format_name(f).to_string()).unwrap_or_default();
+        stats.format = format
+            .map(|f| format_name(f).to_string())
+            .unwrap_or_default();
         stats
     }
 
@@ -426,7 +442,11 @@ impl Reader<'_> {
         rec: &Record,
         json: &serde_json::Value,
     ) -> Result<(), source::Issue> {
-        let objective = self.opts.objective;
+        let objective = self.opts.objective.unwrap_or(match rec {
+            Record::Text(_) => ObjectiveKind::Clm,
+            Record::Preference { .. } => ObjectiveKind::Dpo,
+            _ => ObjectiveKind::Sft,
+        });
         let fits = match (objective, rec) {
             (ObjectiveKind::Clm, Record::Text(_)) => true,
             (ObjectiveKind::Clm, _) => false,
@@ -455,7 +475,10 @@ impl Reader<'_> {
             }
         }
         let hash = row_hash(rec, json);
-        if !self.seen.insert(hash.clone()) {
+        if !self
+            .seen
+            .insert(u64::from_str_radix(&hash[..16], 16).unwrap_or(0))
+        {
             stats.duplicates += 1;
         }
         let Some(tok) = self.tok else {
@@ -491,7 +514,14 @@ impl Reader<'_> {
                     start = end - 1;
                 }
             }
-            (ObjectiveKind::Dpo, Record::Preference { prompt, chosen, rejected }) => {
+            (
+                ObjectiveKind::Dpo,
+                Record::Preference {
+                    prompt,
+                    chosen,
+                    rejected,
+                },
+            ) => {
                 let (p, mut c, mut r) = rows::encode_preference(tok, prompt, chosen, rejected)?;
                 let longest = p.len() + c.len().max(r.len());
                 record_length(&mut stats.length_histogram, longest);
@@ -630,7 +660,7 @@ pub fn read_preference(
     opts: &ReadOptions,
 ) -> Result<(Vec<PreferenceExample>, Vec<FileStats>), TrainError> {
     let opts = ReadOptions {
-        objective: ObjectiveKind::Dpo,
+        objective: Some(ObjectiveKind::Dpo),
         ..*opts
     };
     let (mut r, stats) = run_reader(paths, Some(tok), opts, true, true);
@@ -648,7 +678,7 @@ pub fn read_clm(
 ) -> Result<(Vec<Example>, Vec<FileStats>), TrainError> {
     let opts = ReadOptions {
         format: DataFormat::Text,
-        objective: ObjectiveKind::Clm,
+        objective: Some(ObjectiveKind::Clm),
         max_seq_len,
         on_overflow: Overflow::Error,
         train_on_prompt: true,
@@ -666,7 +696,7 @@ pub fn read_sft(
 ) -> Result<(Vec<Example>, Vec<FileStats>), TrainError> {
     let opts = ReadOptions {
         format: DataFormat::Auto,
-        objective: ObjectiveKind::Sft,
+        objective: Some(ObjectiveKind::Sft),
         max_seq_len,
         on_overflow,
         train_on_prompt,

@@ -517,6 +517,9 @@ pub struct PreferenceExample {
     pub hash: String,
 }
 
+/// `(prompt, chosen, rejected)` token ids.
+pub(crate) type PairIds = (Vec<u32>, Vec<u32>, Vec<u32>);
+
 /// Tokenises a preference row: strings as prompt/completion pairs, conversations with the chat
 /// template (a string prompt then becomes a user message, a string response an assistant one).
 pub(crate) fn encode_preference(
@@ -524,7 +527,7 @@ pub(crate) fn encode_preference(
     prompt: &Side,
     chosen: &Side,
     rejected: &Side,
-) -> Result<(Vec<u32>, Vec<u32>, Vec<u32>), Issue> {
+) -> Result<PairIds, Issue> {
     let chat = [prompt, chosen, rejected]
         .iter()
         .any(|s| matches!(s, Side::Chat(_)));

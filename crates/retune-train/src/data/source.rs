@@ -180,7 +180,10 @@ pub(crate) fn for_each_row(
                     let at = e.valid_up_to();
                     f(
                         line_at(at),
-                        Err((String::new(), format!("invalid UTF-8 at byte {at} of the file"))),
+                        Err((
+                            String::new(),
+                            format!("invalid UTF-8 at byte {at} of the file"),
+                        )),
                     );
                 }
                 Ok(text) if layout == Layout::Whole => {
@@ -243,7 +246,10 @@ fn array_rows(
             None => {
                 f(
                     line,
-                    Err((String::new(), "invalid JSON: the array is not closed".into())),
+                    Err((
+                        String::new(),
+                        "invalid JSON: the array is not closed".into(),
+                    )),
                 );
                 return;
             }
