@@ -50,8 +50,9 @@ pub enum Outcome {
     /// Exit 0.
     Success,
     /// Exit 1: the work ran but failed (diverged, threshold crossed).
-    #[allow(dead_code)]
     Failed,
+    /// Exit 2: the input is unusable, already reported (e.g. `retune data check` found problems).
+    BadInput,
 }
 
 fn main() -> ExitCode {
@@ -78,6 +79,7 @@ fn main() -> ExitCode {
     match result {
         Ok(Outcome::Success) => ExitCode::SUCCESS,
         Ok(Outcome::Failed) => ExitCode::from(1),
+        Ok(Outcome::BadInput) => ExitCode::from(2),
         Err(err) => {
             if is_broken_pipe(&err) {
                 return ExitCode::SUCCESS;

@@ -54,6 +54,13 @@ fn a_run_writes_the_run_folder() {
         "metrics.jsonl",
         "adapter/adapter_model.safetensors",
         "adapter/adapter_config.json",
+        "adapter/README.md",
+        "disclosure.json",
+        "disclosure.jsonld",
+        "disclosure.jats.xml",
+        "loss.svg",
+        "retention.svg",
+        "index.html",
     ] {
         assert!(run.join(f).is_file(), "missing {f}");
     }
@@ -152,4 +159,31 @@ fn a_diverging_run_exits_1() {
         "{}",
         stderr(&o)
     );
+    // The failed run still gets its disclosure record, marked failed.
+    let record = std::fs::read_to_string(dir.path().join("runs/run/disclosure.json")).unwrap();
+    let record: serde_json::Value = serde_json::from_str(&record).unwrap();
+    assert_eq!(record["status"], "failed");
+}
+
+/// An adapter applied to another base of the same shape loads, but with a warning from its
+/// disclosure record; `retune verify` says mismatch (exit 1) and match (exit 0) for the right base.
+#[test]
+fn an_adapter_on_another_base_is_flagged() {
+    let dir = setup("");
+    let o = retune(&["train", "run.toml", "--out", "run", "--quiet"], dir.path());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let other = model().with_file_name("model-q8_0.gguf");
+    std::fs::write(dir.path().join("t.txt"), "The heart has four chambers.").unwrap();
+    let args = ["eval", "--model", other.to_str().unwrap(), "--adapter", "run/adapter", "--data", "t.txt", "--max-seq-len", "64"];
+    let o = retune(&args, dir.path());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("warning"), "{}", stderr(&o));
+    let o = retune(&["verify", "run", "--model", other.to_str().unwrap()], dir.path());
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let o = retune(&["verify", "run", "--model", model().to_str().unwrap()], dir.path());
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let base = model();
+    let args = ["eval", "--model", base.to_str().unwrap(), "--adapter", "run/adapter", "--data", "t.txt", "--max-seq-len", "64"];
+    let o = retune(&args, dir.path());
+    assert!(!stderr(&o).contains("warning"), "{}", stderr(&o));
 }

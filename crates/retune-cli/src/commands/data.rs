@@ -35,8 +35,8 @@ enum DataCommand {
     /// [--model MODEL]` checks files; without --model only the structure is checked (no token
     /// counts, no length checks).
     ///
-    /// Exit status: 0 when the data are clean, 1 when problems were found (the data are bad),
-    /// 2 on a usage error (bad flags, unreadable configuration or model).
+    /// Exit status: 0 when the data are clean; 2 when problems were found (the data are
+    /// unusable) or on a usage error (bad flags, unreadable configuration or model).
     Check(CheckArgs),
 }
 
@@ -181,7 +181,7 @@ fn check(a: CheckArgs) -> Result<Outcome> {
             report.problems.len(),
             if report.problems.len() == 1 { "" } else { "s" }
         );
-        Ok(Outcome::Failed)
+        Ok(Outcome::BadInput)
     }
 }
 
@@ -300,7 +300,7 @@ mod tests {
     #[test]
     fn check_exit_status_follows_the_data() {
         let bad = args(vec![fixtures().join("data/bad_messages.jsonl")]);
-        assert!(matches!(check(bad).unwrap(), Outcome::Failed));
+        assert!(matches!(check(bad).unwrap(), Outcome::BadInput));
         let mut good = args(vec![
             fixtures().join("data/good_prompt_completion.jsonl"),
             fixtures().join("data/text"),
@@ -328,7 +328,7 @@ mod tests {
         .unwrap();
         assert!(matches!(
             check(args(vec![config.clone()])).unwrap(),
-            Outcome::Failed
+            Outcome::BadInput
         ));
         let mut a = args(vec![config]);
         a.max_seq_len = Some(8);

@@ -47,7 +47,7 @@ pub fn run(args: Args) -> Result<Outcome> {
     let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
     let (mut model, tok) = load_model_and_tokenizer(&args.model, args.json)?;
     if let Some(dir) = &args.adapter {
-        super::merge::apply_adapter(&mut model, dir, args.json)?;
+        super::merge::apply_adapter(&mut model, &args.model, dir, args.json)?;
     }
     if args.max_seq_len > model.config.max_position_embeddings {
         bail!(

@@ -111,7 +111,7 @@ pub fn run(cli: CliArgs) -> Result<Outcome> {
     let args = cli.args;
     let (mut model, tok) = load_model_and_tokenizer(&args.model, false)?;
     if let Some(dir) = &cli.adapter {
-        super::merge::apply_adapter(&mut model, dir, false)?;
+        super::merge::apply_adapter(&mut model, &args.model, dir, false)?;
     }
     let ids = encode_prompt(&tok, &args.prompt, args.chat, args.system.as_deref())?;
     let start = std::time::Instant::now();

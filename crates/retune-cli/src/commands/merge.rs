@@ -75,9 +75,15 @@ pub fn probe_batch(tok: &Tokenizer, config: &LlamaConfig) -> Result<Batch> {
 
 /// Loads a PEFT adapter for `model` and adds it into the weights (a merged f32 model computes
 /// base + adapter); returns its hyper-parameters.
-pub fn apply_adapter(model: &mut Model<f32>, dir: &Path, quiet: bool) -> Result<LoraSpec> {
+pub fn apply_adapter(
+    model: &mut Model<f32>,
+    model_path: &Path,
+    dir: &Path,
+    quiet: bool,
+) -> Result<LoraSpec> {
     let lora = load_peft_adapter(dir, &model.config)
         .with_context(|| format!("loading adapter {}", dir.display()))?;
+    warn_if_other_base(dir, model_path);
     lora.merge_into(&mut model.weights);
     if !quiet {
         eprintln!(
@@ -90,6 +96,15 @@ pub fn apply_adapter(model: &mut Model<f32>, dir: &Path, quiet: bool) -> Result<
         );
     }
     Ok(lora.spec)
+}
+
+/// Warns when the adapter's disclosure record (or model card) names another base model than
+/// `model_path`: shapes can fit while the weights differ (another fine-tune of the same size).
+pub fn warn_if_other_base(adapter: &Path, model_path: &Path) {
+    match retune_report::check_base(adapter, model_path) {
+        Ok(check) if !check.matches => eprintln!("warning: {}", check.message),
+        _ => {}
+    }
 }
 
 fn target_names(spec: &LoraSpec) -> Vec<&'static str> {
@@ -117,6 +132,7 @@ pub fn run(args: Args) -> Result<Outcome> {
     }
     let start = Instant::now();
     let (mut model, tok) = load_model_and_tokenizer(&args.model, args.json)?;
+    warn_if_other_base(&args.adapter, &args.model);
     let lora = load_peft_adapter(&args.adapter, &model.config)
         .with_context(|| format!("loading adapter {}", args.adapter.display()))?;
 

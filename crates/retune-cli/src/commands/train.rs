@@ -37,23 +37,41 @@ pub fn run(args: Args) -> Result<Outcome> {
         quiet: args.quiet || args.json,
         stop_after: None,
     };
-    let result = match (&args.resume, &args.config) {
-        (Some(dir), _) => trainer::resume(dir, &opts),
+    let (config, result) = match (&args.resume, &args.config) {
+        (Some(dir), _) => {
+            let result = trainer::resume(dir, &opts);
+            // The run folder's own resolved configuration, for the disclosure record.
+            let config = RunConfig::load(&dir.join("config.toml"), &[] as &[&str]).ok();
+            (config, result)
+        }
         (None, Some(path)) => {
             let mut sets = args.sets.clone();
             if let Some(out) = &args.out {
-                sets.push(format!(
-                    "output.dir={}",
-                    toml_string(&out.display().to_string())
-                ));
+                let dir = toml_string(&out.display().to_string());
+                sets.push(format!("output.dir={dir}"));
             }
             let config = RunConfig::load(path, &sets)?;
-            trainer::train(&config, &opts)
+            let result = trainer::train(&config, &opts);
+            (Some(config), result)
         }
         (None, None) => {
             bail!("give a CONFIG.toml to start a run, or --resume RUN_DIR to continue one")
         }
     };
+    // The disclosure record is written at the end of every run that got as far as its folder,
+    // finished or failed (marked so).
+    if let Some(config) = &config {
+        let run_dir = &config.output.dir;
+        if run_dir.join("events.jsonl").exists() {
+            let (summary, error) = match &result {
+                Ok(s) => (Some(s), None),
+                Err(e) => (None, Some(e.to_string())),
+            };
+            if let Err(e) = retune_report::write_all(run_dir, config, summary, error.as_deref()) {
+                eprintln!("warning: writing the disclosure record: {e}");
+            }
+        }
+    }
     match result {
         Ok(summary) => {
             report(&summary, args.json)?;
