@@ -170,20 +170,49 @@ fn a_diverging_run_exits_1() {
 #[test]
 fn an_adapter_on_another_base_is_flagged() {
     let dir = setup("");
-    let o = retune(&["train", "run.toml", "--out", "run", "--quiet"], dir.path());
+    let o = retune(
+        &["train", "run.toml", "--out", "run", "--quiet"],
+        dir.path(),
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let other = model().with_file_name("model-q8_0.gguf");
     std::fs::write(dir.path().join("t.txt"), "The heart has four chambers.").unwrap();
-    let args = ["eval", "--model", other.to_str().unwrap(), "--adapter", "run/adapter", "--data", "t.txt", "--max-seq-len", "64"];
+    let args = [
+        "eval",
+        "--model",
+        other.to_str().unwrap(),
+        "--adapter",
+        "run/adapter",
+        "--data",
+        "t.txt",
+        "--max-seq-len",
+        "64",
+    ];
     let o = retune(&args, dir.path());
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("warning"), "{}", stderr(&o));
-    let o = retune(&["verify", "run", "--model", other.to_str().unwrap()], dir.path());
+    let o = retune(
+        &["verify", "run", "--model", other.to_str().unwrap()],
+        dir.path(),
+    );
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
-    let o = retune(&["verify", "run", "--model", model().to_str().unwrap()], dir.path());
+    let o = retune(
+        &["verify", "run", "--model", model().to_str().unwrap()],
+        dir.path(),
+    );
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let base = model();
-    let args = ["eval", "--model", base.to_str().unwrap(), "--adapter", "run/adapter", "--data", "t.txt", "--max-seq-len", "64"];
+    let args = [
+        "eval",
+        "--model",
+        base.to_str().unwrap(),
+        "--adapter",
+        "run/adapter",
+        "--data",
+        "t.txt",
+        "--max-seq-len",
+        "64",
+    ];
     let o = retune(&args, dir.path());
     assert!(!stderr(&o).contains("warning"), "{}", stderr(&o));
 }

@@ -71,6 +71,34 @@ pub struct LlamaConfig {
 }
 
 impl LlamaConfig {
+    /// The SmolLM2-135M architecture (as its GGUF metadata and config.json give it): the shape
+    /// benchmarks run and the real model the demo uses.
+    pub fn smollm2_135m() -> Self {
+        LlamaConfig {
+            architecture: "LlamaForCausalLM".into(),
+            model_type: "llama".into(),
+            vocab_size: 49152,
+            hidden_size: 576,
+            intermediate_size: 1536,
+            num_hidden_layers: 30,
+            num_attention_heads: 9,
+            num_key_value_heads: 3,
+            head_dim: 64,
+            rms_norm_eps: 1e-5,
+            rope_theta: 100000.0,
+            rope_scaling: None,
+            max_position_embeddings: 8192,
+            tie_word_embeddings: true,
+            qkv_bias: false,
+            o_bias: false,
+            mlp_bias: false,
+            bos_token_id: Some(1),
+            eos_token_ids: vec![2],
+            dtype: None,
+            sliding_window: None,
+        }
+    }
+
     /// Width of the key/value projections: NKV * HD.
     pub fn kv_dim(&self) -> usize {
         self.num_key_value_heads * self.head_dim
@@ -480,29 +508,7 @@ mod tests {
     /// SmolLM2-135M as published: 134,515,008 parameters (model card / safetensors header).
     #[test]
     fn smollm2_135m_parameter_count() {
-        let cfg = LlamaConfig {
-            architecture: "LlamaForCausalLM".into(),
-            model_type: "llama".into(),
-            vocab_size: 49152,
-            hidden_size: 576,
-            intermediate_size: 1536,
-            num_hidden_layers: 30,
-            num_attention_heads: 9,
-            num_key_value_heads: 3,
-            head_dim: 64,
-            rms_norm_eps: 1e-5,
-            rope_theta: 100000.0,
-            rope_scaling: None,
-            max_position_embeddings: 8192,
-            tie_word_embeddings: true,
-            qkv_bias: false,
-            o_bias: false,
-            mlp_bias: false,
-            bos_token_id: Some(1),
-            eos_token_ids: vec![2],
-            dtype: None,
-            sliding_window: None,
-        };
+        let cfg = LlamaConfig::smollm2_135m();
         assert_eq!(cfg.param_count(), 134_515_008);
     }
 }

@@ -439,27 +439,8 @@ pub struct EvalView {
     pub accuracy: Option<f64>,
 }
 
-/// Per-file data statistics as a summary reports them.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct StatsView {
-    /// The file.
-    pub path: PathBuf,
-    /// Rows read.
-    pub rows_read: usize,
-    /// Rows used.
-    pub rows_used: usize,
-    /// Rows dropped, by reason.
-    pub dropped: BTreeMap<String, usize>,
-    /// Rows truncated, by reason.
-    pub truncated: BTreeMap<String, usize>,
-    /// Tokens.
-    pub tokens: usize,
-    /// Target tokens.
-    pub target_tokens: usize,
-    /// Format the rows were read as.
-    pub format: String,
-}
+/// Per-file data statistics as a summary reports them: the trainer's own type.
+pub type StatsView = retune_train::data::FileStats;
 
 impl SummaryView {
     /// The view of a trainer's summary.

@@ -270,18 +270,21 @@ fn resuming_a_folder_without_a_checkpoint_is_a_clear_error() {
     assert!(msg.contains("no complete checkpoint"), "{msg}");
 }
 
+/// Writes a general-English file and returns it with the `--set` naming it as retention data.
+fn general_text(dir: &Path) -> (PathBuf, String) {
+    let general = dir.join("general.txt");
+    let text = "It was a bright cold day in April, and the clocks were striking thirteen.";
+    std::fs::write(&general, text).unwrap();
+    let set = format!("retention.data=[\"{}\"]", general.display());
+    (general, set)
+}
+
 /// General-text perplexity is measured on the base model and after training, windowed as
 /// `retune eval` windows it: the figures equal an independent evaluation of the same text.
 #[test]
 fn retention_is_measured_before_and_after_as_retune_eval_measures_it() {
     let data = corpus();
-    let general = data.path().join("general.txt");
-    std::fs::write(
-        &general,
-        "It was a bright cold day in April, and the clocks were striking thirteen.",
-    )
-    .unwrap();
-    let set = format!("retention.data=[\"{}\"]", general.display());
+    let (general, set) = general_text(data.path());
     let s = train(
         &config(data.path(), &data.path().join("ret"), &[&set]),
         &quiet(),
@@ -310,13 +313,7 @@ fn retention_is_measured_before_and_after_as_retune_eval_measures_it() {
 #[test]
 fn crossing_the_retention_bound_stops_and_keeps_the_last_good_checkpoint() {
     let data = corpus();
-    let general = data.path().join("general.txt");
-    std::fs::write(
-        &general,
-        "It was a bright cold day in April, and the clocks were striking thirteen.",
-    )
-    .unwrap();
-    let set = format!("retention.data=[\"{}\"]", general.display());
+    let (_, set) = general_text(data.path());
     // Training hard on one repeated non-word pulls the model away from English text.
     let junk = data.path().join("junk.jsonl");
     let row = serde_json::json!({ "text": "qxqxqx ".repeat(8) }).to_string();

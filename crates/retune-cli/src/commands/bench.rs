@@ -39,33 +39,6 @@ pub struct Args {
     json: bool,
 }
 
-/// The SmolLM2-135M architecture (as in its GGUF metadata).
-pub fn smollm2_135m() -> LlamaConfig {
-    LlamaConfig {
-        architecture: "LlamaForCausalLM".into(),
-        model_type: "llama".into(),
-        vocab_size: 49152,
-        hidden_size: 576,
-        intermediate_size: 1536,
-        num_hidden_layers: 30,
-        num_attention_heads: 9,
-        num_key_value_heads: 3,
-        head_dim: 64,
-        rms_norm_eps: 1e-5,
-        rope_theta: 100000.0,
-        rope_scaling: None,
-        max_position_embeddings: 8192,
-        tie_word_embeddings: true,
-        qkv_bias: false,
-        o_bias: false,
-        mlp_bias: false,
-        bos_token_id: Some(1),
-        eos_token_ids: vec![2],
-        dtype: None,
-        sliding_window: None,
-    }
-}
-
 /// Peak resident set size of this process, from /proc/self/status (VmHWM), in bytes.
 pub fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -90,7 +63,7 @@ fn flops_per_token(cfg: &LlamaConfig, full: bool, lora_params: usize, t: usize) 
 }
 
 pub fn run(args: Args) -> Result<Outcome> {
-    let mut cfg = smollm2_135m();
+    let mut cfg = LlamaConfig::smollm2_135m();
     match args.shape.as_str() {
         "smollm2-135m" => {}
         "layer" => {

@@ -524,25 +524,25 @@ impl<T: Float> Model<T> {
         RopeTable::new(c.head_dim, max_pos, c.rope_theta, c.rope_scaling.as_ref())
     }
 
-    /// Loss statistics of a batch without gradients (evaluation; an adapter runs without dropout).
-    pub fn loss(&self, batch: &Batch, lora: Option<&Lora<T>>) -> CeStats {
+    /// The final-norm hidden states `[N, C]` of an evaluation forward (no dropout, nothing
+    /// kept for a backward).
+    fn final_hidden(&self, batch: &Batch, lora: Option<&Lora<T>>) -> (Dims, Vec<T>) {
         let d = self.dims(batch);
         let rope = self.rope_for(batch);
         let adapter = lora.map(|lora| AdapterPass::eval(lora));
         let residuals = self.forward_residuals(batch, adapter.as_ref(), &rope, &d);
-        let x = &residuals[residuals.len() - 1];
+        let x = &residuals[d_last(&residuals)];
         let mut h = vec![T::zero(); d.n * d.c];
         let mut rstd = vec![T::zero(); d.n];
+        let (w, eps) = (&self.weights.final_norm, self.config.rms_norm_eps);
+        rmsnorm_forward(&mut h, &mut rstd, x, w, d.n, d.c, eps);
+        (d, h)
+    }
+
+    /// Loss statistics of a batch without gradients (evaluation; an adapter runs without dropout).
+    pub fn loss(&self, batch: &Batch, lora: Option<&Lora<T>>) -> CeStats {
+        let (d, h) = self.final_hidden(batch, lora);
         let w = &self.weights;
-        rmsnorm_forward(
-            &mut h,
-            &mut rstd,
-            x,
-            &w.final_norm,
-            d.n,
-            d.c,
-            self.config.rms_norm_eps,
-        );
         lm_head_cross_entropy(
             &h,
             w.head(),
@@ -645,23 +645,8 @@ impl<T: Float> Model<T> {
 
     /// Logits `[B*T, V]` of a batch (tests and small evaluations; generation uses the KV cache).
     pub fn logits(&self, batch: &Batch, lora: Option<&Lora<T>>) -> Vec<T> {
-        let d = self.dims(batch);
-        let rope = self.rope_for(batch);
-        let adapter = lora.map(|lora| AdapterPass::eval(lora));
-        let residuals = self.forward_residuals(batch, adapter.as_ref(), &rope, &d);
-        let x = &residuals[d_last(&residuals)];
-        let mut h = vec![T::zero(); d.n * d.c];
-        let mut rstd = vec![T::zero(); d.n];
+        let (d, h) = self.final_hidden(batch, lora);
         let w = &self.weights;
-        rmsnorm_forward(
-            &mut h,
-            &mut rstd,
-            x,
-            &w.final_norm,
-            d.n,
-            d.c,
-            self.config.rms_norm_eps,
-        );
         let mut logits = vec![T::zero(); d.n * d.v];
         crate::ops::cross_entropy::logits_forward(&mut logits, &h, w.head(), d.n, d.c, d.v);
         logits

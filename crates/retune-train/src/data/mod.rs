@@ -46,7 +46,7 @@ use retune_core::model::Batch;
 use retune_core::ops::cross_entropy::IGNORE;
 use retune_core::tokenizer::Tokenizer;
 use rows::{Encoded, Record};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use source::{Layout, RawRow};
 use std::collections::{BTreeMap, HashSet};
@@ -66,7 +66,7 @@ pub struct Example {
 
 /// One bucket of a length histogram: rows of at most `up_to` tokens (and more than the
 /// previous bucket's); `up_to: None` is the rows longer than `max_seq_len`.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Bucket {
     /// Upper bound in tokens, inclusive (`None`: over `max_seq_len`).
     pub up_to: Option<usize>,
@@ -106,7 +106,9 @@ fn record_length(buckets: &mut [Bucket], len: usize) {
 }
 
 /// What happened to the rows of one file (also its provenance: size, sha256, format).
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+/// Reading it back is lenient: a field a summary lacks takes its default.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct FileStats {
     /// The file.
     pub path: PathBuf,
