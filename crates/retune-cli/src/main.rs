@@ -22,7 +22,7 @@ struct Cli {
 enum Command {
     /// Fine-tune a model (LoRA or full; clm or sft) as a TOML configuration describes.
     Train(commands::train::Args),
-    /// Build datasets (the real cardiology sets of the demo).
+    /// Check data files before training, or build the real cardiology datasets of the demo.
     Data(commands::data::Args),
     /// Show a model's architecture, parameter count, weight dtypes and memory estimates.
     Inspect(commands::inspect::Args),
