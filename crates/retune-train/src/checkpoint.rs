@@ -13,11 +13,10 @@
 
 use safetensors::tensor::{Dtype, SafeTensors, View};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 /// File of the trainer state inside a checkpoint (written last).
@@ -282,23 +281,11 @@ pub struct Manifest {
 
 /// Size and sha256 of a file, read back from disk.
 pub fn file_entry(path: &Path) -> Result<FileEntry> {
-    let mut f = fs::File::open(path).map_err(io_err("reading", path))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut bytes = 0u64;
-    loop {
-        let n = f.read(&mut buf).map_err(io_err("reading", path))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        bytes += n as u64;
-    }
-    let sha256 = hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let bytes = fs::metadata(path).map_err(io_err("reading", path))?.len();
+    let sha256 = retune_assets::sha256_file(path).map_err(|e| match e {
+        retune_assets::AssetError::Io { source, .. } => io_err("reading", path)(source),
+        other => StoreError::format(path, other.to_string()),
+    })?;
     Ok(FileEntry { bytes, sha256 })
 }
 

@@ -2,8 +2,6 @@
 //! training, windowed exactly as `retune eval` windows it (so anyone can recompute each figure).
 
 use crate::TrainError;
-use retune_core::eval::{evaluate, EvalResult};
-use retune_core::model::{Lora, Model};
 use retune_core::tokenizer::Tokenizer;
 use std::path::{Path, PathBuf};
 
@@ -54,16 +52,6 @@ pub fn tokenize_files(paths: &[PathBuf], tok: &Tokenizer) -> Result<Vec<Vec<u32>
         }
     }
     Ok(docs)
-}
-
-/// Perplexity of `model` (+ `lora`) on tokenised general text.
-pub fn measure(
-    model: &Model<f32>,
-    lora: Option<&Lora<f32>>,
-    docs: &[Vec<u32>],
-    max_seq_len: usize,
-) -> Result<EvalResult, TrainError> {
-    Ok(evaluate(model, lora, docs, max_seq_len)?)
 }
 
 /// Relative change of perplexity: `after / before - 1`.

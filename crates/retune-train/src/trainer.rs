@@ -260,7 +260,7 @@ fn measure_retention(
     if docs.is_empty() {
         return Ok(None);
     }
-    let r = crate::retention::measure(model, lora, docs, config.data.max_seq_len)?;
+    let r = retune_core::eval::evaluate(model, lora, docs, config.data.max_seq_len)?;
     let row = RetentionRow {
         step,
         retention_loss: r.loss,
