@@ -105,12 +105,14 @@ pub fn lm_head_cross_entropy<T: Float>(
         let hc = &h[start * c..(start + r) * c];
         let lg = &mut logits[..r * v];
         matmul_nt(lg, hc, w, r, c, v, false);
-        let chunk = lg
+        // Rows in parallel, their statistics summed in row order: a rayon reduce would add
+        // the f64 losses in a work-stealing order, and the reported loss would vary run to run.
+        let rows_stats: Vec<CeStats> = lg
             .par_chunks_mut(v)
             .zip(tc)
             .map(|(row, &tgt)| softmax_row(row, tgt, grad_scale))
-            .reduce(CeStats::default, CeStats::merge);
-        stats = stats.merge(chunk);
+            .collect();
+        stats = rows_stats.into_iter().fold(stats, CeStats::merge);
         if let Some(dh) = dh.as_deref_mut() {
             matmul_nn(&mut dh[start * c..(start + r) * c], lg, w, r, v, c, true);
         }
