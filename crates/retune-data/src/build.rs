@@ -2,7 +2,7 @@
 
 use crate::hpo::{self, HpoTerm};
 use crate::jsonl::{
-    self, Manifest, ManifestFile, PreferenceRow, PromptCompletionRow, SourceFile, TextRow, Written,
+    self, Manifest, ManifestFile, MessagesRow, PreferenceRow, SourceFile, TextRow, Written,
 };
 use crate::pubmed::{self, PubmedArticle};
 use crate::{brown, check_fraction, io_err, Result};
@@ -287,12 +287,14 @@ fn write_hpo(
     let (dpo_train, dpo_eval) = hpo::split_preference_pairs(pairs, frac);
     let sft_rule = format!(
         "Derived: one pair per non-obsolete HPO term with a definition at or below {} \
-         (is_a, transitively): prompt `What is <name>?`, completion = the definition. Held \
+         (is_a, transitively), as a conversation: user `What is <name>?`, assistant = the \
+         definition. Held \
          out by HPO id hash, fraction {frac}.",
         hpo::CARDIOVASCULAR_ROOT
     );
     let dpo_rule = format!(
-        "Derived: prompt `Define <name>.`, chosen = the term's definition, rejected = the \
+        "Derived, in conversational form: prompt = user `Define <name>.`, chosen = assistant \
+         with the term's definition, rejected = assistant with the \
          definition of a sibling (a selected term sharing an is_a parent, with a different \
          definition): the sibling with the smallest id greater than the term's, else the \
          smallest. Terms without such a sibling are skipped. Held out by HPO id hash, \
@@ -316,9 +318,9 @@ fn write_hpo(
         ("hpo_sft_eval.jsonl", "eval", sft_eval, sizes.sft_eval),
     ] {
         let before_cap = rows.len() as u64;
-        let rows: Vec<PromptCompletionRow> = capped(rows, cap).iter().map(Into::into).collect();
+        let rows: Vec<MessagesRow> = capped(rows, cap).iter().map(Into::into).collect();
         let written = jsonl::write_jsonl(&out_dir.join(name), &rows)?;
-        let e = entry("prompt-completion", split, &sft_rule);
+        let e = entry("messages", split, &sft_rule);
         out.push(e.describe(written, &[("split_rows_before_cap", before_cap)]));
     }
     for (name, split, rows, cap) in [

@@ -42,14 +42,40 @@ impl TextRow {
     }
 }
 
-/// A derived prompt/completion row: `{"prompt", "completion", "source": "hpo", "hpo_id",
+/// One turn of a conversation, `{"role", "content"}` (OpenAI / Hugging Face chat format).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Turn {
+    /// `user` or `assistant`.
+    pub role: String,
+    /// The text.
+    pub content: String,
+}
+
+impl Turn {
+    /// A user turn.
+    pub fn user(content: &str) -> Self {
+        Turn {
+            role: "user".into(),
+            content: content.into(),
+        }
+    }
+
+    /// An assistant turn.
+    pub fn assistant(content: &str) -> Self {
+        Turn {
+            role: "assistant".into(),
+            content: content.into(),
+        }
+    }
+}
+
+/// A derived instruction row in chat form, so an instruct model trains on its own template:
+/// `{"messages": [user "What is X?", assistant definition], "source": "hpo", "hpo_id",
 /// "derived": true}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PromptCompletionRow {
-    /// `What is X?`
-    pub prompt: String,
-    /// X's HPO definition.
-    pub completion: String,
+pub struct MessagesRow {
+    /// The user's question `What is X?` and the assistant's answer, X's HPO definition.
+    pub messages: Vec<Turn>,
     /// `hpo`.
     pub source: String,
     /// X's id.
@@ -58,11 +84,10 @@ pub struct PromptCompletionRow {
     pub derived: bool,
 }
 
-impl From<&InstructionPair> for PromptCompletionRow {
+impl From<&InstructionPair> for MessagesRow {
     fn from(p: &InstructionPair) -> Self {
-        PromptCompletionRow {
-            prompt: p.prompt.clone(),
-            completion: p.completion.clone(),
+        MessagesRow {
+            messages: vec![Turn::user(&p.prompt), Turn::assistant(&p.completion)],
             source: "hpo".into(),
             hpo_id: p.hpo_id.clone(),
             derived: true,
@@ -70,16 +95,17 @@ impl From<&InstructionPair> for PromptCompletionRow {
     }
 }
 
-/// A derived preference row: `{"prompt", "chosen", "rejected", "source": "hpo", "hpo_id",
+/// A derived preference row in TRL's conversational form: `{"prompt": [user turn],
+/// "chosen": [assistant turn], "rejected": [assistant turn], "source": "hpo", "hpo_id",
 /// "rejected_hpo_id", "derived": true}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PreferenceRow {
-    /// `Define X.`
-    pub prompt: String,
-    /// X's definition.
-    pub chosen: String,
-    /// A sibling term's definition.
-    pub rejected: String,
+    /// The user's `Define X.`
+    pub prompt: Vec<Turn>,
+    /// The assistant answering with X's definition.
+    pub chosen: Vec<Turn>,
+    /// The assistant answering with a sibling term's definition.
+    pub rejected: Vec<Turn>,
     /// `hpo`.
     pub source: String,
     /// X's id.
@@ -93,9 +119,9 @@ pub struct PreferenceRow {
 impl From<&PreferencePair> for PreferenceRow {
     fn from(p: &PreferencePair) -> Self {
         PreferenceRow {
-            prompt: p.prompt.clone(),
-            chosen: p.chosen.clone(),
-            rejected: p.rejected.clone(),
+            prompt: vec![Turn::user(&p.prompt)],
+            chosen: vec![Turn::assistant(&p.chosen)],
+            rejected: vec![Turn::assistant(&p.rejected)],
             source: "hpo".into(),
             hpo_id: p.hpo_id.clone(),
             rejected_hpo_id: p.rejected_hpo_id.clone(),
@@ -198,7 +224,7 @@ pub struct SourceFile {
 pub struct ManifestFile {
     /// File name, relative to the manifest's folder.
     pub file: String,
-    /// `text`, `prompt-completion`, `preference` (JSON Lines) or `plain-text`.
+    /// `text`, `messages`, `preference` (JSON Lines) or `plain-text`.
     pub format: String,
     /// `train`, `eval` or `retention`.
     pub split: String,

@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::metrics::{Metrics, RetentionPoint};
 use retune_core::load::{inspect_model, ModelFormat};
 use retune_core::tokenizer::Tokenizer;
-use retune_train::config::{DataFormat, MethodKind, ObjectiveKind, RunConfig};
+use retune_train::config::{DataFormat, MethodKind, ObjectiveKind, PreferenceLoss, RunConfig};
 use retune_train::trainer::RunSummary;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -154,16 +154,28 @@ pub struct LoraMethod {
     pub rslora: bool,
     /// alpha / r, or alpha / sqrt(r) with rsLoRA.
     pub scaling: f64,
+    /// The PEFT adapter training continued from (`method.init_adapter`): its weights file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_adapter: Option<FileHash>,
 }
 
 /// The objective.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Objective {
-    /// "clm", "sft" or "dpo".
+    /// "clm", "sft", "dpo" or "orpo".
     pub kind: String,
-    /// DPO temperature (dpo only).
+    /// DPO temperature or ORPO weight (preference objectives only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub beta: Option<f64>,
+    /// DPO loss variant, "sigmoid" or "ipo" (dpo only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss: Option<String>,
+    /// DPO label smoothing (dpo only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label_smoothing: Option<f64>,
+    /// What the DPO reference model was (dpo only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
 }
 
 /// What was trained, how.
@@ -497,7 +509,7 @@ fn data_format(config: &RunConfig, path: &Path) -> String {
         (_, "txt" | "md") => "text".into(),
         (ObjectiveKind::Clm, _) => "jsonl-text".into(),
         (ObjectiveKind::Sft, _) => "prompt-completion".into(),
-        (ObjectiveKind::Dpo, _) => "preference".into(),
+        (ObjectiveKind::Dpo | ObjectiveKind::Orpo, _) => "preference".into(),
     }
 }
 
@@ -566,6 +578,7 @@ fn split_rule(config: &RunConfig) -> String {
 
 fn method(config: &RunConfig, summary: Option<&SummaryView>) -> Method {
     let m = &config.method;
+    let dpo = config.objective.kind == ObjectiveKind::Dpo;
     let lora = (m.kind == MethodKind::Lora).then(|| LoraMethod {
         r: m.r,
         alpha: m.alpha,
@@ -587,15 +600,44 @@ fn method(config: &RunConfig, summary: Option<&SummaryView>) -> Method {
         } else {
             m.alpha / m.r as f64
         },
+        init_adapter: m
+            .init_adapter
+            .as_ref()
+            .and_then(|dir| hash_file(&dir.join("adapter_model.safetensors")).ok()),
     });
     let objective = Objective {
         kind: match config.objective.kind {
             ObjectiveKind::Clm => "clm",
             ObjectiveKind::Sft => "sft",
             ObjectiveKind::Dpo => "dpo",
+            ObjectiveKind::Orpo => "orpo",
         }
         .into(),
-        beta: (config.objective.kind == ObjectiveKind::Dpo).then_some(config.objective.beta),
+        beta: config
+            .objective
+            .kind
+            .is_preference()
+            .then_some(config.objective.beta),
+        loss: dpo.then(|| {
+            match config.objective.loss {
+                PreferenceLoss::Sigmoid => "sigmoid",
+                PreferenceLoss::Ipo => "ipo",
+            }
+            .into()
+        }),
+        label_smoothing: dpo.then_some(config.objective.label_smoothing),
+        reference: dpo.then(|| {
+            let start = match (&m.kind, &m.init_adapter) {
+                (MethodKind::Lora, Some(a)) => {
+                    format!("the base model with the adapter {}", a.display())
+                }
+                _ => "the base model".to_string(),
+            };
+            format!(
+                "the starting policy ({start}) without dropout; its log-likelihoods of every pair \
+                 computed once before training"
+            )
+        }),
     };
     Method {
         kind: match m.kind {

@@ -146,8 +146,27 @@ pub enum ObjectiveKind {
     Clm,
     /// Supervised fine-tuning: loss on the completion only.
     Sft,
-    /// Direct preference optimisation.
+    /// Direct preference optimisation against a frozen reference (the starting policy).
     Dpo,
+    /// Odds-ratio preference optimisation: chosen NLL plus an odds-ratio term, no reference.
+    Orpo,
+}
+
+impl ObjectiveKind {
+    /// Objectives that read preference pairs.
+    pub fn is_preference(self) -> bool {
+        matches!(self, ObjectiveKind::Dpo | ObjectiveKind::Orpo)
+    }
+}
+
+/// The DPO loss (TRL's `loss_type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PreferenceLoss {
+    /// `-log sigmoid(beta * margin)`.
+    Sigmoid,
+    /// `(margin - 1 / (2 beta))^2` on mean log-probabilities.
+    Ipo,
 }
 
 /// Format of the data files.
@@ -217,15 +236,23 @@ pub struct MethodConfig {
     pub targets: Targets,
     /// rsLoRA scaling alpha / sqrt(r).
     pub rslora: bool,
+    /// A PEFT adapter to continue training (its r, alpha, targets and rsLoRA replace the
+    /// keys above); none: a fresh adapter.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init_adapter: Option<PathBuf>,
 }
 
 /// `[objective]`.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ObjectiveConfig {
-    /// clm, sft or dpo.
+    /// clm, sft, dpo or orpo.
     pub kind: ObjectiveKind,
-    /// DPO temperature (> 0); unused by clm and sft.
+    /// DPO temperature, or ORPO's odds-ratio weight (> 0); unused by clm and sft.
     pub beta: f64,
+    /// DPO loss variant.
+    pub loss: PreferenceLoss,
+    /// DPO label smoothing (conservative DPO), in [0, 0.5).
+    pub label_smoothing: f64,
 }
 
 /// `[data]`.
@@ -369,9 +396,18 @@ const SCHEMA: &[(&str, &[(&str, Kind)])] = &[
             ("dropout", Kind::Float),
             ("targets", Kind::Targets),
             ("rslora", Kind::Bool),
+            ("init_adapter", Kind::Path),
         ],
     ),
-    ("objective", &[("kind", Kind::Str), ("beta", Kind::Float)]),
+    (
+        "objective",
+        &[
+            ("kind", Kind::Str),
+            ("beta", Kind::Float),
+            ("loss", Kind::Str),
+            ("label_smoothing", Kind::Float),
+        ],
+    ),
     (
         "data",
         &[
@@ -918,6 +954,7 @@ impl RunConfig {
             dropout: src.f64("method.dropout", 0.05)?,
             targets: src.targets("method.targets")?,
             rslora: src.bool("method.rslora", false)?,
+            init_adapter: src.opt_path("method.init_adapter")?,
         };
         let objective = ObjectiveConfig {
             kind: src.choice(
@@ -927,9 +964,19 @@ impl RunConfig {
                     ("clm", ObjectiveKind::Clm),
                     ("sft", ObjectiveKind::Sft),
                     ("dpo", ObjectiveKind::Dpo),
+                    ("orpo", ObjectiveKind::Orpo),
                 ],
             )?,
             beta: src.f64("objective.beta", 0.1)?,
+            loss: src.choice(
+                "objective.loss",
+                PreferenceLoss::Sigmoid,
+                &[
+                    ("sigmoid", PreferenceLoss::Sigmoid),
+                    ("ipo", PreferenceLoss::Ipo),
+                ],
+            )?,
+            label_smoothing: src.f64("objective.label_smoothing", 0.0)?,
         };
         let train_files = src.paths("data.train")?;
         if train_files.is_empty() {
@@ -1044,6 +1091,13 @@ impl RunConfig {
             return fail(
                 "objective.beta",
                 format!("must be greater than 0, got {}", self.objective.beta),
+            );
+        }
+        let smoothing = self.objective.label_smoothing;
+        if !(0.0..0.5).contains(&smoothing) {
+            return fail(
+                "objective.label_smoothing",
+                format!("must be in [0, 0.5), got {smoothing}"),
             );
         }
         if let Some(f) = d.eval_fraction {
@@ -1328,7 +1382,7 @@ dir = "runs/cardiology"
             ),
             (
                 "objective.kind=ppo",
-                "`objective.kind` must be one of \"clm\", \"sft\", \"dpo\"; got \"ppo\"",
+                "`objective.kind` must be one of \"clm\", \"sft\", \"dpo\", \"orpo\"; got \"ppo\"",
             ),
             ("train.epochs=-1", "`train.epochs` must be a non-negative integer, got integer -1"),
             ("train.epochs=1.5", "`train.epochs` must be a non-negative integer, got number 1.5"),
@@ -1394,7 +1448,12 @@ dir = "runs/cardiology"
         .unwrap();
         let text = c.to_toml_string();
         for key in valid_keys() {
-            let optional = ["data.eval_fraction", "retention.max_increase"].contains(&key.as_str());
+            let optional = [
+                "data.eval_fraction",
+                "retention.max_increase",
+                "method.init_adapter",
+            ]
+            .contains(&key.as_str());
             let (section, name) = key.split_once('.').unwrap();
             let table: Table = toml::from_str(&text).unwrap();
             let present = table[section].as_table().unwrap().contains_key(name);

@@ -10,6 +10,7 @@ use crate::checkpoint::{write_atomically, StoreError};
 use crate::config::RunConfig;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -187,6 +188,10 @@ pub struct StepRow {
     pub tokens: u64,
     /// `tokens` over the step's wall time.
     pub tokens_per_s: f64,
+    /// Objective-specific figures under their customary names (preference objectives:
+    /// `rewards/chosen`, `rewards/margins`, ... as TRL logs them).
+    #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub extra: BTreeMap<String, f64>,
 }
 
 /// A `metrics.jsonl` row after an evaluation.
@@ -198,8 +203,12 @@ pub struct EvalRow {
     pub eval_loss: f64,
     /// `exp(eval_loss)`.
     pub perplexity: f64,
-    /// Share of predicted tokens whose argmax was right.
+    /// Share of predicted tokens whose argmax was right (preference objectives: the share of
+    /// pairs whose chosen reward exceeds the rejected one).
     pub accuracy: f64,
+    /// Objective-specific figures (preference objectives: `eval_rewards/chosen`, ...).
+    #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub extra: BTreeMap<String, f64>,
 }
 
 /// A `metrics.jsonl` row after measuring general-text (retention) perplexity, windowed as
@@ -388,6 +397,11 @@ mod tests {
             grad_norm: 0.5,
             tokens: 2048,
             tokens_per_s: 1000.0,
+            // Objective figures on some rows, as a preference run logs them.
+            extra: match step {
+                3 => BTreeMap::from([("rewards/margins".to_string(), 0.75)]),
+                _ => BTreeMap::new(),
+            },
         }
     }
 
@@ -403,6 +417,7 @@ mod tests {
             eval_loss: 1.5,
             perplexity: 1.5f64.exp(),
             accuracy: 0.25,
+            extra: BTreeMap::from([("eval_rewards/accuracies".to_string(), 0.625)]),
         };
         m.eval(&eval).unwrap();
         drop(m);
@@ -416,6 +431,10 @@ mod tests {
         let rows = read_metrics(&path).unwrap();
         assert_eq!(rows.len(), 6);
         assert_eq!(rows[5], MetricsRow::Eval(eval.clone()));
+        // Objective figures sit flat in their row and read back into it.
+        assert!(first.contains("\"tokens_per_s\":1000.0,\"rewards/margins\":0.75}"));
+        assert!(first.contains("\"accuracy\":0.25,\"eval_rewards/accuracies\":0.625}"));
+        assert_eq!(rows[2], MetricsRow::Step(step_row(3)));
         let mut m = MetricsLog::open_for_resume(dir.path(), 4).unwrap();
         m.step(&step_row(5)).unwrap();
         let rows = read_metrics(&path).unwrap();

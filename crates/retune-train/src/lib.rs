@@ -10,6 +10,7 @@
 //! - [`progress`]: the progress bar (or plain lines) on stderr.
 //! - [`data`]: training data for `clm` and `sft`: read, validate, tokenise, mask, pack.
 //! - [`trainer`]: the training loop: [`trainer::train`] and [`trainer::resume`].
+//! - [`preference`]: `dpo` and `orpo`: pairs in batches, reference log-likelihoods, step figures.
 //! - [`retention`]: general-text perplexity (retained capability), windowed as `retune eval`.
 //! - [`nan_guard`]: stops a diverged run with an actionable [`TrainError`].
 #![deny(missing_docs)]
@@ -21,6 +22,7 @@ pub mod error;
 pub mod events;
 pub mod nan_guard;
 pub mod optim;
+pub mod preference;
 pub mod progress;
 pub mod retention;
 pub mod schedule;

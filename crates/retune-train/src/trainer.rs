@@ -1,4 +1,4 @@
-//! The training loop: LoRA or full fine-tuning with the `clm` or `sft` objective.
+//! The training loop: LoRA or full fine-tuning with the `clm`, `sft`, `dpo` or `orpo` objective.
 //!
 //! One optimizer step takes `grad_accum` micro-batches of `batch_size` rows. The loss of every
 //! micro-batch is divided by the number of target tokens of the *whole* step, so accumulation
@@ -8,11 +8,14 @@
 //! a run resumed from a checkpoint continues bitwise-identically.
 
 use crate::checkpoint::{self, Contents, TrainerState};
-use crate::config::{MethodKind, ObjectiveKind, RunConfig};
-use crate::data::{self, Example, FileStats, Row};
+use crate::config::{MethodKind, RunConfig, TargetModule, Targets};
+use crate::data::{self, Example, FileStats, PreferenceExample, Row};
 use crate::events::{self, EvalRow, Event, EventLog, MetricsLog, RetentionRow, StepRow};
 use crate::nan_guard::check_finite;
 use crate::optim::{clip_grad_norm, AdamW};
+use crate::preference::{
+    self, PairBatch, PreferenceFigures, PreferenceObjective, PreferenceTotals, StepScale,
+};
 use crate::progress::Progress;
 use crate::schedule::LrSchedule;
 use crate::TrainError;
@@ -21,9 +24,11 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use retune_core::model::{Grads, Lora, LoraSpec, Model};
 use retune_core::ops::cross_entropy::CeStats;
+use retune_core::ops::preference::PairLogps;
 use retune_core::tokenizer::Tokenizer;
 use serde::Serialize;
 use serde_json::json;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -50,6 +55,26 @@ pub struct EvalFigures {
     pub accuracy: f64,
     /// Target tokens evaluated.
     pub tokens: usize,
+    /// Preference objectives: reward accuracy and margins (then `loss` is the objective,
+    /// `perplexity` that of the chosen completions and `accuracy` the reward accuracy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preference: Option<PreferenceFigures>,
+}
+
+impl EvalFigures {
+    /// The metrics row of this evaluation.
+    fn row(&self) -> EvalRow {
+        EvalRow {
+            step: self.step,
+            eval_loss: self.loss,
+            perplexity: self.perplexity,
+            accuracy: self.accuracy,
+            extra: self
+                .preference
+                .map(|p| p.named("eval_").into_iter().collect())
+                .unwrap_or_default(),
+        }
+    }
 }
 
 /// What a run did.
@@ -93,13 +118,45 @@ pub struct RunSummary {
     pub elapsed_s: f64,
 }
 
+/// What a run trains and evaluates on.
+enum TrainingData {
+    /// `clm` and `sft`: packed rows of `max_seq_len` tokens.
+    Rows { train: Vec<Row>, eval: Vec<Row> },
+    /// `dpo` and `orpo`: preference pairs, with the reference model's log-likelihoods of
+    /// each (`dpo`; empty for `orpo`).
+    Pairs {
+        objective: PreferenceObjective,
+        train: Vec<PreferenceExample>,
+        eval: Vec<PreferenceExample>,
+        train_reference: Vec<PairLogps>,
+        eval_reference: Vec<PairLogps>,
+        pad: u32,
+    },
+}
+
+impl TrainingData {
+    /// Items one epoch visits (rows or pairs).
+    fn train_len(&self) -> usize {
+        match self {
+            TrainingData::Rows { train, .. } => train.len(),
+            TrainingData::Pairs { train, .. } => train.len(),
+        }
+    }
+
+    fn eval_len(&self) -> usize {
+        match self {
+            TrainingData::Rows { eval, .. } => eval.len(),
+            TrainingData::Pairs { eval, .. } => eval.len(),
+        }
+    }
+}
+
 /// Everything prepared before the first step.
 struct Setup {
     model: Model<f32>,
     tokenizer: Tokenizer,
     lora: Option<Lora<f32>>,
-    train_rows: Vec<Row>,
-    eval_rows: Vec<Row>,
+    data: TrainingData,
     /// Tokenised general text for the retention measurement.
     retention_docs: Vec<Vec<u32>>,
     stats: Vec<FileStats>,
@@ -113,59 +170,141 @@ fn read_examples(
     tok: &Tokenizer,
     paths: &[PathBuf],
 ) -> Result<(Vec<Example>, Vec<FileStats>), TrainError> {
-    if config.objective.kind == ObjectiveKind::Dpo {
-        return Err(TrainError::Invalid(
-            "objective.kind = \"dpo\" is not available yet; use \"clm\" or \"sft\"".into(),
-        ));
-    }
     let opts = data::ReadOptions::from_config(config);
-    data::read_examples(paths, tok, &opts).map_err(|first| {
-        let report = data::check_files(paths, Some(tok), &opts);
-        if report.problems.len() <= 1 {
-            return first;
-        }
-        let shown: Vec<String> = report.problems.iter().take(20).map(|p| p.to_string()).collect();
-        let more = report.problems.len().saturating_sub(shown.len());
-        TrainError::Invalid(format!(
-            "the data have {} problems (run `retune data check` for all of them and statistics):\n  {}{}",
-            report.problems.len(),
-            shown.join("\n  "),
-            if more > 0 { format!("\n  ... and {more} more") } else { String::new() }
-        ))
-    })
+    data::read_examples(paths, tok, &opts).map_err(|first| all_problems(first, paths, tok, &opts))
 }
 
-fn setup(config: &RunConfig) -> Result<Setup, TrainError> {
+/// Reads preference pairs, reporting problems as [`read_examples`] does.
+fn read_pairs(
+    config: &RunConfig,
+    tok: &Tokenizer,
+    paths: &[PathBuf],
+) -> Result<(Vec<PreferenceExample>, Vec<FileStats>), TrainError> {
+    let opts = data::ReadOptions::from_config(config);
+    data::read_preference(paths, tok, &opts).map_err(|first| all_problems(first, paths, tok, &opts))
+}
+
+/// The first problem of a data file widened to all of them (up to 20 shown).
+fn all_problems(
+    first: TrainError,
+    paths: &[PathBuf],
+    tok: &Tokenizer,
+    opts: &data::ReadOptions,
+) -> TrainError {
+    let report = data::check_files(paths, Some(tok), opts);
+    if report.problems.len() <= 1 {
+        return first;
+    }
+    let shown: Vec<String> = report
+        .problems
+        .iter()
+        .take(20)
+        .map(|p| p.to_string())
+        .collect();
+    let more = report.problems.len().saturating_sub(shown.len());
+    TrainError::Invalid(format!(
+        "the data have {} problems (run `retune data check` for all of them and statistics):\n  {}{}",
+        report.problems.len(),
+        shown.join("\n  "),
+        if more > 0 { format!("\n  ... and {more} more") } else { String::new() }
+    ))
+}
+
+fn setup(config: &RunConfig, quiet: bool) -> Result<Setup, TrainError> {
     let path = &config.model.path;
     let model = Model::<f32>::load(path)?;
     let tokenizer = Tokenizer::load(path)?;
     tokenizer.check_vocab(model.config.vocab_size, path)?;
-    let d = &config.data;
-    let (train, mut stats) = read_examples(config, &tokenizer, &d.train)?;
-    let (train, eval) = if !d.eval.is_empty() {
-        let (eval, eval_stats) = read_examples(config, &tokenizer, &d.eval)?;
-        stats.extend(eval_stats);
-        (train, eval)
-    } else if let Some(fraction) = d.eval_fraction {
-        data::split_by_hash(train, fraction)
-    } else {
-        (train, Vec::new())
+    let lora = match config.method.kind {
+        MethodKind::Lora => Some(init_adapter(config, &model)?),
+        MethodKind::Full => None,
     };
-    if train.is_empty() {
+    let d = &config.data;
+    let pad = tokenizer.eos_ids.first().copied().unwrap_or(0);
+    let (data, stats) = match PreferenceObjective::from_config(config) {
+        None => {
+            let (train, mut stats) = read_examples(config, &tokenizer, &d.train)?;
+            let (train, eval) = if !d.eval.is_empty() {
+                let (eval, eval_stats) = read_examples(config, &tokenizer, &d.eval)?;
+                stats.extend(eval_stats);
+                (train, eval)
+            } else if let Some(fraction) = d.eval_fraction {
+                data::split_by_hash(train, fraction)
+            } else {
+                (train, Vec::new())
+            };
+            let train = data::pack(&train, d.max_seq_len, d.packing, pad);
+            let eval = data::pack(&eval, d.max_seq_len, d.packing, pad);
+            (TrainingData::Rows { train, eval }, stats)
+        }
+        Some(objective) => {
+            let (train, mut stats) = read_pairs(config, &tokenizer, &d.train)?;
+            let (train, eval) = if !d.eval.is_empty() {
+                let (eval, eval_stats) = read_pairs(config, &tokenizer, &d.eval)?;
+                stats.extend(eval_stats);
+                (train, eval)
+            } else if let Some(fraction) = d.eval_fraction {
+                data::split_pairs_by_hash(train, fraction)
+            } else {
+                (train, Vec::new())
+            };
+            // The reference is the starting policy without dropout, scored once.
+            let (train_reference, eval_reference) = if objective.needs_reference() {
+                if !quiet {
+                    eprintln!(
+                        "scoring {} pairs with the reference model (the starting policy)",
+                        train.len() + eval.len()
+                    );
+                }
+                let bp = config.train.batch_size;
+                let score = |pairs| preference::pair_logps(&model, lora.as_ref(), pairs, bp, pad);
+                (score(&train), score(&eval))
+            } else {
+                (Vec::new(), Vec::new())
+            };
+            let data = TrainingData::Pairs {
+                objective,
+                train,
+                eval,
+                train_reference,
+                eval_reference,
+                pad,
+            };
+            (data, stats)
+        }
+    };
+    if data.train_len() == 0 {
         return Err(TrainError::Invalid(
             "no training examples: every row was empty or dropped".into(),
         ));
     }
-    let pad = tokenizer.eos_ids.first().copied().unwrap_or(0);
-    let train_rows = data::pack(&train, d.max_seq_len, d.packing, pad);
-    let eval_rows = data::pack(&eval, d.max_seq_len, d.packing, pad);
     let t = &config.train;
     let per_step = t.batch_size * t.grad_accum;
-    let steps_per_epoch = train_rows.len().div_ceil(per_step) as u64;
+    let steps_per_epoch = data.train_len().div_ceil(per_step) as u64;
     let total_steps = t.max_steps.unwrap_or(t.epochs * steps_per_epoch).max(1);
-    let lora = match config.method.kind {
-        MethodKind::Lora => {
-            let m = &config.method;
+    let retention_docs = crate::retention::tokenize_files(&config.retention.data, &tokenizer)?;
+    Ok(Setup {
+        model,
+        tokenizer,
+        lora,
+        data,
+        retention_docs,
+        stats,
+        total_steps,
+    })
+}
+
+/// The run's adapter at step 0: fresh (PEFT's initialisation, from the seed), or the PEFT
+/// adapter `method.init_adapter` to continue, with the configured dropout.
+fn init_adapter(config: &RunConfig, model: &Model<f32>) -> Result<Lora<f32>, TrainError> {
+    let m = &config.method;
+    match &m.init_adapter {
+        Some(dir) => {
+            let mut lora = retune_core::load::peft::load_peft_adapter(dir, &model.config)?;
+            lora.spec.dropout = m.dropout;
+            Ok(lora)
+        }
+        None => {
             let spec = LoraSpec {
                 r: m.r,
                 alpha: m.alpha,
@@ -173,21 +312,9 @@ fn setup(config: &RunConfig) -> Result<Setup, TrainError> {
                 targets: m.targets.modules(),
                 rslora: m.rslora,
             };
-            Some(Lora::init(spec, &model.weights, t.seed)?)
+            Ok(Lora::init(spec, &model.weights, config.train.seed)?)
         }
-        MethodKind::Full => None,
-    };
-    let retention_docs = crate::retention::tokenize_files(&config.retention.data, &tokenizer)?;
-    Ok(Setup {
-        model,
-        tokenizer,
-        lora,
-        train_rows,
-        eval_rows,
-        retention_docs,
-        stats,
-        total_steps,
-    })
+    }
 }
 
 /// The rows of optimizer step `step` (0-based), micro-batch by micro-batch: row `k` of the run
@@ -219,16 +346,123 @@ fn step_rows(rows: usize, seed: u64, step: u64, batch: usize, accum: usize) -> V
     out
 }
 
+/// The seed of micro-batch `m` of `step`'s LoRA dropout masks.
+fn dropout_seed(seed: u64, step: u64, accum: usize, m: usize) -> u64 {
+    seed ^ (step * accum as u64 + m as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93)
+}
+
+/// Accumulates the gradient of one optimizer step over its micro-batches (`micro`: item
+/// indices). Returns the step's loss, the tokens it processed and its objective figures.
+fn step_gradients(
+    model: &Model<f32>,
+    lora: Option<&Lora<f32>>,
+    training: &TrainingData,
+    micro: &[Vec<usize>],
+    config: &RunConfig,
+    step: u64,
+    grads: &mut Grads<f32>,
+) -> (f64, u64, BTreeMap<String, f64>) {
+    let (seed, accum) = (config.train.seed, config.train.grad_accum);
+    match training {
+        TrainingData::Rows { train, .. } => {
+            let rows = |m: &Vec<usize>| -> Vec<&Row> { m.iter().map(|&i| &train[i]).collect() };
+            let normaliser: usize = micro
+                .iter()
+                .flatten()
+                .map(|&i| train[i].target_count())
+                .sum();
+            let mut loss_sum = 0.0;
+            for (m, items) in micro.iter().enumerate() {
+                let batch = data::batch_of(&rows(items));
+                let seed = dropout_seed(seed, step, accum, m);
+                loss_sum += model
+                    .forward_backward(&batch, normaliser, lora, seed, grads)
+                    .loss_sum;
+            }
+            let tokens = micro.iter().map(Vec::len).sum::<usize>() * config.data.max_seq_len;
+            let loss = loss_sum / normaliser.max(1) as f64;
+            (loss, tokens as u64, BTreeMap::new())
+        }
+        TrainingData::Pairs {
+            objective,
+            train,
+            train_reference,
+            pad,
+            ..
+        } => {
+            let scale = StepScale {
+                pairs: micro.iter().map(Vec::len).sum(),
+                chosen_tokens: micro
+                    .iter()
+                    .flatten()
+                    .map(|&i| train[i].chosen_ids.len())
+                    .sum(),
+            };
+            let mut totals = PreferenceTotals::default();
+            let mut tokens = 0;
+            for (m, items) in micro.iter().enumerate() {
+                let pairs: Vec<&PreferenceExample> = items.iter().map(|&i| &train[i]).collect();
+                let reference: Vec<PairLogps> = items
+                    .iter()
+                    .map(|&i| train_reference.get(i).copied().unwrap_or_default())
+                    .collect();
+                let pb = PairBatch::new(&pairs, *pad);
+                tokens += pb.batch.b * pb.batch.t;
+                let seed = dropout_seed(seed, step, accum, m);
+                preference::micro_step(
+                    objective,
+                    model,
+                    lora,
+                    &pb,
+                    &reference,
+                    scale,
+                    seed,
+                    grads,
+                    &mut totals,
+                );
+            }
+            let figures = totals.figures(objective).named("");
+            (
+                totals.loss(objective),
+                tokens as u64,
+                figures.into_iter().collect(),
+            )
+        }
+    }
+}
+
 fn evaluate(
     model: &Model<f32>,
     lora: Option<&Lora<f32>>,
-    rows: &[Row],
+    data: &TrainingData,
     batch: usize,
     step: u64,
 ) -> Option<EvalFigures> {
-    if rows.is_empty() {
+    if data.eval_len() == 0 {
         return None;
     }
+    let rows = match data {
+        TrainingData::Rows { eval, .. } => eval,
+        TrainingData::Pairs {
+            objective,
+            eval,
+            eval_reference,
+            pad,
+            ..
+        } => {
+            let totals =
+                preference::evaluate(objective, model, lora, eval, eval_reference, batch, *pad);
+            let figures = totals.figures(objective);
+            return Some(EvalFigures {
+                step,
+                loss: totals.loss(objective),
+                perplexity: totals.nll().exp(),
+                accuracy: figures.rewards_accuracies,
+                tokens: totals.chosen_tokens(),
+                preference: Some(figures),
+            });
+        }
+    };
     let mut total = CeStats::default();
     for chunk in rows.chunks(batch.max(1)) {
         let refs: Vec<&Row> = chunk.iter().collect();
@@ -244,6 +478,7 @@ fn evaluate(
         perplexity: loss.exp(),
         accuracy: total.correct as f64 / total.count.max(1) as f64,
         tokens: total.count,
+        preference: None,
     })
 }
 
@@ -275,6 +510,7 @@ fn measure_retention(
         perplexity: r.perplexity,
         accuracy: r.accuracy,
         tokens: r.tokens,
+        preference: None,
     }))
 }
 
@@ -351,6 +587,7 @@ const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 
 /// Starts a run from `config` in `config.output.dir` (created; it must not hold a run yet).
 pub fn train(config: &RunConfig, opts: &TrainOptions) -> Result<RunSummary, TrainError> {
+    let config = &with_init_adapter(config)?;
     let run_dir = config.output.dir.clone();
     if checkpoint::latest_checkpoint(&run_dir)?.is_some() {
         return Err(TrainError::Invalid(format!(
@@ -364,6 +601,27 @@ pub fn train(config: &RunConfig, opts: &TrainOptions) -> Result<RunSummary, Trai
         .map_err(|e| TrainError::Invalid(format!("creating {}: {e}", run_dir.display())))?;
     events::write_config(&run_dir, config)?;
     run(config, &run_dir, None, opts)
+}
+
+/// The configuration with `method.init_adapter`'s r, alpha, targets and rsLoRA in place of
+/// the configured ones, so the written config and the disclosure record say what trained.
+fn with_init_adapter(config: &RunConfig) -> Result<RunConfig, TrainError> {
+    let mut config = config.clone();
+    let m = &mut config.method;
+    if let (MethodKind::Lora, Some(dir)) = (m.kind, &m.init_adapter) {
+        let spec = retune_core::load::peft::read_peft_config(dir)?.spec;
+        m.r = spec.r;
+        m.alpha = spec.alpha;
+        m.rslora = spec.rslora;
+        if !spec.targets.is_empty() {
+            m.targets = if spec.targets.len() == TargetModule::ALL.len() {
+                Targets::AllLinear
+            } else {
+                Targets::Modules(spec.targets)
+            };
+        }
+    }
+    Ok(config)
 }
 
 /// Continues the run in `run_dir` from its last complete checkpoint.
@@ -417,12 +675,16 @@ fn run_inner(
         mut model,
         tokenizer,
         mut lora,
-        train_rows,
-        eval_rows,
+        data: training,
         retention_docs,
         stats,
         total_steps,
-    } = setup(config)?;
+    } = setup(config, opts.quiet)?;
+    let (train_len, eval_len) = (training.train_len(), training.eval_len());
+    let unit = match training {
+        TrainingData::Rows { .. } => format!("rows of {} tokens", config.data.max_seq_len),
+        TrainingData::Pairs { .. } => "preference pairs".to_string(),
+    };
     let t = &config.train;
     let sizes: Vec<usize> = trainable(&mut model, &mut lora)
         .iter()
@@ -463,28 +725,20 @@ fn run_inner(
         );
         eprintln!(
             "trainable parameters: {trainable_parameters} of {model_parameters} ({share:.3}%); \
-             {} training rows, {} eval rows of {} tokens; {total_steps} steps; estimated peak \
-             memory {:.2} GiB",
-            train_rows.len(),
-            eval_rows.len(),
-            config.data.max_seq_len,
+             {train_len} training and {eval_len} eval {unit}; {total_steps} steps; estimated \
+             peak memory {:.2} GiB",
             peak as f64 / (1u64 << 30) as f64
         );
     }
     events.emit(
         Event::Started,
         json!({ "step": start_step, "total_steps": total_steps, "trainable_parameters": trainable_parameters,
-                "model_parameters": model_parameters, "train_rows": train_rows.len(), "eval_rows": eval_rows.len() }),
+                "model_parameters": model_parameters, "train_rows": train_len, "eval_rows": eval_len }),
     )?;
     let eval_before = if resume_from.is_none() {
-        let e = evaluate(&model, lora.as_ref(), &eval_rows, t.batch_size, 0);
+        let e = evaluate(&model, lora.as_ref(), &training, t.batch_size, 0);
         if let Some(e) = &e {
-            metrics.eval(&EvalRow {
-                step: 0,
-                eval_loss: e.loss,
-                perplexity: e.perplexity,
-                accuracy: e.accuracy,
-            })?;
+            metrics.eval(&e.row())?;
             events.emit(Event::Eval, e)?;
         }
         e
@@ -527,26 +781,19 @@ fn run_inner(
         }
         let started = Instant::now();
         let lr = schedule.lr(step);
-        let micro = step_rows(train_rows.len(), t.seed, step, t.batch_size, t.grad_accum);
-        let normaliser: usize = micro
-            .iter()
-            .flatten()
-            .map(|&i| train_rows[i].target_count())
-            .sum();
+        let micro = step_rows(train_len, t.seed, step, t.batch_size, t.grad_accum);
         for g in grad_tensors(&mut grads) {
             g.fill(0.0);
         }
-        let mut loss_sum = 0.0;
-        for (m, rows) in micro.iter().enumerate() {
-            let refs: Vec<&Row> = rows.iter().map(|&i| &train_rows[i]).collect();
-            let batch = data::batch_of(&refs);
-            let seed = t.seed
-                ^ (step * t.grad_accum as u64 + m as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93);
-            loss_sum += model
-                .forward_backward(&batch, normaliser, lora.as_ref(), seed, &mut grads)
-                .loss_sum;
-        }
-        let loss = loss_sum / normaliser.max(1) as f64;
+        let (loss, tokens, extra) = step_gradients(
+            &model,
+            lora.as_ref(),
+            &training,
+            &micro,
+            config,
+            step,
+            &mut grads,
+        );
         let grad_norm = {
             let mut g = grad_tensors(&mut grads);
             let mut slices: Vec<&mut [f32]> = g.iter_mut().map(|v| v.as_mut_slice()).collect();
@@ -560,7 +807,6 @@ fn run_inner(
             optimizer.step(&mut p, &g, lr);
         }
         step += 1;
-        let tokens = (micro.iter().map(Vec::len).sum::<usize>() * config.data.max_seq_len) as u64;
         state.tokens_seen += tokens;
         let secs = started.elapsed().as_secs_f64();
         let row = StepRow {
@@ -570,6 +816,7 @@ fn run_inner(
             grad_norm,
             tokens,
             tokens_per_s: tokens as f64 / secs,
+            extra,
         };
         metrics.step(&row)?;
         events.emit(Event::Step, &row)?;
@@ -629,13 +876,8 @@ fn run_inner(
             }
         }
         if eval_now {
-            if let Some(e) = evaluate(&model, lora.as_ref(), &eval_rows, t.batch_size, step) {
-                metrics.eval(&EvalRow {
-                    step,
-                    eval_loss: e.loss,
-                    perplexity: e.perplexity,
-                    accuracy: e.accuracy,
-                })?;
+            if let Some(e) = evaluate(&model, lora.as_ref(), &training, t.batch_size, step) {
+                metrics.eval(&e.row())?;
                 events.emit(Event::Eval, e)?;
                 progress.println(&format!(
                     "step {step}: eval loss {:.4}, perplexity {:.3}",
@@ -657,8 +899,8 @@ fn run_inner(
             }
         }
         state.step = step;
-        state.epoch = step * (t.batch_size * t.grad_accum) as u64 / train_rows.len() as u64;
-        state.data_position = step * (t.batch_size * t.grad_accum) as u64 % train_rows.len() as u64;
+        state.epoch = step * (t.batch_size * t.grad_accum) as u64 / train_len as u64;
+        state.data_position = step * (t.batch_size * t.grad_accum) as u64 % train_len as u64;
         state.elapsed_s = elapsed_before + wall.elapsed().as_secs_f64();
         // Under a retention bound, every measurement within it is checkpointed: the fallback.
         if (t.save_every > 0 && step.is_multiple_of(t.save_every))
@@ -697,8 +939,8 @@ fn run_inner(
         best_step: state.best_step,
         trainable_parameters,
         model_parameters,
-        train_rows: train_rows.len(),
-        eval_rows: eval_rows.len(),
+        train_rows: train_len,
+        eval_rows: eval_len,
         data: stats,
         stopped_early,
         output,

@@ -71,8 +71,8 @@ struct CheckArgs {
     /// Count prompt tokens as trainable (files only).
     #[arg(long)]
     train_on_prompt: bool,
-    /// The objective the rows are for: clm, sft or dpo (files only; default from each row's
-    /// format: text is clm, preference is dpo, anything else sft).
+    /// The objective the rows are for: clm, sft, dpo or orpo (files only; default from each
+    /// row's format: text is clm, preference is dpo, anything else sft).
     #[arg(long)]
     objective: Option<String>,
     /// Override a configuration key (`--set data.max_seq_len=1024`), as `retune train` does.
@@ -136,7 +136,8 @@ fn check(a: CheckArgs) -> Result<Outcome> {
             Some("clm") => Some(ObjectiveKind::Clm),
             Some("sft") => Some(ObjectiveKind::Sft),
             Some("dpo") => Some(ObjectiveKind::Dpo),
-            Some(other) => bail!("--objective {other:?}: expected clm, sft or dpo"),
+            Some("orpo") => Some(ObjectiveKind::Orpo),
+            Some(other) => bail!("--objective {other:?}: expected clm, sft, dpo or orpo"),
         };
         let on_overflow = match a.on_overflow.as_deref() {
             None => Overflow::Error,

@@ -8,7 +8,7 @@ use retune_train::trainer::{self, RunSummary, TrainOptions};
 use retune_train::TrainError;
 use std::path::PathBuf;
 
-/// Fine-tune a model as CONFIG.toml describes (LoRA or full; objective clm or sft), writing a
+/// Fine-tune a model as CONFIG.toml describes (LoRA or full; objective clm, sft, dpo or orpo), writing a
 /// run folder: config.toml, events.jsonl, metrics.jsonl, checkpoints/step-N/ and, at the end,
 /// adapter/ (PEFT) or model/ (full weights). Prints the run folder.
 #[derive(clap::Args, Debug)]
@@ -110,6 +110,16 @@ fn report(s: &RunSummary, json: bool) -> Result<()> {
             "eval loss {:.4} -> {:.4}, perplexity {:.3} -> {:.3}",
             before.loss, after.loss, before.perplexity, after.perplexity
         );
+        if let (Some(b), Some(a)) = (&before.preference, &after.preference) {
+            eprintln!(
+                "eval reward accuracy {:.3} -> {:.3}, reward margin {:.3} -> {:.3} ({} pairs)",
+                b.rewards_accuracies,
+                a.rewards_accuracies,
+                b.rewards_margins,
+                a.rewards_margins,
+                a.pairs
+            );
+        }
     }
     if let (Some(before), Some(after)) = (&s.retention_before, &s.retention_after) {
         eprintln!(

@@ -10,7 +10,9 @@ use super::weights::{grad_slot, LayerWeights, Linear};
 use super::{Batch, Grads, Model};
 use crate::float::Float;
 use crate::ops::attention::{attention_backward, attention_forward};
-use crate::ops::cross_entropy::{lm_head_cross_entropy, CeStats};
+use crate::ops::cross_entropy::{
+    lm_head_cross_entropy, lm_head_cross_entropy_weighted, target_log_probs, CeStats,
+};
 use crate::ops::embedding::{embedding_backward, embedding_forward};
 use crate::ops::linear::{linear_backward, linear_forward};
 use crate::ops::lora::{dropout_forward, lora_backward, lora_forward};
@@ -571,6 +573,77 @@ impl<T: Float> Model<T> {
         dropout_seed: u64,
         grads: &mut Grads<T>,
     ) -> CeStats {
+        let scale = T::one() / T::of(normaliser.max(1) as f64);
+        let head = |h: &[T], w: &[T], d: &Dims, dh: &mut [T], dw: Option<&mut [T]>| {
+            lm_head_cross_entropy(
+                h,
+                w,
+                &batch.targets,
+                d.n,
+                d.c,
+                d.v,
+                CE_CHUNK_ROWS,
+                scale,
+                Some(dh),
+                dw,
+            )
+        };
+        self.backward_through(batch, lora, dropout_seed, grads, head)
+    }
+
+    /// Forward and backward of a loss that depends on each target's log-probability, such as a
+    /// preference objective. `weights` receives `log p(target)` of every position of the
+    /// training forward (0 where the target is `IGNORE`; LoRA dropout drawn from
+    /// `dropout_seed`) and returns `dL / d(-log p)` per position. Accumulates the gradient of
+    /// `L` into `grads` and returns the log-probabilities.
+    pub fn forward_backward_weighted(
+        &self,
+        batch: &Batch,
+        lora: Option<&Lora<T>>,
+        dropout_seed: u64,
+        grads: &mut Grads<T>,
+        weights: impl FnOnce(&[f64]) -> Vec<T>,
+    ) -> Vec<f64> {
+        let head = |h: &[T], w: &[T], d: &Dims, dh: &mut [T], dw: Option<&mut [T]>| {
+            let (n, c, v) = (d.n, d.c, d.v);
+            let log_probs = target_log_probs(h, w, &batch.targets, n, c, v, CE_CHUNK_ROWS);
+            let scale = weights(&log_probs);
+            let targets = &batch.targets;
+            lm_head_cross_entropy_weighted(
+                h,
+                w,
+                targets,
+                n,
+                c,
+                v,
+                CE_CHUNK_ROWS,
+                &scale,
+                Some(dh),
+                dw,
+            );
+            log_probs
+        };
+        self.backward_through(batch, lora, dropout_seed, grads, head)
+    }
+
+    /// `log p(target)` of every position of a batch (0 where `IGNORE`), evaluation forward.
+    pub fn target_log_probs(&self, batch: &Batch, lora: Option<&Lora<T>>) -> Vec<f64> {
+        let (d, h) = self.final_hidden(batch, lora);
+        let w = self.weights.head();
+        target_log_probs(&h, w, &batch.targets, d.n, d.c, d.v, CE_CHUNK_ROWS)
+    }
+
+    /// The training forward, the LM head given by `head`, and the backward through every layer.
+    /// `head(h, w_head, dims, dh, dw_head)` sees the final-norm hidden states and must add the
+    /// loss gradient into `dh[N, C]` (and into `dw_head` when the head is trained).
+    fn backward_through<R>(
+        &self,
+        batch: &Batch,
+        lora: Option<&Lora<T>>,
+        dropout_seed: u64,
+        grads: &mut Grads<T>,
+        head: impl FnOnce(&[T], &[T], &Dims, &mut [T], Option<&mut [T]>) -> R,
+    ) -> R {
         let d = self.dims(batch);
         let rope = self.rope_for(batch);
         let w = &self.weights;
@@ -589,23 +662,11 @@ impl<T: Float> Model<T> {
         let mut rstd = vec![T::zero(); d.n];
         rmsnorm_forward(&mut h, &mut rstd, x_last, &w.final_norm, d.n, d.c, eps);
         let mut dh = vec![T::zero(); d.n * d.c];
-        let scale = T::one() / T::of(normaliser.max(1) as f64);
         let dhead = match &mut grads.lm_head {
-            Some(head) => grad_slot(head),
+            Some(lm_head) => grad_slot(lm_head),
             None => grad_slot(&mut grads.embed), // tied: the head's gradient lands in the embedding
         };
-        let stats = lm_head_cross_entropy(
-            &h,
-            w.head(),
-            &batch.targets,
-            d.n,
-            d.c,
-            d.v,
-            CE_CHUNK_ROWS,
-            scale,
-            Some(&mut dh),
-            dhead,
-        );
+        let head_out = head(&h, w.head(), &d, &mut dh, dhead);
         let mut dx = vec![T::zero(); d.n * d.c];
         let dw = grad_slot(&mut grads.final_norm);
         rmsnorm_backward(&mut dx, dw, &dh, x_last, &w.final_norm, &rstd, d.n, d.c);
@@ -640,7 +701,7 @@ impl<T: Float> Model<T> {
         if let Some(dembed) = grad_slot(&mut grads.embed) {
             embedding_backward(dembed, &dx, &batch.ids, d.c);
         }
-        stats
+        head_out
     }
 
     /// Logits `[B*T, V]` of a batch (tests and small evaluations; generation uses the KV cache).

@@ -79,6 +79,96 @@ pub fn lm_head_cross_entropy<T: Float>(
     v: usize,
     chunk_rows: usize,
     grad_scale: T,
+    dh: Option<&mut [T]>,
+    dw: Option<&mut [T]>,
+) -> CeStats {
+    head_loss(h, w, targets, n, c, v, chunk_rows, |_| grad_scale, dh, dw)
+}
+
+/// [`lm_head_cross_entropy`] with one gradient scale per row: the gradient of
+/// `sum_i row_scale[i] * (-log p_i(target_i))`. Preference objectives weight each completion
+/// token by its sequence's coefficient (negative for the rejected side).
+pub fn lm_head_cross_entropy_weighted<T: Float>(
+    h: &[T],
+    w: &[T],
+    targets: &[u32],
+    n: usize,
+    c: usize,
+    v: usize,
+    chunk_rows: usize,
+    row_scale: &[T],
+    dh: Option<&mut [T]>,
+    dw: Option<&mut [T]>,
+) -> CeStats {
+    assert_eq!(row_scale.len(), n, "cross-entropy: row_scale must be [N]");
+    head_loss(h, w, targets, n, c, v, chunk_rows, |i| row_scale[i], dh, dw)
+}
+
+/// `log p(target)` of every row of `h[N, C]` under the head `w[V, C]` (0 on [`IGNORE`] rows),
+/// chunked like [`lm_head_cross_entropy`]. Summed per sequence these are the log-likelihoods
+/// that preference objectives compare.
+pub fn target_log_probs<T: Float>(
+    h: &[T],
+    w: &[T],
+    targets: &[u32],
+    n: usize,
+    c: usize,
+    v: usize,
+    chunk_rows: usize,
+) -> Vec<f64> {
+    assert!(
+        h.len() == n * c && w.len() == v * c && targets.len() == n,
+        "cross-entropy: shape mismatch"
+    );
+    let rows = chunk_rows.max(1).min(n.max(1));
+    let mut logits = vec![T::zero(); rows * v];
+    let mut out = vec![0.0; n];
+    for start in (0..n).step_by(rows) {
+        let r = rows.min(n - start);
+        let tc = &targets[start..start + r];
+        if v == 0 || tc.iter().all(|&t| t == IGNORE) {
+            continue;
+        }
+        let lg = &mut logits[..r * v];
+        matmul_nt(lg, &h[start * c..(start + r) * c], w, r, c, v, false);
+        out[start..start + r]
+            .par_iter_mut()
+            .zip(lg.par_chunks(v))
+            .zip(tc)
+            .for_each(|((o, row), &tgt)| *o = target_log_prob(row, tgt));
+    }
+    out
+}
+
+/// `log softmax(row)[target]`, 0 for [`IGNORE`].
+fn target_log_prob<T: Float>(row: &[T], target: u32) -> f64 {
+    if target == IGNORE {
+        return 0.0;
+    }
+    let tgt = target as usize;
+    assert!(
+        tgt < row.len(),
+        "cross-entropy: target {tgt} outside vocabulary of {}",
+        row.len()
+    );
+    let max = row
+        .iter()
+        .fold(T::neg_infinity(), |m, &x| if x > m { x } else { m });
+    let sum: f64 = row.iter().map(|&x| (x - max).exp().as_f64()).sum();
+    row[tgt].as_f64() - max.as_f64() - sum.ln()
+}
+
+/// The chunked head shared by the cross-entropy entry points; `row_scale(i)` is row `i`'s
+/// gradient scale.
+fn head_loss<T: Float>(
+    h: &[T],
+    w: &[T],
+    targets: &[u32],
+    n: usize,
+    c: usize,
+    v: usize,
+    chunk_rows: usize,
+    row_scale: impl Fn(usize) -> T + Sync,
     mut dh: Option<&mut [T]>,
     mut dw: Option<&mut [T]>,
 ) -> CeStats {
@@ -110,7 +200,8 @@ pub fn lm_head_cross_entropy<T: Float>(
         let rows_stats: Vec<CeStats> = lg
             .par_chunks_mut(v)
             .zip(tc)
-            .map(|(row, &tgt)| softmax_row(row, tgt, grad_scale))
+            .enumerate()
+            .map(|(i, (row, &tgt))| softmax_row(row, tgt, row_scale(start + i)))
             .collect();
         stats = rows_stats.into_iter().fold(stats, CeStats::merge);
         if let Some(dh) = dh.as_deref_mut() {
@@ -246,5 +337,62 @@ mod tests {
             .iter()
             .zip(&dw)
             .all(|(a, b)| (a - 2.0 * b).abs() < 1e-14));
+    }
+
+    /// `sum_i scale_i * (-log p_i)`: the weighted loss whose gradient the weighted head gives.
+    fn weighted_loss(h: &[f64], w: &[f64], t: &[u32], scale: &[f64]) -> f64 {
+        let lp = target_log_probs(h, w, t, N, C, V, CHUNK);
+        lp.iter().zip(scale).map(|(l, s)| -l * s).sum()
+    }
+
+    #[test]
+    fn target_log_probs_match_naive_log_softmax() {
+        let h: Vec<f64> = randv(N * C, 6).iter().map(|x| 2.0 * x).collect();
+        let (w, t) = (randv(V * C, 7), targets());
+        let got = target_log_probs(&h, &w, &t, N, C, V, CHUNK);
+        let mut logits = vec![0.0; N * V];
+        logits_forward(&mut logits, &h, &w, N, C, V);
+        for (i, row) in logits.chunks(V).enumerate() {
+            let want = if t[i] == IGNORE {
+                0.0
+            } else {
+                row[t[i] as usize] - row.iter().map(|x| x.exp()).sum::<f64>().ln()
+            };
+            assert!(
+                (got[i] - want).abs() < 1e-13,
+                "row {i}: {} vs {want}",
+                got[i]
+            );
+        }
+        // The summed log-probs are minus the cross-entropy's loss sum.
+        let ce = lm_head_cross_entropy(&h, &w, &t, N, C, V, CHUNK, 1.0, None, None);
+        assert!((got.iter().sum::<f64>() + ce.loss_sum).abs() < 1e-12);
+    }
+
+    #[test]
+    fn weighted_cross_entropy_gradcheck() {
+        let (h, w, t) = (randv(N * C, 8), randv(V * C, 9), targets());
+        // Signed weights, as a preference loss gives them (rejected tokens negative).
+        let scale: Vec<f64> = randv(N, 10).iter().map(|x| 2.0 * x).collect();
+        let (mut dh, mut dw) = (vec![0.0; N * C], vec![0.0; V * C]);
+        lm_head_cross_entropy_weighted(
+            &h,
+            &w,
+            &t,
+            N,
+            C,
+            V,
+            CHUNK,
+            &scale,
+            Some(&mut dh),
+            Some(&mut dw),
+        );
+        let eh = check_grad("weighted ce dh", &h, &dh, |h| {
+            weighted_loss(h, &w, &t, &scale)
+        });
+        let ew = check_grad("weighted ce dw", &w, &dw, |w| {
+            weighted_loss(&h, w, &t, &scale)
+        });
+        assert!(eh < 1e-6 && ew < 1e-6, "{eh} {ew}");
     }
 }

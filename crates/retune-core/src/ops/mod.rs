@@ -14,6 +14,7 @@ pub mod embedding;
 pub mod linear;
 pub mod lora;
 pub mod matmul;
+pub mod preference;
 pub mod residual;
 pub mod rmsnorm;
 pub mod rope;

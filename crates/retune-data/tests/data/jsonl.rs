@@ -1,11 +1,13 @@
 use retune_assets::sha256_file;
-use retune_data::jsonl::{write_atomic, write_jsonl, write_text, PromptCompletionRow};
+use retune_data::jsonl::{write_atomic, write_jsonl, write_text, MessagesRow, Turn};
 use retune_data::Error;
 
-fn row(i: usize) -> PromptCompletionRow {
-    PromptCompletionRow {
-        prompt: format!("What is \"term {i}\"?"),
-        completion: format!("Line one\nline two of {i}."),
+fn row(i: usize) -> MessagesRow {
+    MessagesRow {
+        messages: vec![
+            Turn::user(&format!("What is \"term {i}\"?")),
+            Turn::assistant(&format!("Line one\nline two of {i}.")),
+        ],
         source: "hpo".into(),
         hpo_id: format!("HP:{i:07}"),
         derived: true,
@@ -27,7 +29,7 @@ fn jsonl_round_trips_and_hash_matches_the_file() {
         3,
         "one line per row, newlines escaped"
     );
-    let back: Vec<PromptCompletionRow> = text
+    let back: Vec<MessagesRow> = text
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
@@ -35,6 +37,7 @@ fn jsonl_round_trips_and_hash_matches_the_file() {
     let first: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
     assert_eq!(first["derived"], true);
     assert_eq!(first["source"], "hpo");
+    assert_eq!(first["messages"][1]["role"], "assistant");
 }
 
 #[test]

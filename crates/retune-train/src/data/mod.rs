@@ -454,13 +454,15 @@ impl Reader<'_> {
             (ObjectiveKind::Clm, _) => false,
             (ObjectiveKind::Sft, Record::Preference { .. }) => false,
             (ObjectiveKind::Sft, _) => true,
-            (ObjectiveKind::Dpo, r) => matches!(r, Record::Preference { .. }),
+            (ObjectiveKind::Dpo | ObjectiveKind::Orpo, r) => {
+                matches!(r, Record::Preference { .. })
+            }
         };
         if !fits {
             let want = match objective {
                 ObjectiveKind::Clm => "clm reads text rows",
                 ObjectiveKind::Sft => "sft reads text, prompt/completion, messages or alpaca rows",
-                ObjectiveKind::Dpo => "dpo reads preference rows",
+                ObjectiveKind::Dpo | ObjectiveKind::Orpo => "dpo and orpo read preference rows",
             };
             return Err((
                 String::new(),
@@ -517,7 +519,7 @@ impl Reader<'_> {
                 }
             }
             (
-                ObjectiveKind::Dpo,
+                ObjectiveKind::Dpo | ObjectiveKind::Orpo,
                 Record::Preference {
                     prompt,
                     chosen,
@@ -747,8 +749,21 @@ pub fn check_files(paths: &[PathBuf], tok: Option<&Tokenizer>, opts: &ReadOption
 /// Splits examples into (train, eval) by content hash: the same example always lands on the
 /// same side, whatever the order or the machine.
 pub fn split_by_hash(examples: Vec<Example>, eval_fraction: f64) -> (Vec<Example>, Vec<Example>) {
-    examples.into_iter().partition(|e| {
-        let v = u64::from_str_radix(&e.hash[..16], 16).unwrap_or(0);
+    split_by(examples, eval_fraction, |e| &e.hash)
+}
+
+/// [`split_by_hash`] for preference pairs.
+pub fn split_pairs_by_hash(
+    pairs: Vec<PreferenceExample>,
+    eval_fraction: f64,
+) -> (Vec<PreferenceExample>, Vec<PreferenceExample>) {
+    split_by(pairs, eval_fraction, |p| &p.hash)
+}
+
+fn split_by<X>(items: Vec<X>, eval_fraction: f64, hash: impl Fn(&X) -> &str) -> (Vec<X>, Vec<X>) {
+    items.into_iter().partition(|x| {
+        let h = hash(x);
+        let v = u64::from_str_radix(&h[..16.min(h.len())], 16).unwrap_or(0);
         (v as f64 / u64::MAX as f64) >= eval_fraction
     })
 }
