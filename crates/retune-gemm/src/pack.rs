@@ -1,0 +1,191 @@
+//! Conversion to bf16 and the packed layouts both bf16 kernels read.
+//!
+//! Packed A (`m x k`): 16-row tiles of 32 bf16 per row (one AMX A tile, 1 KiB), ordered
+//! `[m_tile][k_tile][row 0..16][col 0..32]`, so one block row's tiles follow each other along k.
+//!
+//! Packed B (`k x n`): 16-column strips in VNNI order, `[strip][k_pair][col 0..16][2]`: the two
+//! bf16 of `b[2q, j]` and `b[2q + 1, j]` side by side. Sixteen k pairs of a strip make one AMX B
+//! tile, and one k pair of a strip is one zmm for `vdpbf16ps`.
+//!
+//! Sizes are padded with zeros: m and n to multiples of 32 (a kernel block), k to a multiple
+//! of 32 (a tile's depth), so the kernels never test edges inside the k loop.
+
+use crate::{MatRef, BLOCK};
+use rayon::prelude::*;
+
+/// bf16 values per row of an A tile (the k depth of one `tdpbf16ps`).
+pub(crate) const TILE_K: usize = 32;
+/// Rows of an A tile, columns of a B strip.
+pub(crate) const TILE_MN: usize = 16;
+
+/// Number of 32-deep k tiles covering `k`.
+pub(crate) fn k_tiles(k: usize) -> usize {
+    k.div_ceil(TILE_K)
+}
+
+/// The bf16 bits nearest to `x` (ties to even); NaN stays a (quiet) NaN.
+#[inline(always)]
+pub(crate) fn to_bf16_bits(x: f32) -> u16 {
+    let bits = x.to_bits();
+    let rounded = (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16;
+    if x.is_nan() {
+        ((bits >> 16) as u16) | 0x40
+    } else {
+        rounded
+    }
+}
+
+/// `x` rounded to bf16 (ties to even) and widened back: the value the bf16 kernels multiply.
+pub fn round_to_bf16(x: f32) -> f32 {
+    f32::from_bits((to_bf16_bits(x) as u32) << 16)
+}
+
+/// Below this many elements packing runs on the calling thread.
+const PAR_PACK: usize = 1 << 15;
+
+/// Packs the `m x k` view `a` (see the module doc).
+pub(crate) fn pack_a(a: MatRef, m: usize, k: usize) -> Vec<u16> {
+    let kt = k_tiles(k);
+    let tile_len = TILE_MN * TILE_K;
+    let m_tiles = m.div_ceil(BLOCK) * (BLOCK / TILE_MN);
+    let mut out = vec![0u16; m_tiles * kt * tile_len];
+    let pack_row_tile = |(mt, dst): (usize, &mut [u16])| {
+        let rows = m.saturating_sub(mt * TILE_MN).min(TILE_MN);
+        let at = |r: usize, p: usize| a.at(mt * TILE_MN + r, p);
+        // dst index of (r, p): tile p / 32, row r, column p % 32.
+        let idx = |r: usize, p: usize| ((p / TILE_K) * TILE_MN + r) * TILE_K + p % TILE_K;
+        if a.col_stride == 1 {
+            // Rows are contiguous: convert 32 values at a time.
+            for r in 0..rows {
+                let start = (mt * TILE_MN + r) * a.row_stride;
+                let src = &a.data[start..start + k];
+                for (t, chunk) in src.chunks(TILE_K).enumerate() {
+                    let d = &mut dst[(t * TILE_MN + r) * TILE_K..][..chunk.len()];
+                    for (o, &x) in d.iter_mut().zip(chunk) {
+                        *o = to_bf16_bits(x);
+                    }
+                }
+            }
+        } else if a.row_stride <= a.col_stride {
+            // Columns are closer together than rows (a transposed view): walk down the rows.
+            for p in 0..k {
+                for r in 0..rows {
+                    dst[idx(r, p)] = to_bf16_bits(at(r, p));
+                }
+            }
+        } else {
+            for r in 0..rows {
+                for p in 0..k {
+                    dst[idx(r, p)] = to_bf16_bits(at(r, p));
+                }
+            }
+        }
+    };
+    if m * k >= PAR_PACK {
+        out.par_chunks_mut(kt * tile_len)
+            .enumerate()
+            .for_each(pack_row_tile);
+    } else {
+        out.chunks_mut(kt * tile_len)
+            .enumerate()
+            .for_each(pack_row_tile);
+    }
+    out
+}
+
+/// Packs the `k x n` view `b` (see the module doc).
+pub(crate) fn pack_b(b: MatRef, k: usize, n: usize) -> Vec<u16> {
+    let kt = k_tiles(k);
+    let pairs = kt * TILE_K / 2;
+    let strip_len = pairs * TILE_MN * 2;
+    let strips = n.div_ceil(BLOCK) * (BLOCK / TILE_MN);
+    let mut out = vec![0u16; strips * strip_len];
+    let pack_strip = |(s, dst): (usize, &mut [u16])| {
+        let cols = n.saturating_sub(s * TILE_MN).min(TILE_MN);
+        let at = |p: usize, c: usize| b.at(p, s * TILE_MN + c);
+        // dst index of (p, c): pair p / 2, column c, half p % 2.
+        let idx = |p: usize, c: usize| ((p / 2) * TILE_MN + c) * 2 + p % 2;
+        if b.row_stride <= b.col_stride {
+            // k runs along memory (a transposed weight [n, k]): one column at a time.
+            for c in 0..cols {
+                for p in 0..k {
+                    dst[idx(p, c)] = to_bf16_bits(at(p, c));
+                }
+            }
+        } else {
+            for p in 0..k {
+                for c in 0..cols {
+                    dst[idx(p, c)] = to_bf16_bits(at(p, c));
+                }
+            }
+        }
+    };
+    if k * n >= PAR_PACK {
+        out.par_chunks_mut(strip_len)
+            .enumerate()
+            .for_each(pack_strip);
+    } else {
+        out.chunks_mut(strip_len).enumerate().for_each(pack_strip);
+    }
+    out
+}
+
+/// One kernel call: a block of up to 32x32 of `c`.
+pub(crate) struct BlockArgs {
+    /// Packed A at the block's first m tile (the second follows `k_tiles` tiles later).
+    pub a: *const u16,
+    /// Packed B at the block's first strip (the second follows `k_tiles` tiles later).
+    pub b: *const u16,
+    pub k_tiles: usize,
+    /// `c` at the block's top-left element.
+    pub c: *mut f32,
+    /// Row stride of `c` in elements.
+    pub ldc: usize,
+    /// Valid rows and columns of the block (at most 32).
+    pub rows: usize,
+    pub cols: usize,
+    pub accumulate: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_rounding_is_nearest_even() {
+        // 1 + 2^-8 is halfway between bf16 1.0 and 1 + 2^-7: ties go to the even 1.0.
+        assert_eq!(round_to_bf16(1.0 + 2f32.powi(-8)), 1.0);
+        // 1 + 3 * 2^-8 is halfway between 1 + 2^-7 (odd) and 1 + 2^-6: goes up.
+        assert_eq!(
+            round_to_bf16(1.0 + 3.0 * 2f32.powi(-8)),
+            1.0 + 2f32.powi(-6)
+        );
+        assert_eq!(
+            round_to_bf16(1.0 + 2f32.powi(-8) + 2f32.powi(-20)),
+            1.0 + 2f32.powi(-7)
+        );
+        assert_eq!(round_to_bf16(-3.0), -3.0);
+        assert_eq!(round_to_bf16(f32::INFINITY), f32::INFINITY);
+        assert!(round_to_bf16(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn packed_layouts_place_elements() {
+        let (m, k, n) = (3, 35, 18);
+        let a: Vec<f32> = (0..m * k).map(|x| x as f32).collect();
+        let pa = pack_a(MatRef::row_major(&a, k), m, k);
+        assert_eq!(pa.len(), 2 * 2 * 16 * 32);
+        // a[2, 33] lies in m tile 0, k tile 1, row 2, column 1.
+        assert_eq!(pa[(16 + 2) * 32 + 1], to_bf16_bits(a[2 * k + 33]));
+        let b: Vec<f32> = (0..k * n).map(|x| x as f32).collect();
+        let pb = pack_b(MatRef::row_major(&b, n), k, n);
+        // b[5, 17] lies in strip 1, pair 2, column 1, half 1.
+        let strip_len = 32 * 16 * 2; // 2 k tiles = 32 pairs of 16 columns x 2
+        assert_eq!(
+            pb[strip_len + (2 * 16 + 1) * 2 + 1],
+            to_bf16_bits(b[5 * n + 17])
+        );
+        // Padding is zero.
+        assert_eq!(pb[strip_len + (2 * 16 + 5) * 2 + 1], 0);
+    }
+}
