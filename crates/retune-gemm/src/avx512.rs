@@ -13,7 +13,187 @@ const GROUP: usize = 8;
 const TILE_LEN: usize = TILE_MN * TILE_K;
 
 pub(crate) fn available() -> bool {
-    is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
+    is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512bf16")
+}
+
+// Packing: `vcvtne2ps2bf16` rounds to nearest even like `pack::to_bf16_bits`, except that it
+// flushes f32 subnormals to zero, as the bf16 dot-product instructions do with their inputs.
+
+/// Mask of the first `w` (at most 16) lanes.
+fn lanes(w: usize) -> __mmask16 {
+    if w >= 16 {
+        0xffff
+    } else {
+        ((1u32 << w) - 1) as u16
+    }
+}
+
+/// Word permutation turning `[x0..x15, y0..y15]` into the pairs `[x0, y0, x1, y1, ...]`.
+#[target_feature(enable = "avx512f")]
+fn interleave_index() -> __m512i {
+    let idx: [i16; 32] = std::array::from_fn(|w| ((w % 2) * 16 + w / 2) as i16);
+    // SAFETY: reads 64 bytes from a 64-byte array.
+    unsafe { _mm512_loadu_si512(idx.as_ptr() as *const _) }
+}
+
+/// Converts `len` (at most 32) floats from `src` and stores 32 bf16 (zeros past `len`) at `dst`.
+///
+/// # Safety
+/// `src` valid for `len` floats, `dst` for 32 u16; the AVX512 features available.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn convert_32(src: *const f32, len: usize, dst: *mut u16) {
+    // SAFETY: masked loads read only the first len floats; the store writes 64 bytes at dst.
+    unsafe {
+        let lo = _mm512_maskz_loadu_ps(lanes(len), src);
+        let hi = _mm512_maskz_loadu_ps(lanes(len.saturating_sub(16)), src.wrapping_add(16));
+        _mm512_storeu_si512(
+            dst as *mut _,
+            _mm512_castps_si512(std::mem::transmute::<__m512bh, __m512>(
+                _mm512_cvtne2ps_pbh(hi, lo),
+            )),
+        );
+    }
+}
+
+/// Converts two 16-lane vectors and interleaves them into 16 bf16 pairs `(x[i], y[i])`.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+fn convert_pairs(x: __m512, y: __m512, interleave: __m512i) -> __m512i {
+    // SAFETY: both are 64-byte plain vectors.
+    let words = unsafe { std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(y, x)) };
+    _mm512_permutexvar_epi16(interleave, words)
+}
+
+/// [`crate::pack::pack_a`] for one 16-row tile of `rows` rows starting at `a` (element `(r, p)`
+/// at `a + r * rs + p * cs`), into `dst` (`k_tiles` tiles).
+///
+/// # Safety
+/// Every `(r, p)` with `r < rows`, `p < k` inside the source; `dst` of `k_tiles * 512` u16,
+/// 64-byte aligned; either `cs == 1` or `rs == 1`; the AVX512 features available.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub(crate) unsafe fn pack_a_tile(
+    a: *const f32,
+    rs: usize,
+    cs: usize,
+    rows: usize,
+    k: usize,
+    dst: &mut [u16],
+) {
+    let k_tiles = k.div_ceil(TILE_K);
+    debug_assert!(dst.len() >= k_tiles * TILE_LEN);
+    if cs == 1 {
+        for r in 0..rows {
+            for t in 0..k_tiles {
+                let p0 = t * TILE_K;
+                // SAFETY: row r, columns p0..min(k, p0 + 32) are inside the source; the
+                // destination row is inside dst.
+                unsafe {
+                    convert_32(
+                        a.wrapping_add(r * rs + p0),
+                        (k - p0).min(TILE_K),
+                        dst.as_mut_ptr().add((t * TILE_MN + r) * TILE_K),
+                    )
+                };
+            }
+        }
+    } else {
+        // Rows are contiguous: convert 16 rows of two columns, then scatter each row's pair
+        // to its place (row r of the tile is 64 bytes further).
+        let interleave = interleave_index();
+        let row_offsets = _mm512_mullo_epi32(
+            _mm512_set1_epi32(TILE_K as i32 / 2),
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        );
+        let mask = lanes(rows);
+        let column = |p: usize| {
+            if p < k {
+                // SAFETY: rows r < rows of column p are inside the source (masked load).
+                unsafe { _mm512_maskz_loadu_ps(mask, a.wrapping_add(p * cs)) }
+            } else {
+                _mm512_setzero_ps()
+            }
+        };
+        for t in 0..k_tiles {
+            for q in 0..TILE_K / 2 {
+                let p = t * TILE_K + 2 * q;
+                let pairs = convert_pairs(column(p), column(p + 1), interleave);
+                // SAFETY: lane r goes to u32 (t * 16 + r) * 16 + q of dst, inside the tile.
+                unsafe {
+                    _mm512_i32scatter_epi32::<4>(
+                        dst.as_mut_ptr().add(t * TILE_LEN + 2 * q) as *mut _,
+                        row_offsets,
+                        pairs,
+                    )
+                };
+            }
+        }
+    }
+}
+
+/// [`crate::pack::pack_b`] for one 16-column strip of `cols` columns starting at `b` (element
+/// `(p, c)` at `b + p * rs + c * cs`), into `dst` (`k_tiles * 16` k pairs).
+///
+/// # Safety
+/// Every `(p, c)` with `p < k`, `c < cols` inside the source; `dst` of `k_tiles * 512` u16,
+/// 64-byte aligned; either `cs == 1` or `rs == 1`; the AVX512 features available.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub(crate) unsafe fn pack_b_strip(
+    b: *const f32,
+    rs: usize,
+    cs: usize,
+    cols: usize,
+    k: usize,
+    dst: &mut [u16],
+) {
+    let k_tiles = k.div_ceil(TILE_K);
+    debug_assert!(dst.len() >= k_tiles * TILE_LEN);
+    if rs == 1 {
+        // A column's k values are contiguous: 32 of them are 16 pairs, one per 64-byte row.
+        let pair_offsets = _mm512_mullo_epi32(
+            _mm512_set1_epi32(TILE_MN as i32),
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        );
+        for c in 0..cols {
+            for t in 0..k_tiles {
+                let p0 = t * TILE_K;
+                let mut words = [0u16; 32];
+                // SAFETY: column c, rows p0..min(k, p0 + 32) are inside the source.
+                unsafe {
+                    convert_32(
+                        b.wrapping_add(c * cs + p0),
+                        (k - p0).min(TILE_K),
+                        words.as_mut_ptr(),
+                    )
+                };
+                // SAFETY: reads the 64 bytes just written; pair q goes to u32 (t * 16 + q) * 16 + c.
+                unsafe {
+                    let pairs = _mm512_loadu_si512(words.as_ptr() as *const _);
+                    _mm512_i32scatter_epi32::<4>(
+                        dst.as_mut_ptr().add(t * TILE_LEN + 2 * c) as *mut _,
+                        pair_offsets,
+                        pairs,
+                    );
+                }
+            }
+        }
+    } else {
+        let interleave = interleave_index();
+        let mask = lanes(cols);
+        let row = |p: usize| {
+            if p < k {
+                // SAFETY: columns c < cols of row p are inside the source (masked load).
+                unsafe { _mm512_maskz_loadu_ps(mask, b.wrapping_add(p * rs)) }
+            } else {
+                _mm512_setzero_ps()
+            }
+        };
+        for q in 0..k_tiles * TILE_K / 2 {
+            let pairs = convert_pairs(row(2 * q), row(2 * q + 1), interleave);
+            // SAFETY: k pair q of the strip is 32 u16 at 32 q, inside dst.
+            unsafe { _mm512_storeu_si512(dst.as_mut_ptr().add(q * 32) as *mut _, pairs) };
+        }
+    }
 }
 
 /// Computes the given blocks on the calling thread.
@@ -28,15 +208,6 @@ pub(crate) unsafe fn run_blocks(blocks: impl Iterator<Item = BlockArgs>) {
     for blk in blocks {
         // SAFETY: forwarded from this function's contract.
         unsafe { block(&blk) };
-    }
-}
-
-/// Mask of the first `w` (at most 16) lanes.
-fn lanes(w: usize) -> __mmask16 {
-    if w >= 16 {
-        0xffff
-    } else {
-        ((1u32 << w) - 1) as u16
     }
 }
 

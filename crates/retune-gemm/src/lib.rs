@@ -204,7 +204,16 @@ pub fn gemm_with(
     }
     let packed_a = pack::pack_a(a, m, k);
     let packed_b = pack::pack_b(b, k, n);
-    run_bf16(kernel, c, &packed_a, &packed_b, m, k, n, accumulate);
+    run_bf16(
+        kernel,
+        c,
+        packed_a.as_slice(),
+        packed_b.as_slice(),
+        m,
+        k,
+        n,
+        accumulate,
+    );
 }
 
 /// A right operand `b[k, n]` converted once for repeated products (a frozen weight).
@@ -217,7 +226,7 @@ pub struct PackedB {
 
 enum PackedData {
     /// bf16 bits in the VNNI strip layout of [`pack::pack_b`].
-    Bf16(Vec<u16>),
+    Bf16(pack::Packed),
     /// Row-major `[k, n]` f32 for [`Kernel::F32`].
     F32(Vec<f32>),
 }
@@ -299,7 +308,16 @@ pub fn gemm_packed(c: &mut [f32], a: MatRef, b: &PackedB, m: usize, accumulate: 
     match &b.data {
         PackedData::Bf16(packed_b) => {
             let packed_a = pack::pack_a(a, m, k);
-            run_bf16(b.kernel, c, &packed_a, packed_b, m, k, n, accumulate);
+            run_bf16(
+                b.kernel,
+                c,
+                packed_a.as_slice(),
+                packed_b.as_slice(),
+                m,
+                k,
+                n,
+                accumulate,
+            );
         }
         PackedData::F32(dense) => gemm_f32(c, a, MatRef::row_major(dense, n), m, k, n, accumulate),
     }

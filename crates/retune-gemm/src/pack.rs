@@ -10,7 +10,7 @@
 //! Sizes are padded with zeros: m and n to multiples of 32 (a kernel block), k to a multiple
 //! of 32 (a tile's depth), so the kernels never test edges inside the k loop.
 
-use crate::{MatRef, BLOCK};
+use crate::{avx512, MatRef, BLOCK};
 use rayon::prelude::*;
 
 /// bf16 values per row of an A tile (the k depth of one `tdpbf16ps`).
@@ -40,17 +40,72 @@ pub fn round_to_bf16(x: f32) -> f32 {
     f32::from_bits((to_bf16_bits(x) as u32) << 16)
 }
 
+/// One cache line of bf16: the unit of packed buffers, so every tile row is one aligned line
+/// (an unaligned row would cost two cache accesses per row of every tile load).
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u16; 32]);
+
+/// A zero-initialised, 64-byte aligned bf16 buffer.
+pub(crate) struct Packed(Vec<Line>);
+
+impl Packed {
+    /// `len` u16, a multiple of 32.
+    fn zeroed(len: usize) -> Self {
+        debug_assert_eq!(len % 32, 0);
+        Packed(vec![Line([0; 32]); len / 32])
+    }
+
+    pub(crate) fn as_slice(&self) -> &[u16] {
+        // SAFETY: Line is exactly 32 u16 without padding (repr C, size 64), so the lines form
+        // one contiguous run of u16 valid for reads as long as self is borrowed.
+        unsafe { std::slice::from_raw_parts(self.0.as_ptr() as *const u16, self.0.len() * 32) }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u16] {
+        // SAFETY: as in as_slice, borrowed mutably.
+        unsafe {
+            std::slice::from_raw_parts_mut(self.0.as_mut_ptr() as *mut u16, self.0.len() * 32)
+        }
+    }
+}
+
 /// Below this many elements packing runs on the calling thread.
 const PAR_PACK: usize = 1 << 15;
 
 /// Packs the `m x k` view `a` (see the module doc).
-pub(crate) fn pack_a(a: MatRef, m: usize, k: usize) -> Vec<u16> {
+pub(crate) fn pack_a(a: MatRef, m: usize, k: usize) -> Packed {
+    pack_a_with(a, m, k, avx512::available())
+}
+
+/// [`pack_a`], with or without the AVX512 conversion.
+fn pack_a_with(a: MatRef, m: usize, k: usize, allow_simd: bool) -> Packed {
     let kt = k_tiles(k);
     let tile_len = TILE_MN * TILE_K;
     let m_tiles = m.div_ceil(BLOCK) * (BLOCK / TILE_MN);
-    let mut out = vec![0u16; m_tiles * kt * tile_len];
+    let mut out = Packed::zeroed(m_tiles * kt * tile_len);
+    let simd = allow_simd && (a.col_stride == 1 || a.row_stride == 1);
     let pack_row_tile = |(mt, dst): (usize, &mut [u16])| {
         let rows = m.saturating_sub(mt * TILE_MN).min(TILE_MN);
+        if rows == 0 {
+            return;
+        }
+        if simd {
+            let start = mt * TILE_MN * a.row_stride;
+            // SAFETY: the view was bounds-checked for m x k, so rows r < rows, columns p < k
+            // from `start` are inside a.data; dst is this tile's aligned chunk; one stride is 1.
+            unsafe {
+                avx512::pack_a_tile(
+                    a.data[start..].as_ptr(),
+                    a.row_stride,
+                    a.col_stride,
+                    rows,
+                    k,
+                    dst,
+                )
+            };
+            return;
+        }
         let at = |r: usize, p: usize| a.at(mt * TILE_MN + r, p);
         // dst index of (r, p): tile p / 32, row r, column p % 32.
         let idx = |r: usize, p: usize| ((p / TILE_K) * TILE_MN + r) * TILE_K + p % TILE_K;
@@ -82,11 +137,13 @@ pub(crate) fn pack_a(a: MatRef, m: usize, k: usize) -> Vec<u16> {
         }
     };
     if m * k >= PAR_PACK {
-        out.par_chunks_mut(kt * tile_len)
+        out.as_mut_slice()
+            .par_chunks_mut(kt * tile_len)
             .enumerate()
             .for_each(pack_row_tile);
     } else {
-        out.chunks_mut(kt * tile_len)
+        out.as_mut_slice()
+            .chunks_mut(kt * tile_len)
             .enumerate()
             .for_each(pack_row_tile);
     }
@@ -94,14 +151,39 @@ pub(crate) fn pack_a(a: MatRef, m: usize, k: usize) -> Vec<u16> {
 }
 
 /// Packs the `k x n` view `b` (see the module doc).
-pub(crate) fn pack_b(b: MatRef, k: usize, n: usize) -> Vec<u16> {
+pub(crate) fn pack_b(b: MatRef, k: usize, n: usize) -> Packed {
+    pack_b_with(b, k, n, avx512::available())
+}
+
+/// [`pack_b`], with or without the AVX512 conversion.
+fn pack_b_with(b: MatRef, k: usize, n: usize, allow_simd: bool) -> Packed {
     let kt = k_tiles(k);
     let pairs = kt * TILE_K / 2;
     let strip_len = pairs * TILE_MN * 2;
     let strips = n.div_ceil(BLOCK) * (BLOCK / TILE_MN);
-    let mut out = vec![0u16; strips * strip_len];
+    let mut out = Packed::zeroed(strips * strip_len);
+    let simd = allow_simd && (b.col_stride == 1 || b.row_stride == 1);
     let pack_strip = |(s, dst): (usize, &mut [u16])| {
         let cols = n.saturating_sub(s * TILE_MN).min(TILE_MN);
+        if cols == 0 {
+            return;
+        }
+        if simd {
+            let start = s * TILE_MN * b.col_stride;
+            // SAFETY: the view was bounds-checked for k x n, so rows p < k, columns c < cols
+            // from `start` are inside b.data; dst is this strip's aligned chunk; one stride is 1.
+            unsafe {
+                avx512::pack_b_strip(
+                    b.data[start..].as_ptr(),
+                    b.row_stride,
+                    b.col_stride,
+                    cols,
+                    k,
+                    dst,
+                )
+            };
+            return;
+        }
         let at = |p: usize, c: usize| b.at(p, s * TILE_MN + c);
         // dst index of (p, c): pair p / 2, column c, half p % 2.
         let idx = |p: usize, c: usize| ((p / 2) * TILE_MN + c) * 2 + p % 2;
@@ -121,11 +203,15 @@ pub(crate) fn pack_b(b: MatRef, k: usize, n: usize) -> Vec<u16> {
         }
     };
     if k * n >= PAR_PACK {
-        out.par_chunks_mut(strip_len)
+        out.as_mut_slice()
+            .par_chunks_mut(strip_len)
             .enumerate()
             .for_each(pack_strip);
     } else {
-        out.chunks_mut(strip_len).enumerate().for_each(pack_strip);
+        out.as_mut_slice()
+            .chunks_mut(strip_len)
+            .enumerate()
+            .for_each(pack_strip);
     }
     out
 }
@@ -174,11 +260,13 @@ mod tests {
         let (m, k, n) = (3, 35, 18);
         let a: Vec<f32> = (0..m * k).map(|x| x as f32).collect();
         let pa = pack_a(MatRef::row_major(&a, k), m, k);
+        let pa = pa.as_slice();
         assert_eq!(pa.len(), 2 * 2 * 16 * 32);
         // a[2, 33] lies in m tile 0, k tile 1, row 2, column 1.
         assert_eq!(pa[(16 + 2) * 32 + 1], to_bf16_bits(a[2 * k + 33]));
         let b: Vec<f32> = (0..k * n).map(|x| x as f32).collect();
         let pb = pack_b(MatRef::row_major(&b, n), k, n);
+        let pb = pb.as_slice();
         // b[5, 17] lies in strip 1, pair 2, column 1, half 1.
         let strip_len = 32 * 16 * 2; // 2 k tiles = 32 pairs of 16 columns x 2
         assert_eq!(
@@ -187,5 +275,37 @@ mod tests {
         );
         // Padding is zero.
         assert_eq!(pb[strip_len + (2 * 16 + 5) * 2 + 1], 0);
+    }
+
+    /// The AVX512 packing paths produce the same bits as the scalar ones, for both stride
+    /// orders and sizes with partial tiles.
+    #[test]
+    fn simd_packing_matches_scalar() {
+        if !avx512::available() {
+            return;
+        }
+        for (rows, cols) in [(1, 1), (3, 35), (17, 64), (40, 33), (70, 100)] {
+            let data: Vec<f32> = (0..rows * cols)
+                .map(|x| (x as f32 * 0.37).sin() * 3.0 + 1e-3)
+                .collect();
+            for view in [
+                MatRef::row_major(&data, cols),
+                MatRef::transpose_of(&data, cols),
+            ] {
+                let (r, c) = if view.row_stride == 1 {
+                    (cols, rows)
+                } else {
+                    (rows, cols)
+                };
+                assert_eq!(
+                    pack_a_with(view, r, c, true).as_slice(),
+                    pack_a_with(view, r, c, false).as_slice()
+                );
+                assert_eq!(
+                    pack_b_with(view, r, c, true).as_slice(),
+                    pack_b_with(view, r, c, false).as_slice()
+                );
+            }
+        }
     }
 }
