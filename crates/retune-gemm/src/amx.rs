@@ -95,7 +95,7 @@ struct Scratch([f32; BLOCK * BLOCK]);
 ///
 /// # Safety
 /// AMX must be available ([`available`] returned true). Each block's packed pointers must have
-/// `k_tiles` tiles for two m tiles / two strips (the second `k_tiles` tiles after the first),
+/// `k_tiles` tiles for two m tiles / two strips (the second `pair_stride` elements later),
 /// and its `c` pointer must be valid for `rows x cols` elements with row stride `ldc`, written
 /// by no one else meanwhile.
 pub(crate) unsafe fn run_blocks(blocks: impl Iterator<Item = BlockArgs>) {
@@ -135,8 +135,8 @@ unsafe fn block(blk: &BlockArgs, scratch: &mut Scratch) {
         (scratch.0.as_mut_ptr(), BLOCK)
     };
     let load_c = (blk.accumulate || !full) as u32;
-    // The second m tile (and the second B strip) starts k_tiles tiles after the first.
-    let next = blk.k_tiles * TILE_BYTES;
+    // The second m tile (and the second B strip) in bytes from the first.
+    let next = blk.pair_stride * 2;
     let a0 = blk.a as *const u8;
     let b0 = blk.b as *const u8;
     // SAFETY: c (or scratch) holds 32 rows of 32 f32 at row stride ldc; the A and B pointers

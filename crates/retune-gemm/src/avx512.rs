@@ -200,7 +200,7 @@ pub(crate) unsafe fn pack_b_strip(
 ///
 /// # Safety
 /// AVX512F and AVX512-BF16 must be available. Each block's packed pointers must have `k_tiles`
-/// tiles for two m tiles / two strips (the second `k_tiles` tiles after the first), and its `c`
+/// tiles for two m tiles / two strips (the second `pair_stride` elements later), and its `c`
 /// pointer must be valid for `rows x cols` elements with row stride `ldc`, written by no one
 /// else meanwhile.
 #[target_feature(enable = "avx512f,avx512bf16")]
@@ -222,7 +222,7 @@ fn as_bf16(v: __m512i) -> __m512bh {
 /// As [`run_blocks`].
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn block(blk: &BlockArgs) {
-    let next = blk.k_tiles * TILE_LEN;
+    let next = blk.pair_stride;
     let masks = [lanes(blk.cols), lanes(blk.cols.saturating_sub(TILE_MN))];
     for g in 0..BLOCK / GROUP {
         let r0 = g * GROUP;

@@ -214,6 +214,8 @@ pub fn gemm_with(
         n,
         accumulate,
     );
+    packed_a.recycle();
+    packed_b.recycle();
 }
 
 /// A right operand `b[k, n]` converted once for repeated products (a frozen weight).
@@ -318,6 +320,7 @@ pub fn gemm_packed(c: &mut [f32], a: MatRef, b: &PackedB, m: usize, accumulate: 
                 n,
                 accumulate,
             );
+            packed_a.recycle();
         }
         PackedData::F32(dense) => gemm_f32(c, a, MatRef::row_major(dense, n), m, k, n, accumulate),
     }
@@ -359,9 +362,20 @@ fn gemm_f32(c: &mut [f32], a: MatRef, b: MatRef, m: usize, k: usize, n: usize, a
 
 /// Rows (and columns) of `c` one kernel call computes: a 2x2 arrangement of 16x16 tiles.
 pub(crate) const BLOCK: usize = 32;
-/// Blocks per task side: a task computes up to 128x128 of `c`, so its A and B panels
-/// (`128 x k` bf16 each) stay in the core's L2 cache.
-const TASK_BLOCKS: usize = 4;
+/// Most blocks per task along m and along n: a task computes up to 256x128 of `c`, so its A
+/// and B panels (`256 x k` and `128 x k` bf16) stay in the core's 2 MiB L2 cache. Tall tasks
+/// read each B panel (the larger operand of the LM head) fewer times from memory.
+const TASK_BLOCKS_M: usize = 8;
+const TASK_BLOCKS_N: usize = 4;
+
+/// Splits `blocks` into the fewest runs of at most `most`, of near-equal lengths; returns
+/// (number of runs, blocks per run).
+fn split(blocks: usize, most: usize) -> (usize, usize) {
+    let runs = blocks.div_ceil(most);
+    (runs, blocks.div_ceil(runs))
+}
+/// bf16 elements of one packed tile (16 x 32).
+const TILE_LEN: usize = pack::TILE_MN * pack::TILE_K;
 
 /// A raw pointer to `c` shared by the tasks, which write disjoint blocks.
 #[derive(Clone, Copy)]
@@ -394,23 +408,25 @@ fn run_bf16(
     let (m_blocks, n_blocks) = (m.div_ceil(BLOCK), n.div_ceil(BLOCK));
     assert!(packed_a.len() >= m_blocks * BLOCK * k_tiles * pack::TILE_K);
     assert!(packed_b.len() >= n_blocks * BLOCK * k_tiles * pack::TILE_K);
-    let (task_rows, task_cols) = (
-        m_blocks.div_ceil(TASK_BLOCKS),
-        n_blocks.div_ceil(TASK_BLOCKS),
-    );
+    let (task_rows, rows_per_task) = split(m_blocks, TASK_BLOCKS_M);
+    let (task_cols, cols_per_task) = split(n_blocks, TASK_BLOCKS_N);
     let out = SharedOut(c.as_mut_ptr());
     let task = |t: usize| {
         let (ti, tj) = (t / task_cols, t % task_cols);
-        let bi_range = ti * TASK_BLOCKS..((ti + 1) * TASK_BLOCKS).min(m_blocks);
-        let bj_range = tj * TASK_BLOCKS..((tj + 1) * TASK_BLOCKS).min(n_blocks);
-        let blocks = bj_range.flat_map(|bj| bi_range.clone().map(move |bi| (bi, bj)));
-        let block_of = |bi: usize, bj: usize| {
+        let bi_range = ti * rows_per_task..((ti + 1) * rows_per_task).min(m_blocks);
+        let bj_range = tj * cols_per_task..((tj + 1) * cols_per_task).min(n_blocks);
+        // Block columns outer: a B strip pair (32 x k bf16) stays in L1 while the task's block
+        // rows pass over it. (Splitting k into L1-sized passes measured no faster here.)
+        let blocks = bj_range.flat_map(move |bj| bi_range.clone().map(move |bi| (bi, bj)));
+        let block_of = |(bi, bj): (usize, usize)| {
             let (i0, j0) = (bi * BLOCK, bj * BLOCK);
+            let pair_stride = k_tiles * TILE_LEN;
             pack::BlockArgs {
-                // A block row bi starts at m-tile 2 bi, B block column bj at strip 2 bj.
-                a: packed_a[bi * BLOCK * k_tiles * pack::TILE_K..].as_ptr(),
-                b: packed_b[bj * BLOCK * k_tiles * pack::TILE_K..].as_ptr(),
+                // Block row bi starts at m tile 2 bi, block column bj at strip 2 bj.
+                a: packed_a[2 * bi * pair_stride..].as_ptr(),
+                b: packed_b[2 * bj * pair_stride..].as_ptr(),
                 k_tiles,
+                pair_stride,
                 // SAFETY: i0 < m and j0 < n, so the offset is inside c.
                 c: unsafe { out.ptr().add(i0 * n + j0) },
                 ldc: n,
@@ -423,11 +439,9 @@ fn run_bf16(
             // SAFETY: AMX availability was asserted by the callers (Kernel::is_available); the
             // blocks are inside the packed buffers (asserted above) and inside c, and tasks
             // cover disjoint blocks.
-            Kernel::Amx => unsafe { amx::run_blocks(blocks.map(|(bi, bj)| block_of(bi, bj))) },
+            Kernel::Amx => unsafe { amx::run_blocks(blocks.map(block_of)) },
             // SAFETY: as for AMX, with AVX512-BF16 availability.
-            Kernel::Avx512Bf16 => unsafe {
-                avx512::run_blocks(blocks.map(|(bi, bj)| block_of(bi, bj)))
-            },
+            Kernel::Avx512Bf16 => unsafe { avx512::run_blocks(blocks.map(block_of)) },
             Kernel::F32 => unreachable!("the f32 kernel does not use packed bf16 operands"),
         }
     };
