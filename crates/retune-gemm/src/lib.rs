@@ -15,6 +15,25 @@
 //! half the memory of its f32 copy.
 //!
 //! Work is split over blocks of `c` on rayon's global pool.
+//!
+//! ```
+//! use retune_gemm::{gemm_bf16, gemm_packed, MatRef, PackedB};
+//! let (m, k, n) = (2, 3, 2);
+//! let x = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]; // [m, k] activations
+//! let w = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]; // [n, k] weight of a linear layer
+//! let mut y = vec![0.0; m * n];
+//! // y = x · w^T
+//! gemm_bf16(&mut y, MatRef::row_major(&x, k), MatRef::transpose_of(&w, k), m, k, n, false);
+//! assert_eq!(y, [1.0, 2.0, 4.0, 5.0]);
+//! // The same weight packed once, then used with accumulation: y += x · w^T.
+//! let packed = PackedB::from_nk(&w, n, k);
+//! gemm_packed(&mut y, MatRef::row_major(&x, k), &packed, m, true);
+//! assert_eq!(y, [2.0, 4.0, 8.0, 10.0]);
+//! ```
+//!
+//! On a Sapphire Rapids core `vdpbf16ps` issues at half the rate of an f32 FMA, so there the
+//! AVX512-BF16 kernel is slower than [`Kernel::F32`] (it still halves the operands' memory);
+//! it is meant for CPUs without AMX where the bf16 dot product is the faster instruction.
 
 #[cfg_attr(not(target_arch = "x86_64"), path = "unsupported.rs")]
 mod amx;

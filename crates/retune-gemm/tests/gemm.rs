@@ -1,7 +1,9 @@
 //! Every available kernel against an f64 reference, for the three layouts of
 //! `retune_core::ops::matmul`, odd shapes, accumulation, strided views and prepacked operands.
 
-use retune_gemm::{gemm_packed, gemm_with, round_to_bf16, Kernel, MatRef, PackedB};
+use retune_gemm::{
+    best_kernel, gemm_bf16, gemm_packed, gemm_with, round_to_bf16, Kernel, MatRef, PackedB,
+};
 
 /// Shapes (m, k, n): tiny, not multiples of 16/32 in any dimension, and one large.
 const SHAPES: [(usize, usize, usize); 7] = [
@@ -205,7 +207,7 @@ fn packed_constructors_match_views() {
         m,
         false,
     );
-    check(retune_gemm::best_kernel(), &case, &c, None).unwrap();
+    check(best_kernel(), &case, &c, None).unwrap();
     let case = Case::new(m, k, n, Layout::Nn, 6);
     gemm_packed(
         &mut c,
@@ -214,7 +216,19 @@ fn packed_constructors_match_views() {
         m,
         false,
     );
-    check(retune_gemm::best_kernel(), &case, &c, None).unwrap();
+    check(best_kernel(), &case, &c, None).unwrap();
+}
+
+/// The default entry point runs the detected kernel.
+#[test]
+fn default_kernel_matches_reference() {
+    let (m, k, n) = (70, 65, 80);
+    let case = Case::new(m, k, n, Layout::Tn, 12);
+    let (av, bv) = case.views();
+    let mut c = vec![0.0; m * n];
+    gemm_bf16(&mut c, av, bv, m, k, n, false);
+    check(best_kernel(), &case, &c, None).unwrap();
+    assert!(best_kernel().is_available());
 }
 
 /// Views with padding between rows (a sub-matrix of a wider buffer).
