@@ -54,17 +54,17 @@ thread_local! {
     static SPARE: std::cell::RefCell<Vec<Vec<Line>>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// A zero-initialised, 64-byte aligned bf16 buffer.
+/// A 64-byte aligned bf16 buffer.
 pub(crate) struct Packed(Vec<Line>);
 
 impl Packed {
-    /// `len` u16, a multiple of 32.
-    fn zeroed(len: usize) -> Self {
+    /// `len` u16 (a multiple of 32) of unspecified values (zeros or an earlier product's): the
+    /// packing functions overwrite every element.
+    fn for_overwrite(len: usize) -> Self {
         debug_assert_eq!(len % 32, 0);
         let mut lines = SPARE
             .with(|spare| spare.borrow_mut().pop())
             .unwrap_or_default();
-        lines.clear();
         lines.resize(len / 32, Line([0; 32]));
         Packed(lines)
     }
@@ -109,10 +109,16 @@ fn pack_a_with(a: MatRef, m: usize, k: usize, allow_simd: bool) -> Packed {
     let kt = k_tiles(k);
     let tile_len = TILE_MN * TILE_K;
     let m_tiles = m.div_ceil(BLOCK) * (BLOCK / TILE_MN);
-    let mut out = Packed::zeroed(m_tiles * kt * tile_len);
+    let mut out = Packed::for_overwrite(m_tiles * kt * tile_len);
     let simd = allow_simd && (a.col_stride == 1 || a.row_stride == 1);
     let pack_row_tile = |(mt, dst): (usize, &mut [u16])| {
         let rows = m.saturating_sub(mt * TILE_MN).min(TILE_MN);
+        // The SIMD paths write every element of a full tile (k padding included); anything
+        // else writes only the valid elements, so the padding is zeroed first.
+        let full = simd && (rows == TILE_MN || a.col_stride != 1);
+        if !full || rows == 0 {
+            dst.fill(0);
+        }
         if rows == 0 {
             return;
         }
@@ -187,10 +193,15 @@ fn pack_b_with(b: MatRef, k: usize, n: usize, allow_simd: bool) -> Packed {
     let pairs = kt * TILE_K / 2;
     let strip_len = pairs * TILE_MN * 2;
     let strips = n.div_ceil(BLOCK) * (BLOCK / TILE_MN);
-    let mut out = Packed::zeroed(strips * strip_len);
+    let mut out = Packed::for_overwrite(strips * strip_len);
     let simd = allow_simd && (b.col_stride == 1 || b.row_stride == 1);
     let pack_strip = |(s, dst): (usize, &mut [u16])| {
         let cols = n.saturating_sub(s * TILE_MN).min(TILE_MN);
+        // As in pack_a: only the SIMD paths on a full strip (or masked rows) write everything.
+        let full = simd && (cols == TILE_MN || b.row_stride != 1);
+        if !full || cols == 0 {
+            dst.fill(0);
+        }
         if cols == 0 {
             return;
         }
@@ -306,6 +317,15 @@ mod tests {
         assert_eq!(pb[strip_len + (2 * 16 + 5) * 2 + 1], 0);
     }
 
+    /// Fills this thread's spare buffers with garbage, so a packing that skips an element
+    /// shows up.
+    fn dirty_spare_buffers() {
+        let dirty = || Packed(vec![Line([0xffff; 32]); 4096]);
+        let (first, second) = (dirty(), dirty());
+        first.recycle();
+        second.recycle();
+    }
+
     /// The AVX512 packing paths produce the same bits as the scalar ones, for both stride
     /// orders and sizes with partial tiles.
     #[test]
@@ -326,14 +346,14 @@ mod tests {
                 } else {
                     (rows, cols)
                 };
-                assert_eq!(
-                    pack_a_with(view, r, c, true).as_slice(),
-                    pack_a_with(view, r, c, false).as_slice()
-                );
-                assert_eq!(
-                    pack_b_with(view, r, c, true).as_slice(),
-                    pack_b_with(view, r, c, false).as_slice()
-                );
+                dirty_spare_buffers();
+                let simd = pack_a_with(view, r, c, true);
+                dirty_spare_buffers();
+                assert_eq!(simd.as_slice(), pack_a_with(view, r, c, false).as_slice());
+                dirty_spare_buffers();
+                let simd = pack_b_with(view, r, c, true);
+                dirty_spare_buffers();
+                assert_eq!(simd.as_slice(), pack_b_with(view, r, c, false).as_slice());
             }
         }
     }
