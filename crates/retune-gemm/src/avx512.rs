@@ -65,12 +65,51 @@ fn convert_pairs(x: __m512, y: __m512, interleave: __m512i) -> __m512i {
     _mm512_permutexvar_epi16(interleave, words)
 }
 
-/// [`crate::pack::pack_a`] for one 16-row tile of `rows` rows starting at `a` (element `(r, p)`
-/// at `a + r * rs + p * cs`), into `dst` (`k_tiles` tiles).
+/// Transposes a 16x16 matrix of 32-bit elements held one row per vector.
+#[target_feature(enable = "avx512f")]
+fn transpose_16x16(rows: &[__m512i; 16]) -> [__m512i; 16] {
+    // Within each 128-bit lane: 2x2 blocks of 32-bit, then of 64-bit elements. Afterwards
+    // lane l of quad[4 j + s] holds row 4 l + s of the result, at columns 4 j..4 j + 4.
+    let pairs: [__m512i; 16] = std::array::from_fn(|i| {
+        let (x, y) = (rows[i & !1], rows[i | 1]);
+        if i % 2 == 0 {
+            _mm512_unpacklo_epi32(x, y)
+        } else {
+            _mm512_unpackhi_epi32(x, y)
+        }
+    });
+    let quad: [__m512i; 16] = std::array::from_fn(|i| {
+        let (j, s) = (i / 4, i % 4);
+        let (x, y) = (pairs[4 * j + s / 2], pairs[4 * j + 2 + s / 2]);
+        if s % 2 == 0 {
+            _mm512_unpacklo_epi64(x, y)
+        } else {
+            _mm512_unpackhi_epi64(x, y)
+        }
+    });
+    // Then a 4x4 transpose of 128-bit lanes among quad[s], quad[4 + s], quad[8 + s], quad[12 + s].
+    let mut out = [_mm512_setzero_si512(); 16];
+    for s in 0..4 {
+        let (v0, v1, v2, v3) = (quad[s], quad[4 + s], quad[8 + s], quad[12 + s]);
+        let w0 = _mm512_shuffle_i32x4::<0x44>(v0, v1);
+        let w1 = _mm512_shuffle_i32x4::<0xee>(v0, v1);
+        let w2 = _mm512_shuffle_i32x4::<0x44>(v2, v3);
+        let w3 = _mm512_shuffle_i32x4::<0xee>(v2, v3);
+        out[s] = _mm512_shuffle_i32x4::<0x88>(w0, w2);
+        out[4 + s] = _mm512_shuffle_i32x4::<0xdd>(w0, w2);
+        out[8 + s] = _mm512_shuffle_i32x4::<0x88>(w1, w3);
+        out[12 + s] = _mm512_shuffle_i32x4::<0xdd>(w1, w3);
+    }
+    out
+}
+
+/// [`crate::pack::pack_a`] for k tiles `tiles` of one 16-row tile of `rows` rows starting at
+/// `a` (element `(r, p)` at `a + r * rs + p * cs`), into `dst` (all k tiles of the row tile).
 ///
 /// # Safety
 /// Every `(r, p)` with `r < rows`, `p < k` inside the source; `dst` of `k_tiles * 512` u16,
-/// 64-byte aligned; either `cs == 1` or `rs == 1`; the AVX512 features available.
+/// 64-byte aligned; `tiles` within `0..k_tiles`; either `cs == 1` or `rs == 1`; the AVX512
+/// features available.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 pub(crate) unsafe fn pack_a_tile(
     a: *const f32,
@@ -78,13 +117,13 @@ pub(crate) unsafe fn pack_a_tile(
     cs: usize,
     rows: usize,
     k: usize,
+    tiles: std::ops::Range<usize>,
     dst: &mut [u16],
 ) {
-    let k_tiles = k.div_ceil(TILE_K);
-    debug_assert!(dst.len() >= k_tiles * TILE_LEN);
+    debug_assert!(dst.len() >= k.div_ceil(TILE_K) * TILE_LEN);
     if cs == 1 {
         for r in 0..rows {
-            for t in 0..k_tiles {
+            for t in tiles.clone() {
                 let p0 = t * TILE_K;
                 // SAFETY: row r, columns p0..min(k, p0 + 32) are inside the source; the
                 // destination row is inside dst.
@@ -98,13 +137,9 @@ pub(crate) unsafe fn pack_a_tile(
             }
         }
     } else {
-        // Rows are contiguous: convert 16 rows of two columns, then scatter each row's pair
-        // to its place (row r of the tile is 64 bytes further).
+        // Rows are contiguous: convert 16 rows of two columns into a vector of 16 pairs (one
+        // per row), then transpose 16 such vectors into the tile's 16 rows.
         let interleave = interleave_index();
-        let row_offsets = _mm512_mullo_epi32(
-            _mm512_set1_epi32(TILE_K as i32 / 2),
-            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-        );
         let mask = lanes(rows);
         let column = |p: usize| {
             if p < k {
@@ -114,16 +149,17 @@ pub(crate) unsafe fn pack_a_tile(
                 _mm512_setzero_ps()
             }
         };
-        for t in 0..k_tiles {
-            for q in 0..TILE_K / 2 {
+        for t in tiles {
+            let pairs: [__m512i; 16] = std::array::from_fn(|q| {
                 let p = t * TILE_K + 2 * q;
-                let pairs = convert_pairs(column(p), column(p + 1), interleave);
-                // SAFETY: lane r goes to u32 (t * 16 + r) * 16 + q of dst, inside the tile.
+                convert_pairs(column(p), column(p + 1), interleave)
+            });
+            for (r, row) in transpose_16x16(&pairs).iter().enumerate() {
+                // SAFETY: row r of tile t is 64 bytes inside dst.
                 unsafe {
-                    _mm512_i32scatter_epi32::<4>(
-                        dst.as_mut_ptr().add(t * TILE_LEN + 2 * q) as *mut _,
-                        row_offsets,
-                        pairs,
+                    _mm512_storeu_si512(
+                        dst.as_mut_ptr().add((t * TILE_MN + r) * TILE_K) as *mut _,
+                        *row,
                     )
                 };
             }

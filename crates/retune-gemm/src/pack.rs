@@ -96,6 +96,9 @@ impl Packed {
     }
 }
 
+/// Row tiles per packing task of A.
+const GROUP: usize = 4;
+
 /// Below this many elements packing runs on the calling thread.
 const PAR_PACK: usize = 1 << 15;
 
@@ -111,28 +114,30 @@ fn pack_a_with(a: MatRef, m: usize, k: usize, allow_simd: bool) -> Packed {
     let m_tiles = m.div_ceil(BLOCK) * (BLOCK / TILE_MN);
     let mut out = Packed::for_overwrite(m_tiles * kt * tile_len);
     let simd = allow_simd && (a.col_stride == 1 || a.row_stride == 1);
-    let pack_row_tile = |(mt, dst): (usize, &mut [u16])| {
+    let transposed_simd = simd && a.col_stride != 1;
+    let pack_row_tile = |mt: usize, dst: &mut [u16]| {
         let rows = m.saturating_sub(mt * TILE_MN).min(TILE_MN);
         // The SIMD paths write every element of a full tile (k padding included); anything
         // else writes only the valid elements, so the padding is zeroed first.
-        let full = simd && (rows == TILE_MN || a.col_stride != 1);
+        let full = simd && (rows == TILE_MN || transposed_simd);
         if !full || rows == 0 {
             dst.fill(0);
         }
-        if rows == 0 {
+        if rows == 0 || transposed_simd {
             return;
         }
         if simd {
             let start = mt * TILE_MN * a.row_stride;
             // SAFETY: the view was bounds-checked for m x k, so rows r < rows, columns p < k
-            // from `start` are inside a.data; dst is this tile's aligned chunk; one stride is 1.
+            // from `start` are inside a.data; dst is this tile's aligned chunk; col stride 1.
             unsafe {
                 avx512::pack_a_tile(
                     a.data[start..].as_ptr(),
                     a.row_stride,
-                    a.col_stride,
+                    1,
                     rows,
                     k,
+                    0..kt,
                     dst,
                 )
             };
@@ -168,16 +173,49 @@ fn pack_a_with(a: MatRef, m: usize, k: usize, allow_simd: bool) -> Packed {
             }
         }
     };
+    // A transposed view has its m index contiguous: packing k tile by k tile across a group
+    // of row tiles reads each stored row in runs of GROUP * 64 bytes instead of one line.
+    let pack_group = |(g, dst): (usize, &mut [u16])| {
+        for (i, tile) in dst.chunks_mut(kt * tile_len).enumerate() {
+            pack_row_tile(g * GROUP + i, tile);
+        }
+        if transposed_simd {
+            for t in 0..kt {
+                for (i, tile) in dst.chunks_mut(kt * tile_len).enumerate() {
+                    let mt = g * GROUP + i;
+                    let rows = m.saturating_sub(mt * TILE_MN).min(TILE_MN);
+                    if rows == 0 {
+                        continue;
+                    }
+                    let start = mt * TILE_MN;
+                    // SAFETY: as above, with row stride 1: rows r < rows, columns p < k from
+                    // `start` are inside a.data.
+                    unsafe {
+                        avx512::pack_a_tile(
+                            a.data[start..].as_ptr(),
+                            1,
+                            a.col_stride,
+                            rows,
+                            k,
+                            t..t + 1,
+                            tile,
+                        )
+                    };
+                }
+            }
+        }
+    };
+    let group_len = GROUP * kt * tile_len;
     if m * k >= PAR_PACK {
         out.as_mut_slice()
-            .par_chunks_mut(kt * tile_len)
+            .par_chunks_mut(group_len)
             .enumerate()
-            .for_each(pack_row_tile);
+            .for_each(pack_group);
     } else {
         out.as_mut_slice()
-            .chunks_mut(kt * tile_len)
+            .chunks_mut(group_len)
             .enumerate()
-            .for_each(pack_row_tile);
+            .for_each(pack_group);
     }
     out
 }
