@@ -44,17 +44,25 @@ fn interleave_index() -> __m512i {
 /// `src` valid for `len` floats, `dst` for 32 u16; the AVX512 features available.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn convert_32(src: *const f32, len: usize, dst: *mut u16) {
-    // SAFETY: masked loads read only the first len floats; the store writes 64 bytes at dst.
-    unsafe {
-        let lo = _mm512_maskz_loadu_ps(lanes(len), src);
-        let hi = _mm512_maskz_loadu_ps(lanes(len.saturating_sub(16)), src.wrapping_add(16));
-        _mm512_storeu_si512(
-            dst as *mut _,
-            _mm512_castps_si512(std::mem::transmute::<__m512bh, __m512>(
-                _mm512_cvtne2ps_pbh(hi, lo),
-            )),
-        );
-    }
+    // SAFETY: forwarded; the store writes 64 bytes at dst.
+    unsafe { _mm512_storeu_si512(dst as *mut _, convert_32_reg(src, len)) };
+}
+
+/// Converts `len` (at most 32) floats from `src` to 32 bf16 (zeros past `len`) in a register.
+///
+/// # Safety
+/// `src` valid for `len` floats; the AVX512 features available.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn convert_32_reg(src: *const f32, len: usize) -> __m512i {
+    // SAFETY: masked loads read only the first len floats.
+    let (lo, hi) = unsafe {
+        (
+            _mm512_maskz_loadu_ps(lanes(len), src),
+            _mm512_maskz_loadu_ps(lanes(len.saturating_sub(16)), src.wrapping_add(16)),
+        )
+    };
+    // SAFETY: both are 64-byte plain vectors.
+    unsafe { std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo)) }
 }
 
 /// Converts two 16-lane vectors and interleaves them into 16 bf16 pairs `(x[i], y[i])`.
@@ -185,32 +193,26 @@ pub(crate) unsafe fn pack_b_strip(
     let k_tiles = k.div_ceil(TILE_K);
     debug_assert!(dst.len() >= k_tiles * TILE_LEN);
     if rs == 1 {
-        // A column's k values are contiguous: 32 of them are 16 pairs, one per 64-byte row.
-        let pair_offsets = _mm512_mullo_epi32(
-            _mm512_set1_epi32(TILE_MN as i32),
-            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-        );
-        for c in 0..cols {
-            for t in 0..k_tiles {
-                let p0 = t * TILE_K;
-                let mut words = [0u16; 32];
-                // SAFETY: column c, rows p0..min(k, p0 + 32) are inside the source.
+        // A column's k values are contiguous: 32 of them are its 16 pairs of a k tile. A
+        // 16x16 transpose of (column, pair) turns 16 columns into the tile's 16 pair rows.
+        for t in 0..k_tiles {
+            let p0 = t * TILE_K;
+            let columns: [__m512i; 16] = std::array::from_fn(|c| {
+                if c < cols {
+                    // SAFETY: column c, rows p0..min(k, p0 + 32) are inside the source.
+                    unsafe { convert_32_reg(b.wrapping_add(c * cs + p0), (k - p0).min(TILE_K)) }
+                } else {
+                    _mm512_setzero_si512()
+                }
+            });
+            for (q, row) in transpose_16x16(&columns).iter().enumerate() {
+                // SAFETY: pair row q of tile t is 64 bytes inside dst.
                 unsafe {
-                    convert_32(
-                        b.wrapping_add(c * cs + p0),
-                        (k - p0).min(TILE_K),
-                        words.as_mut_ptr(),
+                    _mm512_storeu_si512(
+                        dst.as_mut_ptr().add((t * TILE_MN + q) * 32) as *mut _,
+                        *row,
                     )
                 };
-                // SAFETY: reads the 64 bytes just written; pair q goes to u32 (t * 16 + q) * 16 + c.
-                unsafe {
-                    let pairs = _mm512_loadu_si512(words.as_ptr() as *const _);
-                    _mm512_i32scatter_epi32::<4>(
-                        dst.as_mut_ptr().add(t * TILE_LEN + 2 * c) as *mut _,
-                        pair_offsets,
-                        pairs,
-                    );
-                }
             }
         }
     } else {

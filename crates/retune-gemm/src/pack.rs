@@ -235,9 +235,8 @@ fn pack_b_with(b: MatRef, k: usize, n: usize, allow_simd: bool) -> Packed {
     let simd = allow_simd && (b.col_stride == 1 || b.row_stride == 1);
     let pack_strip = |(s, dst): (usize, &mut [u16])| {
         let cols = n.saturating_sub(s * TILE_MN).min(TILE_MN);
-        // As in pack_a: only the SIMD paths on a full strip (or masked rows) write everything.
-        let full = simd && (cols == TILE_MN || b.row_stride != 1);
-        if !full || cols == 0 {
+        // As in pack_a: the SIMD paths write every element (padding columns included).
+        if !simd || cols == 0 {
             dst.fill(0);
         }
         if cols == 0 {
