@@ -31,9 +31,13 @@
 //! assert_eq!(y, [2.0, 4.0, 8.0, 10.0]);
 //! ```
 //!
-//! On a Sapphire Rapids core `vdpbf16ps` issues at half the rate of an f32 FMA, so there the
-//! AVX512-BF16 kernel is slower than [`Kernel::F32`] (it still halves the operands' memory);
-//! it is meant for CPUs without AMX where the bf16 dot product is the faster instruction.
+//! The bf16 kernels treat subnormal inputs as zero (as `tdpbf16ps` and `vdpbf16ps` do); the
+//! conversion rounds to nearest even and keeps NaN and infinities.
+//!
+//! On the Sapphire Rapids machine this was written on, `vdpbf16ps` issued at a quarter of the
+//! rate of an f32 FMA (half its flops), so there the AVX512-BF16 kernel is slower than
+//! [`Kernel::F32`] (it still halves the operands' memory); it is meant for CPUs without AMX
+//! whose bf16 dot product is the faster instruction.
 
 #[cfg_attr(not(target_arch = "x86_64"), path = "unsupported.rs")]
 mod amx;
@@ -58,7 +62,7 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    /// Every kernel, fastest first.
+    /// Every kernel, in the order [`best_kernel`] prefers them.
     pub const ALL: [Kernel; 3] = [Kernel::Amx, Kernel::Avx512Bf16, Kernel::F32];
 
     /// Whether this CPU (and OS) can run the kernel.
@@ -121,6 +125,7 @@ pub struct MatRef<'a> {
 }
 
 impl<'a> MatRef<'a> {
+    /// A view with explicit strides (in elements).
     pub fn new(data: &'a [f32], row_stride: usize, col_stride: usize) -> Self {
         MatRef {
             data,
@@ -278,7 +283,9 @@ impl PackedB {
         );
         b.check(k, n, "b");
         let data = if kernel.is_bf16() {
-            PackedData::Bf16(pack::pack_b(b, k, n))
+            let mut packed = pack::pack_b(b, k, n);
+            packed.shrink_to_fit();
+            PackedData::Bf16(packed)
         } else {
             let mut dense = vec![0.0f32; k * n];
             for (p, row) in dense.chunks_mut(n.max(1)).enumerate().take(k) {

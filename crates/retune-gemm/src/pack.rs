@@ -82,6 +82,11 @@ impl Packed {
         }
     }
 
+    /// Gives back spare capacity (a reused buffer can be larger than needed).
+    pub(crate) fn shrink_to_fit(&mut self) {
+        self.0.shrink_to_fit();
+    }
+
     pub(crate) fn as_slice(&self) -> &[u16] {
         // SAFETY: Line is exactly 32 u16 without padding (repr C, size 64), so the lines form
         // one contiguous run of u16 valid for reads as long as self is borrowed.
@@ -113,6 +118,9 @@ fn pack_a_with(a: MatRef, m: usize, k: usize, allow_simd: bool) -> Packed {
     let tile_len = TILE_MN * TILE_K;
     let m_tiles = m.div_ceil(BLOCK) * (BLOCK / TILE_MN);
     let mut out = Packed::for_overwrite(m_tiles * kt * tile_len);
+    if out.as_slice().is_empty() {
+        return out;
+    }
     let simd = allow_simd && (a.col_stride == 1 || a.row_stride == 1);
     let transposed_simd = simd && a.col_stride != 1;
     let pack_row_tile = |mt: usize, dst: &mut [u16]| {
@@ -232,6 +240,9 @@ fn pack_b_with(b: MatRef, k: usize, n: usize, allow_simd: bool) -> Packed {
     let strip_len = pairs * TILE_MN * 2;
     let strips = n.div_ceil(BLOCK) * (BLOCK / TILE_MN);
     let mut out = Packed::for_overwrite(strips * strip_len);
+    if out.as_slice().is_empty() {
+        return out;
+    }
     let simd = allow_simd && (b.col_stride == 1 || b.row_stride == 1);
     let pack_strip = |(s, dst): (usize, &mut [u16])| {
         let cols = n.saturating_sub(s * TILE_MN).min(TILE_MN);

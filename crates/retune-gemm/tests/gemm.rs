@@ -295,6 +295,17 @@ fn empty_inner_dimension() {
             false,
         );
         assert_eq!(c, vec![0.0; 6]);
+        let packed = PackedB::with_kernel(kernel, MatRef::row_major(&[], 3), 0, 3);
+        let mut c = vec![1.0f32; 6];
+        gemm_packed(&mut c, MatRef::row_major(&[], 0), &packed, 2, true);
+        assert_eq!(c, vec![1.0; 6]);
+        gemm_packed(&mut c, MatRef::row_major(&[], 0), &packed, 2, false);
+        assert_eq!(c, vec![0.0; 6]);
+        // Empty outputs.
+        let packed = PackedB::with_kernel(kernel, MatRef::row_major(&[0.5; 4], 1), 4, 0);
+        gemm_packed(&mut [], MatRef::row_major(&[1.0; 8], 4), &packed, 2, false);
+        let (a, b) = (MatRef::row_major(&[], 4), MatRef::row_major(&[0.5; 4], 1));
+        gemm_with(kernel, &mut [], a, b, 0, 4, 1, false);
     }
 }
 
