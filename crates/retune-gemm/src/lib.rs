@@ -1,0 +1,480 @@
+//! bf16 matrix products on the CPU with f32 accumulation.
+//!
+//! [`gemm_bf16`] computes `c[m, n] (+)= op(a) · op(b)` for f32 operands given as strided views
+//! ([`MatRef`]), the same contract as `retune_core::ops::matmul`: the operands are rounded to
+//! bf16 (round-to-nearest-even) while they are packed into the kernel's layout, the products
+//! are summed in f32, and `c` is row-major f32 (`accumulate` adds into it).
+//!
+//! Three kernels, chosen once at run time by [`best_kernel`]:
+//! - [`Kernel::Amx`]: Intel AMX tiles (`tdpbf16ps`), 32x32 blocks of `c` held in four tiles;
+//! - [`Kernel::Avx512Bf16`]: `vdpbf16ps` on zmm registers, reading the same packed layout;
+//! - [`Kernel::F32`]: the `gemm` crate on the f32 data as given (no bf16 rounding).
+//!
+//! [`PackedB`] holds a frozen right operand (a linear layer's weight) already converted and laid
+//! out for the kernel, so [`gemm_packed`] repacks only the left operand, and the weight costs
+//! half the memory of its f32 copy.
+//!
+//! Work is split over blocks of `c` on rayon's global pool.
+//!
+//! ```
+//! use retune_gemm::{gemm_bf16, gemm_packed, MatRef, PackedB};
+//! let (m, k, n) = (2, 3, 2);
+//! let x = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]; // [m, k] activations
+//! let w = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]; // [n, k] weight of a linear layer
+//! let mut y = vec![0.0; m * n];
+//! // y = x · w^T
+//! gemm_bf16(&mut y, MatRef::row_major(&x, k), MatRef::transpose_of(&w, k), m, k, n, false);
+//! assert_eq!(y, [1.0, 2.0, 4.0, 5.0]);
+//! // The same weight packed once, then used with accumulation: y += x · w^T.
+//! let packed = PackedB::from_nk(&w, n, k);
+//! gemm_packed(&mut y, MatRef::row_major(&x, k), &packed, m, true);
+//! assert_eq!(y, [2.0, 4.0, 8.0, 10.0]);
+//! ```
+//!
+//! The bf16 kernels treat subnormal inputs as zero (as `tdpbf16ps` and `vdpbf16ps` do); the
+//! conversion rounds to nearest even and keeps NaN and infinities.
+//!
+//! On the Sapphire Rapids machine this was written on, `vdpbf16ps` issued at a quarter of the
+//! rate of an f32 FMA (half its flops), so there the AVX512-BF16 kernel is slower than
+//! [`Kernel::F32`] (it still halves the operands' memory); it is meant for CPUs without AMX
+//! whose bf16 dot product is the faster instruction.
+
+#[cfg_attr(not(target_arch = "x86_64"), path = "unsupported.rs")]
+mod amx;
+#[cfg_attr(not(target_arch = "x86_64"), path = "unsupported.rs")]
+mod avx512;
+mod pack;
+
+use rayon::prelude::*;
+use std::sync::OnceLock;
+
+pub use pack::round_to_bf16;
+
+/// The compute kernel behind the products.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// AMX tiles (`amx-tile` + `amx-bf16`, with the Linux permission for tile data).
+    Amx,
+    /// AVX512-BF16 dot products (`vdpbf16ps`).
+    Avx512Bf16,
+    /// f32 products by the `gemm` crate; operands are not rounded to bf16.
+    F32,
+}
+
+impl Kernel {
+    /// Every kernel, in the order [`best_kernel`] prefers them.
+    pub const ALL: [Kernel; 3] = [Kernel::Amx, Kernel::Avx512Bf16, Kernel::F32];
+
+    /// Whether this CPU (and OS) can run the kernel.
+    pub fn is_available(self) -> bool {
+        match self {
+            Kernel::Amx => amx::available(),
+            Kernel::Avx512Bf16 => avx512::available(),
+            Kernel::F32 => true,
+        }
+    }
+
+    /// The name used by the `RETUNE_GEMM` environment variable.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Amx => "amx",
+            Kernel::Avx512Bf16 => "avx512bf16",
+            Kernel::F32 => "f32",
+        }
+    }
+
+    /// Whether the kernel rounds operands to bf16 (and uses the packed bf16 layout).
+    fn is_bf16(self) -> bool {
+        self != Kernel::F32
+    }
+}
+
+/// The kernel [`gemm_bf16`] and [`PackedB::new`] use: the fastest available one, unless the
+/// environment variable `RETUNE_GEMM` (`amx`, `avx512bf16` or `f32`) names another available
+/// one. Detected once per process.
+pub fn best_kernel() -> Kernel {
+    static BEST: OnceLock<Kernel> = OnceLock::new();
+    *BEST.get_or_init(|| {
+        let fastest = Kernel::ALL
+            .into_iter()
+            .find(|k| k.is_available())
+            .unwrap_or(Kernel::F32);
+        let Ok(wanted) = std::env::var("RETUNE_GEMM") else {
+            return fastest;
+        };
+        match Kernel::ALL.into_iter().find(|k| k.name() == wanted.trim()) {
+            Some(k) if k.is_available() => k,
+            _ => {
+                eprintln!(
+                    "retune-gemm: RETUNE_GEMM={wanted} is not available here, using {}",
+                    fastest.name()
+                );
+                fastest
+            }
+        }
+    })
+}
+
+/// A read-only strided view of an f32 matrix: element `(i, j)` is `data[i * row_stride + j *
+/// col_stride]`. The shape comes with the product that uses it, which checks the bounds.
+#[derive(Clone, Copy, Debug)]
+pub struct MatRef<'a> {
+    pub data: &'a [f32],
+    pub row_stride: usize,
+    pub col_stride: usize,
+}
+
+impl<'a> MatRef<'a> {
+    /// A view with explicit strides (in elements).
+    pub fn new(data: &'a [f32], row_stride: usize, col_stride: usize) -> Self {
+        MatRef {
+            data,
+            row_stride,
+            col_stride,
+        }
+    }
+
+    /// A row-major matrix with `cols` columns, used as stored.
+    pub fn row_major(data: &'a [f32], cols: usize) -> Self {
+        Self::new(data, cols, 1)
+    }
+
+    /// The transpose of a row-major matrix with `stored_cols` columns: for `x · W^T` with `W`
+    /// of shape `[n, k]`, the right operand is `MatRef::transpose_of(w, k)`.
+    pub fn transpose_of(data: &'a [f32], stored_cols: usize) -> Self {
+        Self::new(data, 1, stored_cols)
+    }
+
+    /// Element `(i, j)`; the caller has checked the shape with [`MatRef::check`].
+    #[inline(always)]
+    fn at(&self, i: usize, j: usize) -> f32 {
+        self.data[i * self.row_stride + j * self.col_stride]
+    }
+
+    /// Panics unless every element of a `rows x cols` view lies inside `data`.
+    fn check(&self, rows: usize, cols: usize, what: &str) {
+        if rows == 0 || cols == 0 {
+            return;
+        }
+        let last = (rows - 1).checked_mul(self.row_stride).and_then(|r| {
+            (cols - 1)
+                .checked_mul(self.col_stride)
+                .and_then(|c| r.checked_add(c))
+        });
+        assert!(
+            matches!(last, Some(l) if l < self.data.len()),
+            "retune-gemm: {what} view of {rows}x{cols} (strides {}, {}) exceeds its {} elements",
+            self.row_stride,
+            self.col_stride,
+            self.data.len()
+        );
+    }
+}
+
+/// Below this many multiply-adds a product runs on the calling thread (rayon overhead dominates).
+const PAR_THRESHOLD: usize = 1 << 18;
+
+/// `c[m, n] (+)= a[m, k] · b[k, n]` with the kernel from [`best_kernel`]; `a` and `b` are the
+/// (possibly transposed) views `op(a)`, `op(b)`, and `c` is row-major with `m * n` elements.
+pub fn gemm_bf16(
+    c: &mut [f32],
+    a: MatRef,
+    b: MatRef,
+    m: usize,
+    k: usize,
+    n: usize,
+    accumulate: bool,
+) {
+    gemm_with(best_kernel(), c, a, b, m, k, n, accumulate)
+}
+
+/// [`gemm_bf16`] with an explicit kernel (for tests and benchmarks). Panics if the kernel is
+/// not available on this machine.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_with(
+    kernel: Kernel,
+    c: &mut [f32],
+    a: MatRef,
+    b: MatRef,
+    m: usize,
+    k: usize,
+    n: usize,
+    accumulate: bool,
+) {
+    assert!(
+        kernel.is_available(),
+        "retune-gemm: kernel {kernel:?} is not available on this CPU"
+    );
+    assert_eq!(
+        c.len(),
+        m * n,
+        "retune-gemm: c has {} elements, expected {m}x{n}",
+        c.len()
+    );
+    a.check(m, k, "a");
+    b.check(k, n, "b");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            c.fill(0.0);
+        }
+        return;
+    }
+    if !kernel.is_bf16() {
+        gemm_f32(c, a, b, m, k, n, accumulate);
+        return;
+    }
+    let packed_a = pack::pack_a(a, m, k);
+    let packed_b = pack::pack_b(b, k, n);
+    run_bf16(
+        kernel,
+        c,
+        packed_a.as_slice(),
+        packed_b.as_slice(),
+        m,
+        k,
+        n,
+        accumulate,
+    );
+    packed_a.recycle();
+    packed_b.recycle();
+}
+
+/// A right operand `b[k, n]` converted once for repeated products (a frozen weight).
+pub struct PackedB {
+    kernel: Kernel,
+    k: usize,
+    n: usize,
+    data: PackedData,
+}
+
+enum PackedData {
+    /// bf16 bits in the VNNI strip layout of [`pack::pack_b`].
+    Bf16(pack::Packed),
+    /// Row-major `[k, n]` f32 for [`Kernel::F32`].
+    F32(Vec<f32>),
+}
+
+impl PackedB {
+    /// Packs the `k x n` view `b` for the kernel from [`best_kernel`].
+    pub fn new(b: MatRef, k: usize, n: usize) -> Self {
+        Self::with_kernel(best_kernel(), b, k, n)
+    }
+
+    /// Packs a linear layer's weight `w[n, k]` for `x · w^T`.
+    pub fn from_nk(w: &[f32], n: usize, k: usize) -> Self {
+        assert_eq!(w.len(), n * k, "retune-gemm: weight is not {n}x{k}");
+        Self::new(MatRef::transpose_of(w, k), k, n)
+    }
+
+    /// Packs a row-major `b[k, n]`.
+    pub fn from_kn(b: &[f32], k: usize, n: usize) -> Self {
+        assert_eq!(b.len(), k * n, "retune-gemm: b is not {k}x{n}");
+        Self::new(MatRef::row_major(b, n), k, n)
+    }
+
+    /// Packs `b` for an explicit kernel; panics if it is not available.
+    pub fn with_kernel(kernel: Kernel, b: MatRef, k: usize, n: usize) -> Self {
+        assert!(
+            kernel.is_available(),
+            "retune-gemm: kernel {kernel:?} is not available on this CPU"
+        );
+        b.check(k, n, "b");
+        let data = if kernel.is_bf16() {
+            let mut packed = pack::pack_b(b, k, n);
+            packed.shrink_to_fit();
+            PackedData::Bf16(packed)
+        } else {
+            let mut dense = vec![0.0f32; k * n];
+            for (p, row) in dense.chunks_mut(n.max(1)).enumerate().take(k) {
+                for (j, x) in row.iter_mut().enumerate() {
+                    *x = b.at(p, j);
+                }
+            }
+            PackedData::F32(dense)
+        };
+        PackedB { kernel, k, n, data }
+    }
+
+    /// The inner dimension `k`.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// The output dimension `n`.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// The kernel the operand was packed for (and that [`gemm_packed`] runs).
+    pub fn kernel(&self) -> Kernel {
+        self.kernel
+    }
+}
+
+/// `c[m, n] (+)= a[m, k] · b` with a prepacked right operand; runs the kernel `b` was packed for.
+pub fn gemm_packed(c: &mut [f32], a: MatRef, b: &PackedB, m: usize, accumulate: bool) {
+    let (k, n) = (b.k, b.n);
+    assert_eq!(
+        c.len(),
+        m * n,
+        "retune-gemm: c has {} elements, expected {m}x{n}",
+        c.len()
+    );
+    a.check(m, k, "a");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            c.fill(0.0);
+        }
+        return;
+    }
+    match &b.data {
+        PackedData::Bf16(packed_b) => {
+            let packed_a = pack::pack_a(a, m, k);
+            run_bf16(
+                b.kernel,
+                c,
+                packed_a.as_slice(),
+                packed_b.as_slice(),
+                m,
+                k,
+                n,
+                accumulate,
+            );
+            packed_a.recycle();
+        }
+        PackedData::F32(dense) => gemm_f32(c, a, MatRef::row_major(dense, n), m, k, n, accumulate),
+    }
+}
+
+/// The f32 fallback: the `gemm` crate on the views as given.
+fn gemm_f32(c: &mut [f32], a: MatRef, b: MatRef, m: usize, k: usize, n: usize, accumulate: bool) {
+    let parallelism = if m.saturating_mul(k).saturating_mul(n) >= PAR_THRESHOLD {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: both views were bounds-checked for their shapes (MatRef::check) and c has m * n
+    // elements, so every index gemm forms from these strides lies inside its slice.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.col_stride as isize,
+            a.row_stride as isize,
+            b.data.as_ptr(),
+            b.col_stride as isize,
+            b.row_stride as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+/// Rows (and columns) of `c` one kernel call computes: a 2x2 arrangement of 16x16 tiles.
+pub(crate) const BLOCK: usize = 32;
+/// Most blocks per task along m and along n: a task computes up to 256x128 of `c`, so its A
+/// and B panels (`256 x k` and `128 x k` bf16) stay in the core's 2 MiB L2 cache. Tall tasks
+/// read each B panel (the larger operand of the LM head) fewer times from memory.
+const TASK_BLOCKS_M: usize = 8;
+const TASK_BLOCKS_N: usize = 4;
+
+/// Splits `blocks` into the fewest runs of at most `most`, of near-equal lengths; returns
+/// (number of runs, blocks per run).
+fn split(blocks: usize, most: usize) -> (usize, usize) {
+    let runs = blocks.div_ceil(most);
+    (runs, blocks.div_ceil(runs))
+}
+/// bf16 elements of one packed tile (16 x 32).
+const TILE_LEN: usize = pack::TILE_MN * pack::TILE_K;
+
+/// A raw pointer to `c` shared by the tasks, which write disjoint blocks.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: tasks write disjoint rectangles of c (see run_bf16), so no element is shared.
+unsafe impl Send for SharedOut {}
+// SAFETY: as above.
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// A method, so closures capture the whole (Sync) wrapper rather than its raw pointer.
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Runs a bf16 kernel over every 32x32 block of `c`, split into tasks on rayon's pool.
+#[allow(clippy::too_many_arguments)]
+fn run_bf16(
+    kernel: Kernel,
+    c: &mut [f32],
+    packed_a: &[u16],
+    packed_b: &[u16],
+    m: usize,
+    k: usize,
+    n: usize,
+    accumulate: bool,
+) {
+    let k_tiles = pack::k_tiles(k);
+    let (m_blocks, n_blocks) = (m.div_ceil(BLOCK), n.div_ceil(BLOCK));
+    assert!(packed_a.len() >= m_blocks * BLOCK * k_tiles * pack::TILE_K);
+    assert!(packed_b.len() >= n_blocks * BLOCK * k_tiles * pack::TILE_K);
+    let (task_rows, rows_per_task) = split(m_blocks, TASK_BLOCKS_M);
+    let (task_cols, cols_per_task) = split(n_blocks, TASK_BLOCKS_N);
+    let out = SharedOut(c.as_mut_ptr());
+    let task = |t: usize| {
+        let (ti, tj) = (t / task_cols, t % task_cols);
+        let bi_range = ti * rows_per_task..((ti + 1) * rows_per_task).min(m_blocks);
+        let bj_range = tj * cols_per_task..((tj + 1) * cols_per_task).min(n_blocks);
+        // Block columns outer: a B strip pair (32 x k bf16) stays in L1 while the task's block
+        // rows pass over it. (Splitting k into L1-sized passes measured no faster here.)
+        let blocks = bj_range.flat_map(move |bj| bi_range.clone().map(move |bi| (bi, bj)));
+        let block_of = |(bi, bj): (usize, usize)| {
+            let (i0, j0) = (bi * BLOCK, bj * BLOCK);
+            let pair_stride = k_tiles * TILE_LEN;
+            pack::BlockArgs {
+                // Block row bi starts at m tile 2 bi, block column bj at strip 2 bj.
+                a: packed_a[2 * bi * pair_stride..].as_ptr(),
+                b: packed_b[2 * bj * pair_stride..].as_ptr(),
+                k_tiles,
+                pair_stride,
+                // SAFETY: i0 < m and j0 < n, so the offset is inside c.
+                c: unsafe { out.ptr().add(i0 * n + j0) },
+                ldc: n,
+                rows: (m - i0).min(BLOCK),
+                cols: (n - j0).min(BLOCK),
+                accumulate,
+            }
+        };
+        match kernel {
+            // SAFETY: AMX availability was asserted by the callers (Kernel::is_available); the
+            // blocks are inside the packed buffers (asserted above) and inside c, and tasks
+            // cover disjoint blocks.
+            Kernel::Amx => unsafe { amx::run_blocks(blocks.map(block_of)) },
+            // SAFETY: as for AMX, with AVX512-BF16 availability.
+            Kernel::Avx512Bf16 => unsafe { avx512::run_blocks(blocks.map(block_of)) },
+            Kernel::F32 => unreachable!("the f32 kernel does not use packed bf16 operands"),
+        }
+    };
+    let tasks = task_rows * task_cols;
+    if m.saturating_mul(k).saturating_mul(n) < PAR_THRESHOLD {
+        (0..tasks).for_each(task);
+    } else {
+        (0..tasks).into_par_iter().for_each(task);
+    }
+}

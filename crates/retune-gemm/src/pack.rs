@@ -1,0 +1,408 @@
+//! Conversion to bf16 and the packed layouts both bf16 kernels read.
+//!
+//! Packed A (`m x k`): 16-row tiles of 32 bf16 per row (one AMX A tile, 1 KiB), ordered
+//! `[m_tile][k_tile][row 0..16][col 0..32]`, so one block row's tiles follow each other along k.
+//!
+//! Packed B (`k x n`): 16-column strips in VNNI order, `[strip][k_pair][col 0..16][2]`: the two
+//! bf16 of `b[2q, j]` and `b[2q + 1, j]` side by side. Sixteen k pairs of a strip make one AMX B
+//! tile, and one k pair of a strip is one zmm for `vdpbf16ps`.
+//!
+//! Sizes are padded with zeros: m and n to multiples of 32 (a kernel block), k to a multiple
+//! of 32 (a tile's depth), so the kernels never test edges inside the k loop.
+
+use crate::{avx512, MatRef, BLOCK};
+use rayon::prelude::*;
+
+/// bf16 values per row of an A tile (the k depth of one `tdpbf16ps`).
+pub(crate) const TILE_K: usize = 32;
+/// Rows of an A tile, columns of a B strip.
+pub(crate) const TILE_MN: usize = 16;
+
+/// Number of 32-deep k tiles covering `k`.
+pub(crate) fn k_tiles(k: usize) -> usize {
+    k.div_ceil(TILE_K)
+}
+
+/// The bf16 bits nearest to `x` (ties to even); NaN stays a (quiet) NaN.
+#[inline(always)]
+pub(crate) fn to_bf16_bits(x: f32) -> u16 {
+    let bits = x.to_bits();
+    let rounded = (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16;
+    if x.is_nan() {
+        ((bits >> 16) as u16) | 0x40
+    } else {
+        rounded
+    }
+}
+
+/// `x` rounded to bf16 (ties to even) and widened back: the value the bf16 kernels multiply.
+pub fn round_to_bf16(x: f32) -> f32 {
+    f32::from_bits((to_bf16_bits(x) as u32) << 16)
+}
+
+/// One cache line of bf16: the unit of packed buffers, so every tile row is one aligned line
+/// (an unaligned row would cost two cache accesses per row of every tile load).
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u16; 32]);
+
+/// Largest buffer kept for reuse (two per thread).
+const SPARE_MAX_BYTES: usize = 16 << 20;
+
+thread_local! {
+    /// Buffers of finished products, reused by the next ones on this thread.
+    static SPARE: std::cell::RefCell<Vec<Vec<Line>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A 64-byte aligned bf16 buffer.
+pub(crate) struct Packed(Vec<Line>);
+
+impl Packed {
+    /// `len` u16 (a multiple of 32) of unspecified values (zeros or an earlier product's): the
+    /// packing functions overwrite every element.
+    fn for_overwrite(len: usize) -> Self {
+        debug_assert_eq!(len % 32, 0);
+        let mut lines = SPARE
+            .with(|spare| spare.borrow_mut().pop())
+            .unwrap_or_default();
+        lines.resize(len / 32, Line([0; 32]));
+        Packed(lines)
+    }
+
+    /// Hands the buffer back for the next product on this thread: a fresh allocation costs
+    /// page faults on every call, as much as a tenth of a product's time.
+    pub(crate) fn recycle(self) {
+        if self.0.capacity() * 64 <= SPARE_MAX_BYTES {
+            SPARE.with(|spare| {
+                let mut spare = spare.borrow_mut();
+                if spare.len() < 2 {
+                    spare.push(self.0);
+                }
+            });
+        }
+    }
+
+    /// Gives back spare capacity (a reused buffer can be larger than needed).
+    pub(crate) fn shrink_to_fit(&mut self) {
+        self.0.shrink_to_fit();
+    }
+
+    pub(crate) fn as_slice(&self) -> &[u16] {
+        // SAFETY: Line is exactly 32 u16 without padding (repr C, size 64), so the lines form
+        // one contiguous run of u16 valid for reads as long as self is borrowed.
+        unsafe { std::slice::from_raw_parts(self.0.as_ptr() as *const u16, self.0.len() * 32) }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u16] {
+        // SAFETY: as in as_slice, borrowed mutably.
+        unsafe {
+            std::slice::from_raw_parts_mut(self.0.as_mut_ptr() as *mut u16, self.0.len() * 32)
+        }
+    }
+}
+
+/// Row tiles per packing task of A.
+const GROUP: usize = 4;
+
+/// Below this many elements packing runs on the calling thread.
+const PAR_PACK: usize = 1 << 15;
+
+/// Packs the `m x k` view `a` (see the module doc).
+pub(crate) fn pack_a(a: MatRef, m: usize, k: usize) -> Packed {
+    pack_a_with(a, m, k, avx512::available())
+}
+
+/// [`pack_a`], with or without the AVX512 conversion.
+fn pack_a_with(a: MatRef, m: usize, k: usize, allow_simd: bool) -> Packed {
+    let kt = k_tiles(k);
+    let tile_len = TILE_MN * TILE_K;
+    let m_tiles = m.div_ceil(BLOCK) * (BLOCK / TILE_MN);
+    let mut out = Packed::for_overwrite(m_tiles * kt * tile_len);
+    if out.as_slice().is_empty() {
+        return out;
+    }
+    let simd = allow_simd && (a.col_stride == 1 || a.row_stride == 1);
+    let transposed_simd = simd && a.col_stride != 1;
+    let pack_row_tile = |mt: usize, dst: &mut [u16]| {
+        let rows = m.saturating_sub(mt * TILE_MN).min(TILE_MN);
+        // The SIMD paths write every element of a full tile (k padding included); anything
+        // else writes only the valid elements, so the padding is zeroed first.
+        let full = simd && (rows == TILE_MN || transposed_simd);
+        if !full || rows == 0 {
+            dst.fill(0);
+        }
+        if rows == 0 || transposed_simd {
+            return;
+        }
+        if simd {
+            let start = mt * TILE_MN * a.row_stride;
+            // SAFETY: the view was bounds-checked for m x k, so rows r < rows, columns p < k
+            // from `start` are inside a.data; dst is this tile's aligned chunk; col stride 1.
+            unsafe {
+                avx512::pack_a_tile(
+                    a.data[start..].as_ptr(),
+                    a.row_stride,
+                    1,
+                    rows,
+                    k,
+                    0..kt,
+                    dst,
+                )
+            };
+            return;
+        }
+        let at = |r: usize, p: usize| a.at(mt * TILE_MN + r, p);
+        // dst index of (r, p): tile p / 32, row r, column p % 32.
+        let idx = |r: usize, p: usize| ((p / TILE_K) * TILE_MN + r) * TILE_K + p % TILE_K;
+        if a.col_stride == 1 {
+            // Rows are contiguous: convert 32 values at a time.
+            for r in 0..rows {
+                let start = (mt * TILE_MN + r) * a.row_stride;
+                let src = &a.data[start..start + k];
+                for (t, chunk) in src.chunks(TILE_K).enumerate() {
+                    let d = &mut dst[(t * TILE_MN + r) * TILE_K..][..chunk.len()];
+                    for (o, &x) in d.iter_mut().zip(chunk) {
+                        *o = to_bf16_bits(x);
+                    }
+                }
+            }
+        } else if a.row_stride <= a.col_stride {
+            // Columns are closer together than rows (a transposed view): walk down the rows.
+            for p in 0..k {
+                for r in 0..rows {
+                    dst[idx(r, p)] = to_bf16_bits(at(r, p));
+                }
+            }
+        } else {
+            for r in 0..rows {
+                for p in 0..k {
+                    dst[idx(r, p)] = to_bf16_bits(at(r, p));
+                }
+            }
+        }
+    };
+    // A transposed view has its m index contiguous: packing k tile by k tile across a group
+    // of row tiles reads each stored row in runs of GROUP * 64 bytes instead of one line.
+    let pack_group = |(g, dst): (usize, &mut [u16])| {
+        for (i, tile) in dst.chunks_mut(kt * tile_len).enumerate() {
+            pack_row_tile(g * GROUP + i, tile);
+        }
+        if transposed_simd {
+            for t in 0..kt {
+                for (i, tile) in dst.chunks_mut(kt * tile_len).enumerate() {
+                    let mt = g * GROUP + i;
+                    let rows = m.saturating_sub(mt * TILE_MN).min(TILE_MN);
+                    if rows == 0 {
+                        continue;
+                    }
+                    let start = mt * TILE_MN;
+                    // SAFETY: as above, with row stride 1: rows r < rows, columns p < k from
+                    // `start` are inside a.data.
+                    unsafe {
+                        avx512::pack_a_tile(
+                            a.data[start..].as_ptr(),
+                            1,
+                            a.col_stride,
+                            rows,
+                            k,
+                            t..t + 1,
+                            tile,
+                        )
+                    };
+                }
+            }
+        }
+    };
+    let group_len = GROUP * kt * tile_len;
+    if m * k >= PAR_PACK {
+        out.as_mut_slice()
+            .par_chunks_mut(group_len)
+            .enumerate()
+            .for_each(pack_group);
+    } else {
+        out.as_mut_slice()
+            .chunks_mut(group_len)
+            .enumerate()
+            .for_each(pack_group);
+    }
+    out
+}
+
+/// Packs the `k x n` view `b` (see the module doc).
+pub(crate) fn pack_b(b: MatRef, k: usize, n: usize) -> Packed {
+    pack_b_with(b, k, n, avx512::available())
+}
+
+/// [`pack_b`], with or without the AVX512 conversion.
+fn pack_b_with(b: MatRef, k: usize, n: usize, allow_simd: bool) -> Packed {
+    let kt = k_tiles(k);
+    let pairs = kt * TILE_K / 2;
+    let strip_len = pairs * TILE_MN * 2;
+    let strips = n.div_ceil(BLOCK) * (BLOCK / TILE_MN);
+    let mut out = Packed::for_overwrite(strips * strip_len);
+    if out.as_slice().is_empty() {
+        return out;
+    }
+    let simd = allow_simd && (b.col_stride == 1 || b.row_stride == 1);
+    let pack_strip = |(s, dst): (usize, &mut [u16])| {
+        let cols = n.saturating_sub(s * TILE_MN).min(TILE_MN);
+        // As in pack_a: the SIMD paths write every element (padding columns included).
+        if !simd || cols == 0 {
+            dst.fill(0);
+        }
+        if cols == 0 {
+            return;
+        }
+        if simd {
+            let start = s * TILE_MN * b.col_stride;
+            // SAFETY: the view was bounds-checked for k x n, so rows p < k, columns c < cols
+            // from `start` are inside b.data; dst is this strip's aligned chunk; one stride is 1.
+            unsafe {
+                avx512::pack_b_strip(
+                    b.data[start..].as_ptr(),
+                    b.row_stride,
+                    b.col_stride,
+                    cols,
+                    k,
+                    dst,
+                )
+            };
+            return;
+        }
+        let at = |p: usize, c: usize| b.at(p, s * TILE_MN + c);
+        // dst index of (p, c): pair p / 2, column c, half p % 2.
+        let idx = |p: usize, c: usize| ((p / 2) * TILE_MN + c) * 2 + p % 2;
+        if b.row_stride <= b.col_stride {
+            // k runs along memory (a transposed weight [n, k]): one column at a time.
+            for c in 0..cols {
+                for p in 0..k {
+                    dst[idx(p, c)] = to_bf16_bits(at(p, c));
+                }
+            }
+        } else {
+            for p in 0..k {
+                for c in 0..cols {
+                    dst[idx(p, c)] = to_bf16_bits(at(p, c));
+                }
+            }
+        }
+    };
+    if k * n >= PAR_PACK {
+        out.as_mut_slice()
+            .par_chunks_mut(strip_len)
+            .enumerate()
+            .for_each(pack_strip);
+    } else {
+        out.as_mut_slice()
+            .chunks_mut(strip_len)
+            .enumerate()
+            .for_each(pack_strip);
+    }
+    out
+}
+
+/// One kernel call: a block of up to 32x32 of `c`.
+pub(crate) struct BlockArgs {
+    /// Packed A at the block's first m tile, at the first k tile of the pass.
+    pub a: *const u16,
+    /// Packed B at the block's first strip, at the first k tile of the pass.
+    pub b: *const u16,
+    /// k tiles in this pass.
+    pub k_tiles: usize,
+    /// u16 elements from the first m tile (strip) to the second.
+    pub pair_stride: usize,
+    /// `c` at the block's top-left element.
+    pub c: *mut f32,
+    /// Row stride of `c` in elements.
+    pub ldc: usize,
+    /// Valid rows and columns of the block (at most 32).
+    pub rows: usize,
+    pub cols: usize,
+    pub accumulate: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_rounding_is_nearest_even() {
+        // 1 + 2^-8 is halfway between bf16 1.0 and 1 + 2^-7: ties go to the even 1.0.
+        assert_eq!(round_to_bf16(1.0 + 2f32.powi(-8)), 1.0);
+        // 1 + 3 * 2^-8 is halfway between 1 + 2^-7 (odd) and 1 + 2^-6: goes up.
+        assert_eq!(
+            round_to_bf16(1.0 + 3.0 * 2f32.powi(-8)),
+            1.0 + 2f32.powi(-6)
+        );
+        assert_eq!(
+            round_to_bf16(1.0 + 2f32.powi(-8) + 2f32.powi(-20)),
+            1.0 + 2f32.powi(-7)
+        );
+        assert_eq!(round_to_bf16(-3.0), -3.0);
+        assert_eq!(round_to_bf16(f32::INFINITY), f32::INFINITY);
+        assert!(round_to_bf16(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn packed_layouts_place_elements() {
+        let (m, k, n) = (3, 35, 18);
+        let a: Vec<f32> = (0..m * k).map(|x| x as f32).collect();
+        let pa = pack_a(MatRef::row_major(&a, k), m, k);
+        let pa = pa.as_slice();
+        assert_eq!(pa.len(), 2 * 2 * 16 * 32);
+        // a[2, 33] lies in m tile 0, k tile 1, row 2, column 1.
+        assert_eq!(pa[(16 + 2) * 32 + 1], to_bf16_bits(a[2 * k + 33]));
+        let b: Vec<f32> = (0..k * n).map(|x| x as f32).collect();
+        let pb = pack_b(MatRef::row_major(&b, n), k, n);
+        let pb = pb.as_slice();
+        // b[5, 17] lies in strip 1, pair 2, column 1, half 1.
+        let strip_len = 32 * 16 * 2; // 2 k tiles = 32 pairs of 16 columns x 2
+        assert_eq!(
+            pb[strip_len + (2 * 16 + 1) * 2 + 1],
+            to_bf16_bits(b[5 * n + 17])
+        );
+        // Padding is zero.
+        assert_eq!(pb[strip_len + (2 * 16 + 5) * 2 + 1], 0);
+    }
+
+    /// Fills this thread's spare buffers with garbage, so a packing that skips an element
+    /// shows up.
+    fn dirty_spare_buffers() {
+        let dirty = || Packed(vec![Line([0xffff; 32]); 4096]);
+        let (first, second) = (dirty(), dirty());
+        first.recycle();
+        second.recycle();
+    }
+
+    /// The AVX512 packing paths produce the same bits as the scalar ones, for both stride
+    /// orders and sizes with partial tiles.
+    #[test]
+    fn simd_packing_matches_scalar() {
+        if !avx512::available() {
+            return;
+        }
+        for (rows, cols) in [(1, 1), (3, 35), (17, 64), (40, 33), (70, 100)] {
+            let data: Vec<f32> = (0..rows * cols)
+                .map(|x| (x as f32 * 0.37).sin() * 3.0 + 1e-3)
+                .collect();
+            for view in [
+                MatRef::row_major(&data, cols),
+                MatRef::transpose_of(&data, cols),
+            ] {
+                let (r, c) = if view.row_stride == 1 {
+                    (cols, rows)
+                } else {
+                    (rows, cols)
+                };
+                dirty_spare_buffers();
+                let simd = pack_a_with(view, r, c, true);
+                dirty_spare_buffers();
+                assert_eq!(simd.as_slice(), pack_a_with(view, r, c, false).as_slice());
+                dirty_spare_buffers();
+                let simd = pack_b_with(view, r, c, true);
+                dirty_spare_buffers();
+                assert_eq!(simd.as_slice(), pack_b_with(view, r, c, false).as_slice());
+            }
+        }
+    }
+}

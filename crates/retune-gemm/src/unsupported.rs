@@ -1,0 +1,39 @@
+//! Stand-in for the x86-64 kernels on other architectures: never available.
+
+use crate::pack::BlockArgs;
+
+pub(crate) fn available() -> bool {
+    false
+}
+
+/// # Safety
+/// Never called: [`available`] is false.
+pub(crate) unsafe fn run_blocks(_blocks: impl Iterator<Item = BlockArgs>) {
+    unreachable!("no SIMD bf16 kernel on this architecture")
+}
+
+/// # Safety
+/// Never called: [`available`] is false.
+pub(crate) unsafe fn pack_a_tile(
+    _a: *const f32,
+    _rs: usize,
+    _cs: usize,
+    _rows: usize,
+    _k: usize,
+    _dst: &mut [u16],
+) {
+    unreachable!("no SIMD bf16 kernel on this architecture")
+}
+
+/// # Safety
+/// Never called: [`available`] is false.
+pub(crate) unsafe fn pack_b_strip(
+    _b: *const f32,
+    _rs: usize,
+    _cs: usize,
+    _cols: usize,
+    _k: usize,
+    _dst: &mut [u16],
+) {
+    unreachable!("no SIMD bf16 kernel on this architecture")
+}
