@@ -29,6 +29,10 @@ pub trait Float:
     fn of(x: f64) -> Self;
     /// Widens to f64 for accumulation and reporting.
     fn as_f64(self) -> f64;
+    /// The slice as f32, when `Self` is f32 (the type the bf16 matrix products take).
+    fn f32_slice(x: &[Self]) -> Option<&[f32]>;
+    /// The mutable slice as f32, when `Self` is f32.
+    fn f32_slice_mut(x: &mut [Self]) -> Option<&mut [f32]>;
 }
 
 impl Float for f32 {
@@ -44,6 +48,12 @@ impl Float for f32 {
     fn as_f64(self) -> f64 {
         self as f64
     }
+    fn f32_slice(x: &[Self]) -> Option<&[f32]> {
+        Some(x)
+    }
+    fn f32_slice_mut(x: &mut [Self]) -> Option<&mut [f32]> {
+        Some(x)
+    }
 }
 
 impl Float for f64 {
@@ -58,5 +68,11 @@ impl Float for f64 {
     #[inline(always)]
     fn as_f64(self) -> f64 {
         self
+    }
+    fn f32_slice(_: &[Self]) -> Option<&[f32]> {
+        None
+    }
+    fn f32_slice_mut(_: &mut [Self]) -> Option<&mut [f32]> {
+        None
     }
 }

@@ -287,11 +287,19 @@ pub fn pair_logps(
     batch_pairs: usize,
     pad: u32,
 ) -> Vec<PairLogps> {
-    let mut out = Vec::with_capacity(pairs.len());
-    for chunk in pairs.chunks(batch_pairs.max(1)) {
-        let refs: Vec<&PreferenceExample> = chunk.iter().collect();
+    // Scored shortest first, so each batch pads to a near length; returned in input order.
+    let len =
+        |p: &PreferenceExample| p.prompt_ids.len() + p.chosen_ids.len().max(p.rejected_ids.len());
+    let mut order: Vec<usize> = (0..pairs.len()).collect();
+    order.sort_by_key(|&i| len(&pairs[i]));
+    let mut out = vec![PairLogps::default(); pairs.len()];
+    for chunk in order.chunks(batch_pairs.max(1)) {
+        let refs: Vec<&PreferenceExample> = chunk.iter().map(|&i| &pairs[i]).collect();
         let pb = PairBatch::new(&refs, pad);
-        out.extend(pb.pair_logps(&model.target_log_probs(&pb.batch, lora)));
+        let scored = pb.pair_logps(&model.target_log_probs(&pb.batch, lora));
+        for (&i, s) in chunk.iter().zip(scored) {
+            out[i] = s;
+        }
     }
     out
 }

@@ -8,7 +8,7 @@
 //! a run resumed from a checkpoint continues bitwise-identically.
 
 use crate::checkpoint::{self, Contents, TrainerState};
-use crate::config::{MethodKind, RunConfig, TargetModule, Targets};
+use crate::config::{Dtype, MethodKind, RunConfig, TargetModule, Targets};
 use crate::data::{self, Example, FileStats, PreferenceExample, Row};
 use crate::events::{self, EvalRow, Event, EventLog, MetricsLog, RetentionRow, StepRow};
 use crate::nan_guard::check_finite;
@@ -24,6 +24,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use retune_core::model::{Grads, Lora, LoraSpec, Model};
 use retune_core::ops::cross_entropy::CeStats;
+use retune_core::ops::matmul::{set_matmul_precision, MatmulPrecision};
 use retune_core::ops::preference::PairLogps;
 use retune_core::tokenizer::Tokenizer;
 use serde::Serialize;
@@ -211,6 +212,12 @@ fn all_problems(
 }
 
 fn setup(config: &RunConfig, quiet: bool) -> Result<Setup, TrainError> {
+    // `model.dtype`: the precision of every matrix product of this run (process-wide), the
+    // reference scoring included.
+    set_matmul_precision(match config.model.dtype {
+        Dtype::F32 => MatmulPrecision::F32,
+        Dtype::Bf16 => MatmulPrecision::Bf16,
+    });
     let path = &config.model.path;
     let model = Model::<f32>::load(path)?;
     let tokenizer = Tokenizer::load(path)?;

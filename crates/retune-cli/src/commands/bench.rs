@@ -8,6 +8,8 @@ use crate::Outcome;
 use anyhow::{bail, Result};
 use retune_core::config::LlamaConfig;
 use retune_core::model::{Batch, Grads, Lora, LoraSpec, Model, Target};
+use retune_core::ops::matmul::{set_matmul_precision, MatmulPrecision};
+use retune_train::AdamW;
 use serde_json::json;
 use std::time::Instant;
 
@@ -34,6 +36,10 @@ pub struct Args {
     /// Untimed warm-up steps.
     #[arg(long, default_value_t = 1)]
     warmup: usize,
+    /// Matrix-product precision: f32, or bf16 (inputs rounded to bf16, f32 accumulation, on
+    /// AMX tiles where the CPU has them; weights, gradients and AdamW state stay f32).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -62,6 +68,28 @@ fn flops_per_token(cfg: &LlamaConfig, full: bool, lora_params: usize, t: usize) 
     }
 }
 
+/// The tensors the optimizer updates: the adapter's, every base weight (full), or none.
+fn trainable<'a>(
+    model: &'a mut Model<f32>,
+    lora: &'a mut Option<Lora<f32>>,
+    full: bool,
+) -> Vec<&'a mut Vec<f32>> {
+    match lora {
+        Some(l) => l.tensors_mut(),
+        None if full => model.weights.tensors_mut(),
+        None => Vec::new(),
+    }
+}
+
+/// The gradients of [`trainable`], in the same order.
+fn gradients(grads: &mut Grads<f32>, full: bool) -> Vec<&mut Vec<f32>> {
+    match &mut grads.lora {
+        Some(l) => l.tensors_mut(),
+        None if full => grads.base.tensors_mut(),
+        None => Vec::new(),
+    }
+}
+
 pub fn run(args: Args) -> Result<Outcome> {
     let mut cfg = LlamaConfig::smollm2_135m();
     match args.shape.as_str() {
@@ -77,6 +105,12 @@ pub fn run(args: Args) -> Result<Outcome> {
         "frozen" | "lora" => false,
         other => bail!("unknown --grads `{other}`; use lora, frozen or full"),
     };
+    let precision = match args.dtype.as_str() {
+        "f32" => MatmulPrecision::F32,
+        "bf16" => MatmulPrecision::Bf16,
+        other => bail!("unknown --dtype `{other}`; use f32 or bf16"),
+    };
+    set_matmul_precision(precision);
     if args.batch == 0 || args.seq < 2 || args.steps == 0 {
         bail!("--batch, --steps must be positive and --seq at least 2");
     }
@@ -94,11 +128,19 @@ pub fn run(args: Args) -> Result<Outcome> {
         }
         _ => None,
     };
+    let mut model = model;
+    let mut lora = lora;
     let mut grads = match &lora {
         Some(lora) => Grads::lora(&model, lora),
         None if full => Grads::full(&model),
         None => Grads::frozen(&model),
     };
+    // AdamW over the trainable tensors, as the peer's step includes its optimizer.
+    let sizes: Vec<usize> = trainable(&mut model, &mut lora, full)
+        .iter()
+        .map(|t| t.len())
+        .collect();
+    let mut adamw = AdamW::new(&sizes, 0.9, 0.999, 1e-8, 0.0);
     let rows: Vec<Vec<u32>> = (0..args.batch)
         .map(|b| {
             (0..args.seq)
@@ -118,6 +160,12 @@ pub fn run(args: Args) -> Result<Outcome> {
             step as u64,
             &mut grads,
         );
+        {
+            let mut g = gradients(&mut grads, full);
+            let g_refs: Vec<&[f32]> = g.iter().map(|v| v.as_slice()).collect();
+            adamw.step(&mut trainable(&mut model, &mut lora, full), &g_refs, 1e-6);
+            g.iter_mut().for_each(|v| v.fill(0.0));
+        }
         let secs = start.elapsed().as_secs_f64();
         if !args.json {
             eprintln!(
@@ -153,15 +201,20 @@ pub fn run(args: Args) -> Result<Outcome> {
         "tokens_per_s": tok_s,
         "gflops_per_s": gflops,
         "peak_rss_bytes": rss,
-        "dtype": "f32",
+        "dtype": args.dtype,
+        "gemm_kernel": match precision {
+            MatmulPrecision::Bf16 => retune_gemm::best_kernel().name(),
+            MatmulPrecision::F32 => "f32 (gemm crate)",
+        },
     });
     if args.json {
         print_json(&report)?;
     } else {
         println!(
-            "{} ({} grads), batch {}x{}: {:.0} tok/s, {:.3} s/step, {:.1} GFLOP/s, peak RSS {:.2} GiB",
+            "{} ({} grads, {}), batch {}x{}: {:.0} tok/s, {:.3} s/step, {:.1} GFLOP/s, peak RSS {:.2} GiB",
             args.shape,
             args.grads,
+            args.dtype,
             args.batch,
             args.seq,
             tok_s,

@@ -1,11 +1,79 @@
-//! Row-major matrix products, thin safe wrappers over [`gemm::gemm`].
+//! Row-major matrix products, thin safe wrappers over [`gemm::gemm`] (f32, f64) and
+//! [`retune_gemm`] (bf16 inputs, f32 accumulation: AMX tiles where the CPU has them).
 //!
 //! The suffix names the layout of the two operands: `n` as stored, `t` transposed. Every
 //! function computes `c[m, n] (+)= op(a) · op(b)` with inner size `k`; `accumulate` adds into
 //! `c` instead of overwriting it (backward passes accumulate gradients).
+//!
+//! The precision of f32 products is process-wide ([`set_matmul_precision`]), like PyTorch's
+//! `torch.set_float32_matmul_precision`: a run's `model.dtype` sets it once at its start.
+//! f64 products (finite-difference checks) are always exact f64.
 
 use crate::Float;
 use gemm::Parallelism;
+use retune_gemm::MatRef;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// How f32 matrix products compute.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MatmulPrecision {
+    /// f32 inputs and accumulation.
+    F32,
+    /// Inputs rounded to bf16, products accumulated in f32 (mixed precision, as autocast).
+    Bf16,
+}
+
+static BF16: AtomicBool = AtomicBool::new(false);
+
+/// Sets the precision of every f32 matrix product of this process from now on.
+pub fn set_matmul_precision(p: MatmulPrecision) {
+    BF16.store(p == MatmulPrecision::Bf16, Ordering::Relaxed);
+}
+
+/// The precision f32 matrix products use.
+pub fn matmul_precision() -> MatmulPrecision {
+    if BF16.load(Ordering::Relaxed) {
+        MatmulPrecision::Bf16
+    } else {
+        MatmulPrecision::F32
+    }
+}
+
+/// An operand: its elements and (row, column) strides.
+type Operand<'a, T> = (&'a [T], usize, usize);
+
+/// `c[m, n] (+)= a · b`, in bf16 when that is the precision and `T` is f32.
+fn product<T: Float>(
+    c: &mut [T],
+    a: Operand<T>,
+    b: Operand<T>,
+    m: usize,
+    k: usize,
+    n: usize,
+    accumulate: bool,
+) {
+    if matmul_precision() == MatmulPrecision::Bf16 {
+        if let (Some(a32), Some(b32)) = (T::f32_slice(a.0), T::f32_slice(b.0)) {
+            let c32 = T::f32_slice_mut(c).expect("c has the operands' type");
+            let (a_ref, b_ref) = (MatRef::new(a32, a.1, a.2), MatRef::new(b32, b.1, b.2));
+            retune_gemm::gemm_bf16(c32, a_ref, b_ref, m, k, n, accumulate);
+            return;
+        }
+    }
+    // SAFETY: the callers assert the slice lengths that keep every index of the shapes with
+    // these strides inside the slices.
+    unsafe {
+        gemm_strided(
+            c,
+            (a.0.as_ptr(), a.1 as isize, a.2 as isize),
+            (b.0.as_ptr(), b.1 as isize, b.2 as isize),
+            m,
+            k,
+            n,
+            accumulate,
+        )
+    }
+}
 
 /// Below this many multiply-adds a product runs on the calling thread (rayon overhead dominates).
 const PAR_THRESHOLD: usize = 1 << 18;
@@ -72,18 +140,8 @@ pub fn matmul_nt<T: Float>(
         c.len() == m * n && a.len() == m * k && b.len() == n * k,
         "matmul_nt: shape mismatch"
     );
-    // SAFETY: lengths asserted above; a[i, p] at i*k + p, b^T[p, j] = b[j, p] at j*k + p.
-    unsafe {
-        gemm_strided(
-            c,
-            (a.as_ptr(), k as isize, 1),
-            (b.as_ptr(), 1, k as isize),
-            m,
-            k,
-            n,
-            accumulate,
-        )
-    }
+    // a[i, p] at i*k + p, b^T[p, j] = b[j, p] at j*k + p.
+    product(c, (a, k, 1), (b, 1, k), m, k, n, accumulate)
 }
 
 /// `c[m, n] (+)= a[m, k] · b[k, n]`.
@@ -100,18 +158,8 @@ pub fn matmul_nn<T: Float>(
         c.len() == m * n && a.len() == m * k && b.len() == k * n,
         "matmul_nn: shape mismatch"
     );
-    // SAFETY: lengths asserted above; a[i, p] at i*k + p, b[p, j] at p*n + j.
-    unsafe {
-        gemm_strided(
-            c,
-            (a.as_ptr(), k as isize, 1),
-            (b.as_ptr(), n as isize, 1),
-            m,
-            k,
-            n,
-            accumulate,
-        )
-    }
+    // a[i, p] at i*k + p, b[p, j] at p*n + j.
+    product(c, (a, k, 1), (b, n, 1), m, k, n, accumulate)
 }
 
 /// `c[m, n] (+)= a[k, m]^T · b[k, n]` (a weight gradient: activations' rows are the inner index).
@@ -128,18 +176,8 @@ pub fn matmul_tn<T: Float>(
         c.len() == m * n && a.len() == k * m && b.len() == k * n,
         "matmul_tn: shape mismatch"
     );
-    // SAFETY: lengths asserted above; a^T[i, p] = a[p, i] at p*m + i, b[p, j] at p*n + j.
-    unsafe {
-        gemm_strided(
-            c,
-            (a.as_ptr(), 1, m as isize),
-            (b.as_ptr(), n as isize, 1),
-            m,
-            k,
-            n,
-            accumulate,
-        )
-    }
+    // a^T[i, p] = a[p, i] at p*m + i, b[p, j] at p*n + j.
+    product(c, (a, 1, m), (b, n, 1), m, k, n, accumulate)
 }
 
 #[cfg(test)]

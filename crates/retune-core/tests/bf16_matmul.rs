@@ -1,0 +1,100 @@
+//! Mixed precision (bf16 matrix products, f32 accumulation) against the f32 path, on a random
+//! SmolLM2-shaped model cut to two layers. In its own test binary: the precision is
+//! process-wide, and the other tests of the crate compare f32 results with tight bounds.
+
+use retune_core::config::LlamaConfig;
+use retune_core::model::{Batch, Grads, Lora, LoraSpec, Model, Target};
+use retune_core::ops::matmul::{matmul_nt, set_matmul_precision, MatmulPrecision};
+use std::sync::Mutex;
+
+/// The tests here switch the process-wide precision: one at a time.
+static PRECISION: Mutex<()> = Mutex::new(());
+
+fn max_rel(a: &[f32], b: &[f32]) -> f64 {
+    let scale = b.iter().fold(0.0f64, |m, x| m.max(x.abs() as f64));
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs() as f64)
+        .fold(0.0, f64::max)
+        / scale
+}
+
+#[test]
+fn bf16_training_step_tracks_the_f32_step() {
+    let _one_at_a_time = PRECISION.lock().unwrap();
+    let mut cfg = LlamaConfig::smollm2_135m();
+    cfg.num_hidden_layers = 2;
+    cfg.vocab_size = 512;
+    let model = Model::<f32>::random(cfg.clone(), 1, 0.05).unwrap();
+    let spec = LoraSpec {
+        r: 8,
+        alpha: 16.0,
+        dropout: 0.0,
+        targets: Target::ALL.to_vec(),
+        rslora: false,
+    };
+    let mut lora = Lora::init(spec, &model.weights, 2).unwrap();
+    // A trained-looking adapter: B nonzero so A gets gradients too.
+    for t in lora.tensors_mut() {
+        for (i, v) in t.iter_mut().enumerate() {
+            if *v == 0.0 {
+                *v = ((i * 7919 % 1000) as f32 / 1000.0 - 0.5) * 0.02;
+            }
+        }
+    }
+    let rows: Vec<Vec<u32>> = (0..2)
+        .map(|b| (0..96).map(|i| ((i * 31 + b * 17) % 512) as u32).collect())
+        .collect();
+    let batch = Batch::from_rows(&rows).unwrap();
+    let run = |p| {
+        set_matmul_precision(p);
+        let mut g = Grads::lora(&model, &lora);
+        let s = model.forward_backward(&batch, batch.target_count(), Some(&lora), 0, &mut g);
+        let grads: Vec<f32> = g
+            .lora
+            .unwrap()
+            .tensors_mut()
+            .into_iter()
+            .flatten()
+            .map(|x| *x)
+            .collect();
+        (s.loss_sum / s.count as f64, grads)
+    };
+    let (loss32, g32) = run(MatmulPrecision::F32);
+    let (loss16, g16) = run(MatmulPrecision::Bf16);
+    set_matmul_precision(MatmulPrecision::F32);
+    // bf16 inputs carry 8 bits of mantissa: the loss agrees to ~1e-3 relative, the gradient
+    // direction to a few percent; a wrong product (a transpose, a lost accumulate) is off by O(1).
+    assert!(
+        (loss16 - loss32).abs() < 2e-3 * loss32,
+        "{loss16} vs {loss32}"
+    );
+    let rel = max_rel(&g16, &g32);
+    assert!(rel < 5e-2, "adapter gradient differs by {rel}");
+    let dot: f64 = g16
+        .iter()
+        .zip(&g32)
+        .map(|(a, b)| (*a as f64) * (*b as f64))
+        .sum();
+    let norm = |g: &[f32]| g.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let cosine = dot / (norm(&g16) * norm(&g32));
+    assert!(cosine > 0.999, "cosine {cosine}");
+    eprintln!("loss f32 {loss32} bf16 {loss16}; gradient max rel diff {rel:e}, cosine {cosine}");
+}
+
+#[test]
+fn bf16_products_round_inputs_and_f64_is_untouched() {
+    let _one_at_a_time = PRECISION.lock().unwrap();
+    set_matmul_precision(MatmulPrecision::Bf16);
+    // 1 + 2^-10 is not a bf16 number: it rounds to 1, so the bf16 product loses it.
+    let a = [1.0f32 + 1.0 / 1024.0];
+    let mut c = [0.0f32];
+    matmul_nt(&mut c, &a, &[1.0], 1, 1, 1, false);
+    assert_eq!(c[0], 1.0);
+    let mut c64 = [0.0f64];
+    matmul_nt(&mut c64, &[1.0 + 1.0 / 1024.0], &[1.0], 1, 1, 1, false);
+    assert_eq!(c64[0], 1.0 + 1.0 / 1024.0);
+    set_matmul_precision(MatmulPrecision::F32);
+    matmul_nt(&mut c, &a, &[1.0], 1, 1, 1, false);
+    assert_eq!(c[0], a[0]);
+}
