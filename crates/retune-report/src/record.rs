@@ -120,6 +120,10 @@ pub struct DataFile {
     pub tokens: Option<usize>,
     /// Tokens that are targets of the loss.
     pub target_tokens: Option<usize>,
+    /// Where the file came from, when `retune data` built it: its entry in the `manifest.json`
+    /// beside it (source package and files with sha256, selection rule, derived or not, terms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provenance: Option<serde_json::Value>,
 }
 
 /// The data and how it was split.
@@ -550,9 +554,28 @@ fn data_files(
             truncated: stats.map(|s| s.truncated.clone()).unwrap_or_default(),
             tokens: stats.map(|s| s.tokens),
             target_tokens: stats.map(|s| s.target_tokens),
+            provenance: provenance(path),
         });
     }
     Ok(out)
+}
+
+/// The entry of `path` in the `manifest.json` of its folder (written by `retune data`), if any.
+fn provenance(path: &Path) -> Option<serde_json::Value> {
+    let manifest = path.parent()?.join("manifest.json");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(manifest).ok()?).ok()?;
+    let name = path.file_name()?.to_str()?;
+    let entry = v
+        .get("files")?
+        .as_array()?
+        .iter()
+        .find(|f| f.get("file").and_then(|x| x.as_str()) == Some(name))?;
+    let mut entry = entry.clone();
+    if let (Some(obj), Some(generator)) = (entry.as_object_mut(), v.get("generator")) {
+        obj.insert("generator".into(), generator.clone());
+    }
+    Some(entry)
 }
 
 fn split_rule(config: &RunConfig) -> String {

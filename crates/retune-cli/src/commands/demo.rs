@@ -1,55 +1,87 @@
-//! `retune demo`: the embedded default, end to end on real assets.
-//!
-//! Until training lands, it shows the foundation: fetch SmolLM2-135M-Instruct (verified by
-//! sha256), measure its perplexity on a cardiology text, and answer a cardiology question.
+//! `retune demo`: the embedded default (see `retune_demo`): a cardiology assistant from real
+//! data in three LoRA stages, with a before/after table and answers.
 
-use super::generate::{answer, encode_prompt, Args as GenerateArgs};
-use super::load_model_and_tokenizer;
+use super::print_json;
 use crate::Outcome;
-use anyhow::Result;
-use retune_assets::{fetch, Asset};
-use retune_core::eval::evaluate;
+use anyhow::{bail, Result};
+use retune_demo::{run_demo, table, DemoOptions, DemoSize};
+use std::path::PathBuf;
 
-/// Answer a cardiology question with SmolLM2-135M-Instruct, fetched on first use.
+/// Build a small cardiology assistant from real data, end to end: fetch SmolLM2-135M-Instruct
+/// and the sources (sha256-pinned), derive the datasets, run LoRA continued pretraining on
+/// PubMed cardiology abstracts, SFT on HPO definitions and DPO on HPO sibling pairs, then print
+/// a before/after table (cardiology and general-English perplexity, held-out definitions,
+/// preference accuracy) and the base and tuned answers to held-out questions. About 10 minutes
+/// on 2 CPU cores.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// The question.
-    #[arg(long, default_value = "What is atrial fibrillation?")]
-    question: String,
-    /// The most new tokens.
-    #[arg(long, default_value_t = 200)]
-    max_tokens: usize,
+    /// The demo's folder: data/, one run folder per stage (each with its disclosure record and
+    /// index.html), summary.md and summary.json.
+    #[arg(long, default_value = "runs/demo")]
+    out: PathBuf,
+    /// Use all the data, one epoch per stage (hours on a CPU).
+    #[arg(long, conflicts_with = "quick")]
+    full: bool,
+    /// A smoke run: two steps per stage on a handful of rows (what CI runs).
+    #[arg(long)]
+    quick: bool,
+    /// Matrix-product precision: bf16 (AMX or AVX512-BF16 where the CPU has them; weights,
+    /// gradients and optimizer state stay f32) or f32.
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
+    /// No progress output.
+    #[arg(long, short)]
+    quiet: bool,
+    /// Print the demo's report as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
 }
 
-/// A short cardiology passage (written for retune) to show the model's perplexity on domain text.
-const CARDIOLOGY_TEXT: &str = "Atrial fibrillation is the most common sustained cardiac \
-arrhythmia in adults. It increases the risk of stroke and heart failure, and oral \
-anticoagulation is recommended for most patients with additional risk factors.";
-
 pub fn run(args: Args) -> Result<Outcome> {
-    eprintln!("[1/3] fetching SmolLM2-135M-Instruct (GGUF Q4_1, pinned by sha256)");
-    let model_path = fetch(Asset::SmolLm2Gguf)?;
-    let (model, tok) = load_model_and_tokenizer(&model_path, false)?;
-    eprintln!("[2/3] perplexity on a cardiology passage");
-    let ids = tok.encode(CARDIOLOGY_TEXT, true)?;
-    let r = evaluate(&model, None, &[ids], 512)?;
-    println!(
-        "cardiology perplexity: {:.2} over {} predicted tokens",
-        r.perplexity, r.tokens
-    );
-    eprintln!("[3/3] answering, greedy decoding");
-    print!("\nQ: {}\nA: ", args.question);
-    let gen = GenerateArgs {
-        model: model_path,
-        prompt: args.question.clone(),
-        chat: true,
-        system: None,
-        max_tokens: args.max_tokens,
-        temperature: 0.0,
-        top_p: 1.0,
-        seed: 42,
+    if !["f32", "bf16"].contains(&args.dtype.as_str()) {
+        bail!("--dtype {:?}: expected f32 or bf16", args.dtype);
+    }
+    let size = if args.full {
+        DemoSize::full()
+    } else if args.quick {
+        DemoSize::quick()
+    } else {
+        DemoSize::standard()
     };
-    let prompt = encode_prompt(&tok, &gen.prompt, true, None)?;
-    answer(&model, &tok, &prompt, &gen, &mut std::io::stdout().lock())?;
+    let opts = DemoOptions {
+        out: args.out.clone(),
+        size,
+        dtype: args.dtype.clone(),
+        quiet: args.quiet || args.json,
+    };
+    let r = run_demo(&opts)?;
+    if args.json {
+        print_json(&serde_json::to_value(&r)?)?;
+        return Ok(Outcome::Success);
+    }
+    println!("\n{}", table(&r));
+    for a in &r.answers {
+        println!("Q: {}", a.question);
+        println!("  HPO definition: {}", a.reference);
+        println!("  base:  {}", one_line(&a.base));
+        println!("  tuned: {}\n", one_line(&a.tuned));
+    }
+    for s in &r.stages {
+        println!(
+            "stage {:<3} {}  (disclosure.json, index.html)",
+            s.objective,
+            s.run_dir.display()
+        );
+    }
+    println!("adapter     {}", r.adapter.display());
+    println!(
+        "summary     {}  ({:.0} s)",
+        r.out.join("summary.md").display(),
+        r.wall_s
+    );
     Ok(Outcome::Success)
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }

@@ -3,9 +3,9 @@
 use super::load_model_and_tokenizer;
 use crate::Outcome;
 use anyhow::Result;
-use retune_core::model::generate::{generate, Sampler};
+use retune_core::model::generate::{complete, Sampler};
 use retune_core::model::Model;
-use retune_core::tokenizer::{ChatMessage, StreamDecoder, Tokenizer};
+use retune_core::tokenizer::{ChatMessage, Tokenizer};
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -84,20 +84,13 @@ pub fn answer(
     out: &mut dyn Write,
 ) -> Result<String> {
     let mut sampler = Sampler::new(args.temperature, args.top_p, args.seed);
-    let mut stream = StreamDecoder::new(tok);
-    let mut text = String::new();
-    generate(
+    let text = complete(
         model,
+        tok,
         prompt_ids,
         args.max_tokens,
         &mut sampler,
-        |id| tok.is_eos(id),
-        |id| {
-            if tok.is_eos(id) {
-                return Ok(());
-            }
-            let piece = stream.push(id)?;
-            text.push_str(&piece);
+        |piece| {
             out.write_all(piece.as_bytes())
                 .and_then(|_| out.flush())
                 .map_err(|e| retune_core::Error::Invalid(format!("writing output: {e}")))

@@ -9,6 +9,7 @@ use crate::ops::residual::add_inplace;
 use crate::ops::rmsnorm::rmsnorm_forward;
 use crate::ops::rope::{rope_forward, RopeTable};
 use crate::ops::swiglu::swiglu_forward;
+use crate::tokenizer::{StreamDecoder, Tokenizer};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -274,4 +275,33 @@ pub fn generate<T: Float>(
         }
         logits = model.forward_cached(&[next], &mut cache)?;
     }
+}
+/// Generates text after `prompt` until an end-of-sequence token or `max_tokens`, passing each
+/// decoded piece to `on_piece` as it comes; returns the whole text (EOS not included).
+pub fn complete(
+    model: &Model<f32>,
+    tok: &Tokenizer,
+    prompt: &[u32],
+    max_tokens: usize,
+    sampler: &mut Sampler,
+    mut on_piece: impl FnMut(&str) -> Result<()>,
+) -> Result<String> {
+    let mut stream = StreamDecoder::new(tok);
+    let mut text = String::new();
+    generate(
+        model,
+        prompt,
+        max_tokens,
+        sampler,
+        |id| tok.is_eos(id),
+        |id| {
+            if tok.is_eos(id) {
+                return Ok(());
+            }
+            let piece = stream.push(id)?;
+            text.push_str(&piece);
+            on_piece(&piece)
+        },
+    )?;
+    Ok(text)
 }
