@@ -10,7 +10,7 @@
 //! key from `i1` on, which saves close to half the work of the full `T x T` products.
 
 use super::matmul::{matmul_nn, matmul_nt, matmul_tn};
-use super::swiglu::{as_f32_mut, exp_f32};
+use super::swiglu::{as_f32_mut, exp_f32, simd_dispatch};
 use crate::Float;
 use rayon::prelude::*;
 
@@ -99,13 +99,13 @@ fn gather_head<T: Float>(
     }
 }
 
-/// In place on one row of scores `s[0..=i]` (query `i`): scale, mask, softmax. `same[j]`
-/// tells whether key `j` is visible (segments); `None` means all are.
-fn softmax_row<T: Float>(s: &mut [T], scale: T, visible: Option<&dyn Fn(usize) -> bool>) {
+/// In place on one row of scores `s[0..=i]` (query `i`): scale, mask, softmax. With segments,
+/// `seg` holds the segment ids of keys `0..=i` and `own` the query's: other ids are masked.
+fn softmax_row<T: Float>(s: &mut [T], scale: T, segments: Option<(&[u32], u32)>) {
     s.iter_mut().for_each(|x| *x *= scale);
-    if let Some(visible) = visible {
-        for (j, x) in s.iter_mut().enumerate() {
-            if !visible(j) {
+    if let Some((seg, own)) = segments {
+        for (x, &id) in s.iter_mut().zip(seg) {
+            if id != own {
                 *x = T::neg_infinity(); // exp() below turns it into an exact 0
             }
         }
@@ -124,8 +124,13 @@ fn softmax_row<T: Float>(s: &mut [T], scale: T, visible: Option<&dyn Fn(usize) -
     s.iter_mut().for_each(|x| *x *= inv);
 }
 
-/// [`softmax_row`]'s normalisation in f32 with the polynomial exp, in vectorisable blocks.
-fn softmax_f32(s: &mut [f32]) {
+simd_dispatch!(
+    /// [`softmax_row`]'s normalisation in f32 with the polynomial exp, in vectorisable blocks.
+    fn softmax_f32 => softmax_f32_body(s: &mut [f32])
+);
+
+#[inline(always)]
+fn softmax_f32_body(s: &mut [f32]) {
     let mut maxes = [f32::NEG_INFINITY; LANES];
     let mut blocks = s.chunks_exact(LANES);
     for blk in &mut blocks {
@@ -213,13 +218,8 @@ pub fn attention_forward<T: Float>(
                 for (r, srow) in s.chunks_exact_mut(i1).enumerate() {
                     let i = i0 + r;
                     let (visible, future) = srow.split_at_mut(i + 1);
-                    match segments {
-                        Some(seg) => {
-                            let (seg, own) = (&seg[base..base + t], seg[base + i]);
-                            softmax_row(visible, scale, Some(&|j| seg[j] == own));
-                        }
-                        None => softmax_row(visible, scale, None),
-                    }
+                    let seg = segments.map(|s| (&s[base..=base + i], s[base + i]));
+                    softmax_row(visible, scale, seg);
                     future.fill(T::zero());
                     let (prow, pfuture) = p[i * t..(i + 1) * t].split_at_mut(i1);
                     prow.copy_from_slice(srow);
@@ -683,6 +683,28 @@ mod tests {
                 assert!(max_rel_diff(&dk32, &want_dk) < 1e-4);
                 assert!(max_rel_diff(&dv32, &want_dv) < 1e-5);
             }
+        }
+    }
+
+    /// The AVX-512 build of the f32 softmax (where the CPU has it) and the baseline agree
+    /// bitwise, masked (-inf) entries included.
+    #[test]
+    fn softmax_simd_builds_agree() {
+        for len in [1, 15, 16, 37, 256] {
+            let mut s: Vec<f32> = to_f32(&randv(len, len as u64))
+                .iter()
+                .map(|x| 30.0 * x)
+                .collect();
+            s.iter_mut()
+                .step_by(3)
+                .skip(1)
+                .for_each(|x| *x = f32::NEG_INFINITY);
+            let (mut wide, mut base) = (s.clone(), s.clone());
+            softmax_f32(&mut wide);
+            softmax_f32_body(&mut base);
+            assert_eq!(wide, base);
+            let sum: f64 = wide.iter().map(|&p| p as f64).sum();
+            assert!((sum - 1.0).abs() < 1e-5);
         }
     }
 }

@@ -72,6 +72,44 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     }
 }
 
+/// Whether the CPU runs the AVX-512 builds of the f32 kernels. The crate targets baseline
+/// x86-64 (SSE2), where the polynomial exp runs 4 lanes wide; AVX-512 gives 16.
+#[inline]
+pub(crate) fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Defines `$name`, which runs the `#[inline(always)]` kernel `$body` compiled for AVX-512 when
+/// [`has_avx512`], else the baseline build. Both builds give bitwise equal results (Rust does
+/// not contract `a * b + c` into an FMA on its own).
+macro_rules! simd_dispatch {
+    ($(#[$meta:meta])* fn $name:ident => $body:ident($($arg:ident: $ty:ty),*)) => {
+        $(#[$meta])*
+        pub(crate) fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+                unsafe fn wide($($arg: $ty),*) {
+                    $body($($arg),*)
+                }
+                if $crate::ops::swiglu::has_avx512() {
+                    // SAFETY: the CPU supports the features `wide` is compiled for.
+                    return unsafe { wide($($arg),*) };
+                }
+            }
+            $body($($arg),*)
+        }
+    };
+}
+pub(crate) use simd_dispatch;
+
 /// `1 / (1 + e^-x)` in f32 (saturates to exactly 0 and 1 in the tails, never NaN).
 #[inline(always)]
 fn sigmoid_f32(x: f32) -> f32 {
@@ -82,8 +120,23 @@ fn sigmoid<T: Float>(x: T) -> T {
     T::one() / (T::one() + (-x).exp())
 }
 
-/// f32 forward: blocks of `LANES` so the loop body is branch-free and vectorises.
-fn swiglu_forward_f32(out: &mut [f32], gate: &[f32], up: &[f32]) {
+simd_dispatch!(
+    /// f32 forward: blocks of `LANES` so the loop body is branch-free and vectorises.
+    fn swiglu_forward_f32 => swiglu_forward_f32_body(out: &mut [f32], gate: &[f32], up: &[f32])
+);
+simd_dispatch!(
+    /// f32 backward, the formulas of [`swiglu_backward`] in vectorisable blocks.
+    fn swiglu_backward_f32 => swiglu_backward_f32_body(
+        dgate: &mut [f32],
+        dup: &mut [f32],
+        dout: &[f32],
+        gate: &[f32],
+        up: &[f32]
+    )
+);
+
+#[inline(always)]
+fn swiglu_forward_f32_body(out: &mut [f32], gate: &[f32], up: &[f32]) {
     let mut o = out.chunks_exact_mut(LANES);
     let mut g = gate.chunks_exact(LANES);
     let mut u = up.chunks_exact(LANES);
@@ -98,8 +151,14 @@ fn swiglu_forward_f32(out: &mut [f32], gate: &[f32], up: &[f32]) {
     }
 }
 
-/// f32 backward, the formulas of [`swiglu_backward`] in vectorisable blocks.
-fn swiglu_backward_f32(dgate: &mut [f32], dup: &mut [f32], dout: &[f32], gate: &[f32], up: &[f32]) {
+#[inline(always)]
+fn swiglu_backward_f32_body(
+    dgate: &mut [f32],
+    dup: &mut [f32],
+    dout: &[f32],
+    gate: &[f32],
+    up: &[f32],
+) {
     #[inline(always)]
     fn one(dg: &mut f32, du: &mut f32, d: f32, g: f32, u: f32) {
         let s = sigmoid_f32(g);
@@ -244,5 +303,24 @@ mod tests {
         let eg = check_grad_out("swiglu dgate", &g, &dg, &r, |g| forward(g, &u));
         let eu = check_grad_out("swiglu dup", &u, &du, &r, |u| forward(&g, u));
         assert!(eg < 1e-6 && eu < 1e-6);
+    }
+
+    /// The AVX-512 build (where the CPU has it) and the baseline build agree bitwise.
+    #[test]
+    fn swiglu_simd_builds_agree() {
+        let (g, u, d) = (
+            to_f32(&gates(11)),
+            to_f32(&randv(LEN, 12)),
+            to_f32(&randv(LEN, 13)),
+        );
+        let (mut wide, mut base) = (vec![0.0f32; LEN], vec![0.0f32; LEN]);
+        swiglu_forward_f32(&mut wide, &g, &u);
+        swiglu_forward_f32_body(&mut base, &g, &u);
+        assert_eq!(wide, base);
+        let (mut dg1, mut du1) = (u.clone(), g.clone());
+        let (mut dg2, mut du2) = (u.clone(), g.clone());
+        swiglu_backward_f32(&mut dg1, &mut du1, &d, &g, &u);
+        swiglu_backward_f32_body(&mut dg2, &mut du2, &d, &g, &u);
+        assert_eq!((dg1, du1), (dg2, du2));
     }
 }
