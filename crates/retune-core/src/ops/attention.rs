@@ -4,34 +4,49 @@
 //! width. Query head `h` reads kv head `h / (NH / NKV)`. Query `i` attends key `j` of the same
 //! batch row iff `j <= i` and, with segments, both tokens carry the same segment id.
 //! Scores are scaled by `1 / sqrt(HD)`; the softmax subtracts the row max and sums in `T`.
+//!
+//! Both passes run per (batch row, head) as small dense products ([`matmul_nt`] and friends)
+//! over blocks of [`Q_BLOCK`] queries: causality lets the block of queries `i0..i1` skip every
+//! key from `i1` on, which saves close to half the work of the full `T x T` products.
 
+use super::matmul::{matmul_nn, matmul_nt, matmul_tn};
+use super::swiglu::{as_f32_mut, exp_f32, simd_dispatch};
 use crate::Float;
 use rayon::prelude::*;
 
-/// Probability rows (or tokens) per rayon task.
-const ROWS_PER_TASK: usize = 4;
+/// Queries per block: big enough for efficient products, small enough that the skipped upper
+/// triangle is most of the masked half.
+const Q_BLOCK: usize = 64;
+/// Lanes of the softmax's reductions (independent partial maxima / sums vectorise).
+const LANES: usize = 16;
 
-/// `a · b` with 8 independent partial sums, so the compiler can vectorise the loop.
-fn dot<T: Float>(a: &[T], b: &[T]) -> T {
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .fold(T::zero(), |s, (&x, &y)| s + x * y);
-    let mut acc = [T::zero(); 8];
-    for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    acc.iter().fold(tail, |s, &x| s + x)
+/// A mutable slice that rayon tasks write through in disjoint ranges (the head-strided rows of
+/// `[N, NH, HD]` tensors cannot be split into chunks by `par_chunks_mut`).
+struct Disjoint<T> {
+    ptr: *mut T,
+    len: usize,
 }
 
-/// `y += alpha * x`.
-fn axpy<T: Float>(y: &mut [T], alpha: T, x: &[T]) {
-    for (y, &x) in y.iter_mut().zip(x) {
-        *y += alpha * x;
+// SAFETY: access only goes through `row`, whose callers guarantee disjoint ranges per task.
+unsafe impl<T: Send> Send for Disjoint<T> {}
+unsafe impl<T: Send> Sync for Disjoint<T> {}
+
+impl<T> Disjoint<T> {
+    fn new(s: &mut [T]) -> Self {
+        Disjoint {
+            ptr: s.as_mut_ptr(),
+            len: s.len(),
+        }
+    }
+
+    /// `s[start..start + len]`.
+    ///
+    /// # Safety
+    /// No other live reference (in any thread) may overlap the range.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn row(&self, start: usize, len: usize) -> &mut [T] {
+        assert!(start + len <= self.len, "attention: row out of bounds");
+        std::slice::from_raw_parts_mut(self.ptr.add(start), len)
     }
 }
 
@@ -70,6 +85,81 @@ fn check_shapes<T>(
     nh / nkv
 }
 
+/// Copies head `head` of rows `rows` of a `[_, heads, hd]` tensor into `dst` (`[rows, hd]`).
+fn gather_head<T: Float>(
+    dst: &mut [T],
+    src: &[T],
+    rows: std::ops::Range<usize>,
+    heads: usize,
+    head: usize,
+    hd: usize,
+) {
+    for (d, r) in dst.chunks_exact_mut(hd).zip(rows) {
+        d.copy_from_slice(&src[(r * heads + head) * hd..][..hd]);
+    }
+}
+
+/// In place on one row of scores `s[0..=i]` (query `i`): scale, mask, softmax. With segments,
+/// `seg` holds the segment ids of keys `0..=i` and `own` the query's: other ids are masked.
+fn softmax_row<T: Float>(s: &mut [T], scale: T, segments: Option<(&[u32], u32)>) {
+    s.iter_mut().for_each(|x| *x *= scale);
+    if let Some((seg, own)) = segments {
+        for (x, &id) in s.iter_mut().zip(seg) {
+            if id != own {
+                *x = T::neg_infinity(); // exp() below turns it into an exact 0
+            }
+        }
+    }
+    // The max is finite: query i always sees itself.
+    if let Some(s) = as_f32_mut(s) {
+        return softmax_f32(s);
+    }
+    let max = s.iter().fold(T::neg_infinity(), |m, &x| m.max(x));
+    let mut sum = T::zero();
+    for x in s.iter_mut() {
+        *x = (*x - max).exp();
+        sum += *x;
+    }
+    let inv = T::one() / sum;
+    s.iter_mut().for_each(|x| *x *= inv);
+}
+
+simd_dispatch!(
+    /// [`softmax_row`]'s normalisation in f32 with the polynomial exp, in vectorisable blocks.
+    fn softmax_f32 => softmax_f32_body(s: &mut [f32])
+);
+
+#[inline(always)]
+fn softmax_f32_body(s: &mut [f32]) {
+    let mut maxes = [f32::NEG_INFINITY; LANES];
+    let mut blocks = s.chunks_exact(LANES);
+    for blk in &mut blocks {
+        for l in 0..LANES {
+            maxes[l] = if blk[l] > maxes[l] { blk[l] } else { maxes[l] };
+        }
+    }
+    let max = blocks
+        .remainder()
+        .iter()
+        .chain(&maxes)
+        .fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let mut sums = [0.0f32; LANES];
+    let mut blocks = s.chunks_exact_mut(LANES);
+    for blk in &mut blocks {
+        for l in 0..LANES {
+            blk[l] = exp_f32(blk[l] - max);
+            sums[l] += blk[l];
+        }
+    }
+    let mut sum = 0.0;
+    for x in blocks.into_remainder() {
+        *x = exp_f32(*x - max);
+        sum += *x;
+    }
+    let inv = 1.0 / (sum + sums.iter().sum::<f32>());
+    s.iter_mut().for_each(|x| *x *= inv);
+}
+
 /// `out[N, NH, HD] = softmax(q k^T / sqrt(HD) + mask) v`; saves `probs[B, NH, T, T]` (masked
 /// entries 0) for the backward. `segments[N]`, when given, confines attention to equal ids.
 pub fn attention_forward<T: Float>(
@@ -93,64 +183,68 @@ pub fn attention_forward<T: Float>(
         return;
     }
     let scale = T::of(1.0 / (hd as f64).sqrt());
+    let out = Disjoint::new(out);
+    let bq = Q_BLOCK.min(t);
 
-    // Pass 1: one softmax row per (batch, head, query); rows are disjoint, so no sharing.
-    probs
-        .par_chunks_mut(t)
-        .enumerate()
-        .with_min_len(ROWS_PER_TASK)
-        .for_each(|(row, p)| {
-            let (bb, h, i) = (row / (nh * t), row / t % nh, row % t);
+    // One task per (batch row, head): its probs are one contiguous [T, T] block, its output
+    // rows are head h of the batch row's tokens, which no other task touches.
+    probs.par_chunks_mut(t * t).enumerate().for_each_init(
+        // Scratch, reused by all the tasks of a rayon job: Q, K, V of the head, one block of
+        // scores [bq, T] and one block of outputs [bq, HD].
+        || vec![T::zero(); 3 * t * hd + bq * t + bq * hd],
+        |scratch, (bh, p)| {
+            let (bb, h) = (bh / nh, bh % nh);
             let (base, kvh) = (bb * t, h / group);
-            let qi = &q[((base + i) * nh + h) * hd..][..hd];
-            let (visible, future) = p.split_at_mut(i + 1);
-            future.fill(T::zero());
-            let mut max = T::neg_infinity();
-            for (j, pj) in visible.iter_mut().enumerate() {
-                let same_segment = segments.is_none_or(|s| s[base + j] == s[base + i]);
-                *pj = if same_segment {
-                    let s = dot(qi, &k[((base + j) * nkv + kvh) * hd..][..hd]) * scale;
-                    max = max.max(s);
-                    s
-                } else {
-                    T::neg_infinity() // exp() below turns it into an exact 0
-                };
-            }
-            // max is finite: query i always sees itself.
-            let mut sum = T::zero();
-            for pj in visible.iter_mut() {
-                *pj = (*pj - max).exp();
-                sum += *pj;
-            }
-            let inv = T::one() / sum;
-            visible.iter_mut().for_each(|pj| *pj *= inv);
-        });
-
-    // Pass 2: out = probs · v, one token (all heads) per item.
-    let probs = &*probs;
-    out.par_chunks_mut(nh * hd)
-        .enumerate()
-        .with_min_len(ROWS_PER_TASK)
-        .for_each(|(tok, orow)| {
-            let (bb, i) = (tok / t, tok % t);
-            for (h, o) in orow.chunks_exact_mut(hd).enumerate() {
-                o.fill(T::zero());
-                let p = &probs[((bb * nh + h) * t + i) * t..][..=i];
-                for (j, &pj) in p.iter().enumerate() {
-                    if pj != T::zero() {
-                        axpy(o, pj, &v[((bb * t + j) * nkv + h / group) * hd..][..hd]);
-                    }
+            let (qh, rest) = scratch.split_at_mut(t * hd);
+            let (kh, rest) = rest.split_at_mut(t * hd);
+            let (vh, rest) = rest.split_at_mut(t * hd);
+            let (sblk, oblk) = rest.split_at_mut(bq * t);
+            gather_head(qh, q, base..base + t, nh, h, hd);
+            gather_head(kh, k, base..base + t, nkv, kvh, hd);
+            gather_head(vh, v, base..base + t, nkv, kvh, hd);
+            for i0 in (0..t).step_by(bq) {
+                let (i1, rows) = ((i0 + bq).min(t), (i0 + bq).min(t) - i0);
+                // Scores of queries i0..i1 against the keys they can see, 0..i1.
+                let s = &mut sblk[..rows * i1];
+                matmul_nt(
+                    s,
+                    &qh[i0 * hd..i1 * hd],
+                    &kh[..i1 * hd],
+                    rows,
+                    hd,
+                    i1,
+                    false,
+                );
+                for (r, srow) in s.chunks_exact_mut(i1).enumerate() {
+                    let i = i0 + r;
+                    let (visible, future) = srow.split_at_mut(i + 1);
+                    let seg = segments.map(|s| (&s[base..=base + i], s[base + i]));
+                    softmax_row(visible, scale, seg);
+                    future.fill(T::zero());
+                    let (prow, pfuture) = p[i * t..(i + 1) * t].split_at_mut(i1);
+                    prow.copy_from_slice(srow);
+                    pfuture.fill(T::zero());
+                }
+                let o = &mut oblk[..rows * hd];
+                matmul_nn(o, s, &vh[..i1 * hd], rows, i1, hd, false);
+                for (r, orow) in o.chunks_exact(hd).enumerate() {
+                    // SAFETY: head h of token base + i0 + r belongs to this task alone.
+                    let dst = unsafe { out.row(((base + i0 + r) * nh + h) * hd, hd) };
+                    dst.copy_from_slice(orow);
                 }
             }
-        });
+        },
+    );
 }
 
 /// Backward of [`attention_forward`], accumulating into `dq[N, NH, HD]`, `dk[N, NKV, HD]`,
 /// `dv[N, NKV, HD]`. The mask lives in `probs` (its zeros), so segments are not needed.
 ///
-/// Each (batch, head) pair runs as one rayon task writing its own `dq`, `dk`, `dv` partials
-/// (3 x `[T, HD]` in a scratch buffer); a second pass sums them per token, so no two threads
-/// ever write the same gradient row.
+/// One rayon task per (batch row, kv head) runs every query head of the group, so the task
+/// alone sums that kv head's `dk`, `dv` rows and writes them once: no partials to reduce.
+/// Per query block, with `P` the saved probabilities and `dO` the output gradient:
+/// `dP = dO V^T`, `dS = P (dP - rowsum(P dP)) / sqrt(HD)`, `dQ = dS K`, `dK += dS^T Q`,
+/// `dV += P^T dO`.
 pub fn attention_backward<T: Float>(
     dq: &mut [T],
     dk: &mut [T],
@@ -175,65 +269,93 @@ pub fn attention_backward<T: Float>(
         return;
     }
     let scale = T::of(1.0 / (hd as f64).sqrt());
-    let mut partials = vec![T::zero(); b * nh * 3 * t * hd]; // [B, NH, {dq, dk, dv}, T, HD]
+    let bq = Q_BLOCK.min(t);
+    let (dq, dk, dv) = (Disjoint::new(dq), Disjoint::new(dk), Disjoint::new(dv));
 
-    partials
-        .par_chunks_mut(3 * t * hd)
-        .enumerate()
-        .for_each(|(bh, part)| {
-            let (base, h) = (bh / nh * t, bh % nh);
-            let kvh = h / group;
-            let (pdq, rest) = part.split_at_mut(t * hd);
-            let (pdk, pdv) = rest.split_at_mut(t * hd);
-            let mut ds = vec![T::zero(); t]; // one row of dP, then dS
-            for i in 0..t {
-                let p = &probs[(bh * t + i) * t..][..=i];
-                let go = &dout[((base + i) * nh + h) * hd..][..hd];
-                let qi = &q[((base + i) * nh + h) * hd..][..hd];
-                // dP_ij = dout_i · v_j;  D = sum_j P_ij dP_ij (the softmax Jacobian's row term).
-                let mut d = T::zero();
-                for (j, (&pj, dsj)) in p.iter().zip(ds.iter_mut()).enumerate() {
-                    *dsj = if pj != T::zero() {
-                        dot(go, &v[((base + j) * nkv + kvh) * hd..][..hd])
-                    } else {
-                        T::zero()
-                    };
-                    d += pj * *dsj;
-                }
-                let dqi = &mut pdq[i * hd..][..hd];
-                for (j, (&pj, &dpj)) in p.iter().zip(ds.iter()).enumerate() {
-                    if pj == T::zero() {
-                        continue; // masked (or underflowed): contributes exactly nothing
+    (0..b * nkv).into_par_iter().for_each_init(
+        // K, V, dK, dV of the kv head [T, HD] each; per block Q, dO, dQ [bq, HD] and P, dS
+        // [bq, T].
+        || vec![T::zero(); 4 * t * hd + 3 * bq * hd + 2 * bq * t],
+        |scratch, bkv| {
+            let (bb, kvh) = (bkv / nkv, bkv % nkv);
+            let base = bb * t;
+            let (kh, rest) = scratch.split_at_mut(t * hd);
+            let (vh, rest) = rest.split_at_mut(t * hd);
+            let (dkh, rest) = rest.split_at_mut(t * hd);
+            let (dvh, rest) = rest.split_at_mut(t * hd);
+            let (qblk, rest) = rest.split_at_mut(bq * hd);
+            let (goblk, rest) = rest.split_at_mut(bq * hd);
+            let (dqblk, rest) = rest.split_at_mut(bq * hd);
+            let (pblk, dsblk) = rest.split_at_mut(bq * t);
+            gather_head(kh, k, base..base + t, nkv, kvh, hd);
+            gather_head(vh, v, base..base + t, nkv, kvh, hd);
+            dkh.fill(T::zero());
+            dvh.fill(T::zero());
+            for h in kvh * group..(kvh + 1) * group {
+                let probs_bh = &probs[(bb * nh + h) * t * t..][..t * t];
+                for i0 in (0..t).step_by(bq) {
+                    let (i1, rows) = ((i0 + bq).min(t), (i0 + bq).min(t) - i0);
+                    let (qb, gob) = (&mut qblk[..rows * hd], &mut goblk[..rows * hd]);
+                    gather_head(qb, q, base + i0..base + i1, nh, h, hd);
+                    gather_head(gob, dout, base + i0..base + i1, nh, h, hd);
+                    let (pb, ds) = (&mut pblk[..rows * i1], &mut dsblk[..rows * i1]);
+                    for (r, prow) in pb.chunks_exact_mut(i1).enumerate() {
+                        prow.copy_from_slice(&probs_bh[(i0 + r) * t..][..i1]);
                     }
-                    let dsj = pj * (dpj - d) * scale; // dS scaled, since S = scale * q·k
-                    axpy(dqi, dsj, &k[((base + j) * nkv + kvh) * hd..][..hd]);
-                    axpy(&mut pdk[j * hd..][..hd], dsj, qi);
-                    axpy(&mut pdv[j * hd..][..hd], pj, go);
+                    matmul_nt(ds, gob, &vh[..i1 * hd], rows, hd, i1, false);
+                    for (dsrow, prow) in ds.chunks_exact_mut(i1).zip(pb.chunks_exact(i1)) {
+                        // The softmax Jacobian's row term D = sum_j P_ij dP_ij; the mask's
+                        // zeros in P zero dS too.
+                        let d = dot(prow, dsrow);
+                        for (x, &p) in dsrow.iter_mut().zip(prow) {
+                            *x = p * (*x - d) * scale;
+                        }
+                    }
+                    let dqb = &mut dqblk[..rows * hd];
+                    matmul_nn(dqb, ds, &kh[..i1 * hd], rows, i1, hd, false);
+                    matmul_tn(&mut dkh[..i1 * hd], ds, qb, i1, rows, hd, true);
+                    matmul_tn(&mut dvh[..i1 * hd], pb, gob, i1, rows, hd, true);
+                    for (r, g) in dqb.chunks_exact(hd).enumerate() {
+                        // SAFETY: head h of this batch row's tokens belongs to this task alone.
+                        let dst = unsafe { dq.row(((base + i0 + r) * nh + h) * hd, hd) };
+                        add_into(dst, g);
+                    }
                 }
             }
-        });
-
-    // Sum the per-head partials into each token's rows (each task owns one token).
-    let partials = &partials;
-    dq.par_chunks_mut(nh * hd)
-        .zip(dk.par_chunks_mut(nkv * hd))
-        .zip(dv.par_chunks_mut(nkv * hd))
-        .enumerate()
-        .with_min_len(ROWS_PER_TASK)
-        .for_each(|(tok, ((dqr, dkr), dvr))| {
-            let (bb, i) = (tok / t, tok % t);
-            for h in 0..nh {
-                let part = &partials[(bb * nh + h) * 3 * t * hd..][..3 * t * hd];
-                let kv = h / group * hd..(h / group + 1) * hd;
-                axpy(
-                    &mut dqr[h * hd..(h + 1) * hd],
-                    T::one(),
-                    &part[i * hd..][..hd],
-                );
-                axpy(&mut dkr[kv.clone()], T::one(), &part[(t + i) * hd..][..hd]);
-                axpy(&mut dvr[kv], T::one(), &part[(2 * t + i) * hd..][..hd]);
+            for (i, (gk, gv)) in dkh.chunks_exact(hd).zip(dvh.chunks_exact(hd)).enumerate() {
+                let at = ((base + i) * nkv + kvh) * hd;
+                // SAFETY: kv head kvh of this batch row's tokens belongs to this task alone.
+                unsafe {
+                    add_into(dk.row(at, hd), gk);
+                    add_into(dv.row(at, hd), gv);
+                }
             }
-        });
+        },
+    );
+}
+
+/// `a · b` with independent partial sums, so the compiler can vectorise the loop.
+fn dot<T: Float>(a: &[T], b: &[T]) -> T {
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .fold(T::zero(), |s, (&x, &y)| s + x * y);
+    let mut acc = [T::zero(); LANES];
+    for (x, y) in ca.zip(cb) {
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().fold(tail, |s, &x| s + x)
+}
+
+/// `acc += x`.
+fn add_into<T: Float>(acc: &mut [T], x: &[T]) {
+    for (a, &x) in acc.iter_mut().zip(x) {
+        *a += x;
+    }
 }
 
 #[cfg(test)]
@@ -389,6 +511,200 @@ mod tests {
             let twice =
                 |a: &[f64], b: &[f64]| a.iter().zip(b).all(|(a, b)| (a - 2.0 * b).abs() < 1e-14);
             assert!(twice(&dq, &once.0) && twice(&dk, &once.1) && twice(&dv, &once.2));
+        }
+    }
+
+    /// Sizes of the larger checks: several query blocks with a ragged last one, GQA, odd HD.
+    #[derive(Clone, Copy)]
+    struct Dims {
+        b: usize,
+        t: usize,
+        nh: usize,
+        nkv: usize,
+        hd: usize,
+    }
+
+    /// Segment ids of a packed batch: examples of varying lengths, ids repeating across rows.
+    fn packed_segments(d: Dims) -> Vec<u32> {
+        (0..d.b * d.t)
+            .map(|i| ((i % d.t) / (17 + 13 * (i / d.t)) + i / d.t) as u32)
+            .collect()
+    }
+
+    /// Textbook forward and backward at any size (full score matrix, -inf mask, f64).
+    #[allow(clippy::type_complexity)]
+    fn naive_with_grads(
+        d: Dims,
+        q: &[f64],
+        k: &[f64],
+        v: &[f64],
+        dout: &[f64],
+        seg: Option<&[u32]>,
+    ) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
+        let Dims { b, t, nh, nkv, hd } = d;
+        let mut out = vec![0.0; q.len()];
+        let mut probs = vec![0.0; b * nh * t * t];
+        let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+        let scale = 1.0 / (hd as f64).sqrt();
+        for bb in 0..b {
+            for h in 0..nh {
+                let kvh = h / (nh / nkv);
+                let qr = |i: usize| ((bb * t + i) * nh + h) * hd;
+                let kr = |j: usize| ((bb * t + j) * nkv + kvh) * hd;
+                for i in 0..t {
+                    let s: Vec<f64> = (0..t)
+                        .map(|j| {
+                            let allowed =
+                                j <= i && seg.is_none_or(|s| s[bb * t + i] == s[bb * t + j]);
+                            if allowed {
+                                (0..hd).map(|x| q[qr(i) + x] * k[kr(j) + x]).sum::<f64>() * scale
+                            } else {
+                                f64::NEG_INFINITY
+                            }
+                        })
+                        .collect();
+                    let z: f64 = s.iter().map(|x| x.exp()).sum();
+                    let p: Vec<f64> = s.iter().map(|x| x.exp() / z).collect();
+                    probs[((bb * nh + h) * t + i) * t..][..t].copy_from_slice(&p);
+                    let dp: Vec<f64> = (0..t)
+                        .map(|j| (0..hd).map(|x| dout[qr(i) + x] * v[kr(j) + x]).sum())
+                        .collect();
+                    let dd: f64 = (0..t).map(|j| p[j] * dp[j]).sum();
+                    for j in 0..t {
+                        let ds = p[j] * (dp[j] - dd) * scale;
+                        for x in 0..hd {
+                            out[qr(i) + x] += p[j] * v[kr(j) + x];
+                            dq[qr(i) + x] += ds * k[kr(j) + x];
+                            dk[kr(j) + x] += ds * q[qr(i) + x];
+                            dv[kr(j) + x] += p[j] * dout[qr(i) + x];
+                        }
+                    }
+                }
+            }
+        }
+        (out, probs, dq, dk, dv)
+    }
+
+    /// Blocked, parallel passes against the textbook formulas at sizes that use several query
+    /// blocks and rayon tasks: plain and packed, GQA and MHA, f64 tightly and f32 loosely.
+    #[test]
+    fn attention_blocked_matches_naive_at_size() {
+        let shapes = [
+            Dims {
+                b: 3,
+                t: 150,
+                nh: 6,
+                nkv: 2,
+                hd: 12,
+            },
+            Dims {
+                b: 2,
+                t: 64,
+                nh: 3,
+                nkv: 3,
+                hd: 7,
+            },
+            Dims {
+                b: 1,
+                t: 129,
+                nh: 4,
+                nkv: 1,
+                hd: 16,
+            },
+        ];
+        for d in shapes {
+            let Dims { b, t, nh, nkv, hd } = d;
+            let n = b * t;
+            let (q, k, v) = (
+                randv(n * nh * hd, 20),
+                randv(n * nkv * hd, 21),
+                randv(n * nkv * hd, 22),
+            );
+            let (dout, g0q, g0k) = (
+                randv(n * nh * hd, 23),
+                randv(n * nh * hd, 24),
+                randv(n * nkv * hd, 25),
+            );
+            let segs = packed_segments(d);
+            for seg in [None, Some(&segs[..])] {
+                let (want_out, want_probs, want_dq, want_dk, want_dv) =
+                    naive_with_grads(d, &q, &k, &v, &dout, seg);
+                let (mut out, mut probs) =
+                    (vec![f64::NAN; q.len()], vec![f64::NAN; b * nh * t * t]);
+                attention_forward(&mut out, &mut probs, &q, &k, &v, seg, b, t, nh, nkv, hd);
+                assert!(max_rel_diff(&out, &want_out) < 1e-13);
+                assert!(max_rel_diff(&probs, &want_probs) < 1e-13);
+                // Masked entries are exact zeros.
+                let masked = want_probs.iter().zip(&probs).filter(|(w, _)| **w == 0.0);
+                assert!(masked.clone().count() > 0 && masked.clone().all(|(_, p)| *p == 0.0));
+                // Accumulates onto existing gradients (dv starts at zero).
+                let (mut dq, mut dk, mut dv) = (g0q.clone(), g0k.clone(), vec![0.0; v.len()]);
+                attention_backward(
+                    &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &probs, b, t, nh, nkv, hd,
+                );
+                let plus = |a: &[f64], b: &[f64]| -> Vec<f64> {
+                    a.iter().zip(b).map(|(a, b)| a + b).collect()
+                };
+                assert!(max_rel_diff(&dq, &plus(&want_dq, &g0q)) < 1e-13);
+                assert!(max_rel_diff(&dk, &plus(&want_dk, &g0k)) < 1e-13);
+                assert!(max_rel_diff(&dv, &want_dv) < 1e-13);
+
+                // f32: the fast exp and f32 products, against the f64 reference.
+                let (q32, k32, v32, do32) = (to_f32(&q), to_f32(&k), to_f32(&v), to_f32(&dout));
+                let (mut out32, mut probs32) =
+                    (vec![f32::NAN; q.len()], vec![f32::NAN; probs.len()]);
+                attention_forward(
+                    &mut out32,
+                    &mut probs32,
+                    &q32,
+                    &k32,
+                    &v32,
+                    seg,
+                    b,
+                    t,
+                    nh,
+                    nkv,
+                    hd,
+                );
+                assert!(max_rel_diff(&out32, &want_out) < 1e-5);
+                assert!(max_rel_diff(&probs32, &want_probs) < 1e-5);
+                let masked32 = want_probs.iter().zip(&probs32).filter(|(w, _)| **w == 0.0);
+                assert!(masked32.clone().all(|(_, p)| *p == 0.0));
+                let (mut dq32, mut dk32, mut dv32) = (
+                    vec![0.0f32; q.len()],
+                    vec![0.0f32; k.len()],
+                    vec![0.0f32; v.len()],
+                );
+                attention_backward(
+                    &mut dq32, &mut dk32, &mut dv32, &do32, &q32, &k32, &v32, &probs32, b, t, nh,
+                    nkv, hd,
+                );
+                assert!(max_rel_diff(&dq32, &want_dq) < 1e-4);
+                assert!(max_rel_diff(&dk32, &want_dk) < 1e-4);
+                assert!(max_rel_diff(&dv32, &want_dv) < 1e-5);
+            }
+        }
+    }
+
+    /// The AVX-512 build of the f32 softmax (where the CPU has it) and the baseline agree
+    /// bitwise, masked (-inf) entries included.
+    #[test]
+    fn softmax_simd_builds_agree() {
+        for len in [1, 15, 16, 37, 256] {
+            let mut s: Vec<f32> = to_f32(&randv(len, len as u64))
+                .iter()
+                .map(|x| 30.0 * x)
+                .collect();
+            s.iter_mut()
+                .step_by(3)
+                .skip(1)
+                .for_each(|x| *x = f32::NEG_INFINITY);
+            let (mut wide, mut base) = (s.clone(), s.clone());
+            softmax_f32(&mut wide);
+            softmax_f32_body(&mut base);
+            assert_eq!(wide, base);
+            let sum: f64 = wide.iter().map(|&p| p as f64).sum();
+            assert!((sum - 1.0).abs() < 1e-5);
         }
     }
 }

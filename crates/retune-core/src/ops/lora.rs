@@ -9,8 +9,8 @@ use super::matmul::{matmul_nn, matmul_nt, matmul_tn};
 use crate::Float;
 use rayon::prelude::*;
 
-/// Elements per rayon task for the dropout mask.
-const DROPOUT_CHUNK: usize = 4096;
+/// Elements per rayon task for the dropout mask (a multiple of 4: one hash serves 4 elements).
+const DROPOUT_CHUNK: usize = 16 * 1024;
 
 /// `xa[N, r] = x[N, D_in] · a[r, D_in]^T`, then `y[N, D_out] += scale * xa · b[D_out, r]^T`.
 /// Saves `xa` for the backward.
@@ -85,15 +85,18 @@ pub fn dropout_forward<T: Float>(out: &mut [T], x: &[T], p: f64, seed: u64) {
         .zip(x.par_chunks(DROPOUT_CHUNK))
         .enumerate()
         .for_each(|(c, (o, x))| {
-            let base = c * DROPOUT_CHUNK;
-            for (j, (o, &x)) in o.iter_mut().zip(x).enumerate() {
-                let i = base + j;
-                let bits = (splitmix64(key ^ (i as u64 / 4)) >> (16 * (i % 4))) & 0xFFFF;
-                *o = if bits >= threshold {
-                    x * keep_scale
-                } else {
-                    T::zero()
-                };
+            let first_group = (c * DROPOUT_CHUNK / 4) as u64;
+            // One hash per group of 4 elements, its four 16-bit slices one per element.
+            for (g, (o4, x4)) in o.chunks_mut(4).zip(x.chunks(4)).enumerate() {
+                let hash = splitmix64(key ^ (first_group + g as u64));
+                for (lane, (o, &x)) in o4.iter_mut().zip(x4).enumerate() {
+                    let bits = (hash >> (16 * lane)) & 0xFFFF;
+                    *o = if bits >= threshold {
+                        x * keep_scale
+                    } else {
+                        T::zero()
+                    };
+                }
             }
         });
 }
@@ -219,5 +222,27 @@ mod tests {
         assert_ne!(o1, o2, "another seed, another mask");
         dropout_forward(&mut o2, &x, 0.0, 43);
         assert_eq!(o2, x, "p = 0 keeps everything");
+    }
+
+    /// The grouped mask equals the per-element definition, across rayon chunks and a ragged end.
+    #[test]
+    fn dropout_matches_per_element_definition() {
+        let (len, p, seed) = (3 * DROPOUT_CHUNK + 7, 0.3, 9);
+        let x = randv(len, 11);
+        let mut out = vec![f64::NAN; len];
+        dropout_forward(&mut out, &x, p, seed);
+        let (key, threshold) = (splitmix64(seed), (p * 65536.0).round() as u64);
+        for (i, (&o, &x)) in out.iter().zip(&x).enumerate() {
+            let bits = (splitmix64(key ^ (i as u64 / 4)) >> (16 * (i % 4))) & 0xFFFF;
+            let want = if bits >= threshold {
+                x * (1.0 / (1.0 - p))
+            } else {
+                0.0
+            };
+            assert_eq!(o, want, "element {i}");
+        }
+        let mut out32 = vec![f32::NAN; len];
+        dropout_forward(&mut out32, &to_f32(&x), p, seed);
+        assert!(max_rel_diff(&out32, &out) < 1e-6);
     }
 }

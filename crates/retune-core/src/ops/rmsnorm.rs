@@ -6,9 +6,55 @@ use crate::Float;
 use rayon::prelude::*;
 
 /// Rows per rayon task (each row costs O(C)).
-const ROWS_PER_TASK: usize = 8;
+const ROWS_PER_TASK: usize = 16;
 /// Columns of `dw` owned by one rayon task in the weight-gradient reduction.
-const DW_BLOCK: usize = 64;
+const DW_BLOCK: usize = 32;
+/// Independent f64 partial sums per row reduction: a single running sum is one long chain of
+/// dependent adds; lanes let the compiler vectorise and pipeline it.
+const LANES: usize = 8;
+
+/// `sum_k f(a_k, b_k)` accumulated in f64 over `LANES` partial sums.
+#[inline(always)]
+fn sum_f64<T: Float>(a: &[T], b: &[T], f: impl Fn(T, T) -> f64) -> f64 {
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f64 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(&x, &y)| f(x, y))
+        .sum();
+    let mut acc = [0.0f64; LANES];
+    for (x, y) in ca.zip(cb) {
+        for l in 0..LANES {
+            acc[l] += f(x[l], y[l]);
+        }
+    }
+    tail + acc.iter().sum::<f64>()
+}
+
+/// `sum_k (dy_k w_k) x_k` (the product `dy_k w_k` rounded to T), accumulated like [`sum_f64`].
+#[inline(always)]
+fn dot3_f64<T: Float>(dy: &[T], w: &[T], x: &[T]) -> f64 {
+    let (cg, cw, cx) = (
+        dy.chunks_exact(LANES),
+        w.chunks_exact(LANES),
+        x.chunks_exact(LANES),
+    );
+    let tail: f64 = (cg
+        .remainder()
+        .iter()
+        .zip(cw.remainder())
+        .zip(cx.remainder()))
+    .map(|((&g, &wv), &xv)| (g * wv).as_f64() * xv.as_f64())
+    .sum();
+    let mut acc = [0.0f64; LANES];
+    for ((g, wv), xv) in cg.zip(cw).zip(cx) {
+        for l in 0..LANES {
+            acc[l] += (g[l] * wv[l]).as_f64() * xv[l].as_f64();
+        }
+    }
+    tail + acc.iter().sum::<f64>()
+}
 
 /// `y[N, C] = x[N, C] * rstd[N] * w[C]`; saves `rstd[N]` for the backward pass.
 pub fn rmsnorm_forward<T: Float>(
@@ -29,7 +75,7 @@ pub fn rmsnorm_forward<T: Float>(
         .zip(x.par_chunks(c))
         .with_min_len(ROWS_PER_TASK)
         .for_each(|((yr, rs), xr)| {
-            let ss: f64 = xr.iter().map(|&v| v.as_f64() * v.as_f64()).sum();
+            let ss = sum_f64(xr, xr, |a, b| a.as_f64() * b.as_f64());
             let r = T::of(1.0 / (ss / c as f64 + eps).sqrt());
             *rs = r;
             for ((yv, &xv), &wv) in yr.iter_mut().zip(xr).zip(w) {
@@ -63,12 +109,7 @@ pub fn rmsnorm_backward<T: Float>(
         .zip(rstd.par_iter())
         .with_min_len(ROWS_PER_TASK)
         .for_each(|(((dxr, dyr), xr), &r)| {
-            let dot: f64 = dyr
-                .iter()
-                .zip(w)
-                .zip(xr)
-                .map(|((&g, &wv), &xv)| (g * wv).as_f64() * xv.as_f64())
-                .sum();
+            let dot = dot3_f64(dyr, w, xr);
             let coef = T::of(r.as_f64().powi(3) * dot / c as f64);
             for (((d, &g), &wv), &xv) in dxr.iter_mut().zip(dyr).zip(w).zip(xr) {
                 *d += r * wv * g - coef * xv;
@@ -141,5 +182,42 @@ mod tests {
         let mut dx2 = vec![0.0; N * C];
         rmsnorm_backward(&mut dx2, None, &r, &x, &w, &rstd, N, C);
         assert_eq!(dx2, dx);
+    }
+
+    /// Many rayon tasks, an odd width (SIMD tails, a partial dw block): the lane sums against
+    /// plain sequential formulas, and the f32 path against f64.
+    #[test]
+    fn rmsnorm_matches_naive_at_size() {
+        let (n, c) = (300, 577);
+        let (x, w, dy) = (randv(n * c, 6), randv(c, 7), randv(n * c, 8));
+        let (dx0, dw0) = (randv(n * c, 9), randv(c, 10));
+        let (mut y, mut rstd) = (vec![0.0; n * c], vec![0.0; n]);
+        rmsnorm_forward(&mut y, &mut rstd, &x, &w, n, c, EPS);
+        let (mut dx, mut dw) = (dx0.clone(), dw0.clone());
+        rmsnorm_backward(&mut dx, Some(&mut dw), &dy, &x, &w, &rstd, n, c);
+        let (mut want_y, mut want_dx, mut want_dw) = (vec![0.0; n * c], dx0.clone(), dw0.clone());
+        for i in 0..n {
+            let (xr, g) = (&x[i * c..(i + 1) * c], &dy[i * c..(i + 1) * c]);
+            let r = 1.0 / (xr.iter().map(|v| v * v).sum::<f64>() / c as f64 + EPS).sqrt();
+            assert!((rstd[i] - r).abs() < 1e-14);
+            let dot: f64 = (0..c).map(|j| g[j] * w[j] * xr[j]).sum();
+            for j in 0..c {
+                want_y[i * c + j] = xr[j] * r * w[j];
+                want_dx[i * c + j] += r * w[j] * g[j] - r * r * r * xr[j] / c as f64 * dot;
+                want_dw[j] += g[j] * xr[j] * r;
+            }
+        }
+        assert!(max_rel_diff(&y, &want_y) < 1e-14);
+        assert!(max_rel_diff(&dx, &want_dx) < 1e-13);
+        assert!(max_rel_diff(&dw, &want_dw) < 1e-13);
+
+        let (x32, w32, dy32) = (to_f32(&x), to_f32(&w), to_f32(&dy));
+        let (mut y32, mut r32) = (vec![0.0f32; n * c], vec![0.0f32; n]);
+        rmsnorm_forward(&mut y32, &mut r32, &x32, &w32, n, c, EPS);
+        assert!(max_rel_diff(&y32, &y) < 1e-5);
+        let (mut dx32, mut dw32) = (to_f32(&dx0), to_f32(&dw0));
+        rmsnorm_backward(&mut dx32, Some(&mut dw32), &dy32, &x32, &w32, &r32, n, c);
+        assert!(max_rel_diff(&dx32, &dx) < 1e-5);
+        assert!(max_rel_diff(&dw32, &dw) < 1e-5);
     }
 }
