@@ -65,9 +65,16 @@ fn the_quick_demo_runs_three_stages_and_reports_before_and_after() {
         if i == 0 {
             assert!(init.is_null(), "stage 1 starts from a fresh adapter");
         } else {
-            let prev = out.join(stages[i - 1]).join("adapter/adapter_model.safetensors");
+            let prev = out
+                .join(stages[i - 1])
+                .join("adapter/adapter_model.safetensors");
             let sha = retune_assets::sha256_file(&prev).unwrap();
-            assert_eq!(init["sha256"], sha.as_str(), "{s} continues {}", stages[i - 1]);
+            assert_eq!(
+                init["sha256"],
+                sha.as_str(),
+                "{s} continues {}",
+                stages[i - 1]
+            );
         }
     }
     let dpo = json(&out.join("3-dpo/disclosure.json"));

@@ -14,6 +14,7 @@ use crate::metrics::{Metrics, RetentionPoint};
 use retune_core::load::{inspect_model, ModelFormat};
 use retune_core::tokenizer::Tokenizer;
 use retune_train::config::{DataFormat, MethodKind, ObjectiveKind, PreferenceLoss, RunConfig};
+use retune_train::preference::PreferenceFigures;
 use retune_train::trainer::RunSummary;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -233,8 +234,11 @@ pub struct EvalResult {
     pub loss: f64,
     /// `exp(loss)`.
     pub perplexity: f64,
-    /// Token accuracy.
+    /// Token accuracy (preference objectives: reward accuracy).
     pub accuracy: Option<f64>,
+    /// Preference objectives: reward accuracy and margins, log-likelihoods (TRL's figures).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preference: Option<PreferenceFigures>,
 }
 
 /// General-text perplexity before and after.
@@ -453,6 +457,8 @@ pub struct EvalView {
     pub perplexity: f64,
     /// Token accuracy.
     pub accuracy: Option<f64>,
+    /// Preference figures, for preference objectives.
+    pub preference: Option<PreferenceFigures>,
 }
 
 /// Per-file data statistics as a summary reports them: the trainer's own type.
@@ -727,6 +733,7 @@ fn eval_result(e: &EvalView) -> EvalResult {
         loss: e.loss,
         perplexity: e.perplexity,
         accuracy: e.accuracy,
+        preference: e.preference,
     }
 }
 
@@ -736,6 +743,7 @@ fn results(summary: Option<&SummaryView>, metrics: &Metrics) -> Results {
         loss: e.loss,
         perplexity: e.perplexity,
         accuracy: e.accuracy,
+        preference: None,
     };
     let first_eval = metrics
         .evals

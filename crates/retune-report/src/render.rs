@@ -296,6 +296,21 @@ pub fn summary_sentences(r: &DisclosureRecord) -> Vec<String> {
             a.perplexity
         ));
     }
+    let preference = |e: &Option<crate::record::EvalResult>| e.as_ref().and_then(|e| e.preference);
+    if let (Some(b), Some(a)) = (
+        preference(&r.results.eval_before),
+        preference(&r.results.eval_after),
+    ) {
+        first.push_str(&format!(
+            "; on {} held-out pairs the reward accuracy went from {:.3} to {:.3} and the reward \
+             margin from {:.3} to {:.3}",
+            a.pairs,
+            b.rewards_accuracies,
+            a.rewards_accuracies,
+            b.rewards_margins,
+            a.rewards_margins
+        ));
+    }
     if let Some(ret) = &r.results.retention {
         if let (Some(b), Some(a)) = (ret.before, ret.after) {
             first.push_str(&format!(

@@ -204,7 +204,29 @@ fn preference_problems() {
                 "chosen".into(),
                 "expected a string or a list of messages, found a number".into()
             ),
+            (5, "chosen".into(), "empty".into()),
         ]
+    );
+    // With a tokenizer, a prompt longer than max_seq_len is named by file and line (the
+    // fixture tokenizer is byte-level: one token per byte, plus BOS).
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("long.jsonl");
+    let row = |prompt: &str| {
+        serde_json::json!({ "prompt": prompt, "chosen": "Yes.", "rejected": "No." }).to_string()
+    };
+    let long = "Define a very long term whose name alone fills the context.";
+    std::fs::write(&path, [row("Define it."), row(long)].join("\n")).unwrap();
+    let report = check_files(
+        &[path],
+        Some(&tiny_tok()),
+        &opts(DataFormat::Auto, ObjectiveKind::Dpo, 24),
+    );
+    let got = problems(&report);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].0, 2);
+    assert!(
+        got[0].2.contains("tokens exceed data.max_seq_len = 24"),
+        "{got:?}"
     );
 }
 
