@@ -5,11 +5,10 @@
 
 use retune_train::config::RunConfig;
 use retune_train::trainer::{resume, train, RunSummary, TrainOptions};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-fn fixture_model() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/smollm-tiny/model-f32.gguf")
-}
+mod common;
+use common::{fixture_model, quiet};
 
 /// Preference pairs where the chosen answer always has one shape ("a slow ...") and the
 /// rejected another: a pattern a tiny model can learn and carry to held-out pairs.
@@ -77,13 +76,6 @@ dir = "{data}/{out}"
     let path = data.join(format!("{out}.toml"));
     std::fs::write(&path, text).unwrap();
     RunConfig::load(&path, extra).unwrap()
-}
-
-fn quiet() -> TrainOptions {
-    TrainOptions {
-        quiet: true,
-        stop_after: None,
-    }
 }
 
 fn metrics(run: &RunSummary) -> Vec<serde_json::Value> {

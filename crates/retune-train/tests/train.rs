@@ -9,9 +9,8 @@ use retune_train::trainer::{resume, train, TrainOptions};
 use retune_train::TrainError;
 use std::path::{Path, PathBuf};
 
-fn fixture_model() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/smollm-tiny/model-f32.gguf")
-}
+mod common;
+use common::{fixture_model, quiet};
 
 /// Writes a small corpus and returns its folder.
 fn corpus() -> tempfile::TempDir {
@@ -74,13 +73,6 @@ dir = "{out}"
     let path = data.join("run.toml");
     std::fs::write(&path, text).unwrap();
     RunConfig::load(&path, extra).unwrap()
-}
-
-fn quiet() -> TrainOptions {
-    TrainOptions {
-        quiet: true,
-        stop_after: None,
-    }
 }
 
 fn adapter_bytes(run: &Path) -> Vec<u8> {

@@ -68,9 +68,10 @@ pub fn run(args: Args) -> Result<Outcome> {
     }
     for s in &r.stages {
         println!(
-            "stage {:<3} {}  (disclosure.json, index.html)",
+            "stage {:<3}   {}  (disclosure record: {})",
             s.objective,
-            s.run_dir.display()
+            s.run_dir.join("index.html").display(),
+            s.run_dir.join("disclosure.json").display()
         );
     }
     println!("adapter     {}", r.adapter.display());

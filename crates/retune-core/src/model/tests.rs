@@ -230,41 +230,47 @@ fn check_lora_gradients(dropout: f64, targets: &[Target]) {
         grads.base.named().iter().all(|(_, g)| g.is_empty()),
         "frozen base got a gradient"
     );
-    let analytic: Vec<Vec<f64>> = grads
+    assert_eq!(
+        lora.named(&model.config).len(),
+        2 * targets.len() * model.config.num_hidden_layers
+    );
+    // The loss as training sees it: the same dropout masks (seed 1234) for every evaluation.
+    let train_loss = |lora: &Lora<f64>| {
+        let mut g = Grads::frozen(&model);
+        let s = model.forward_backward(&b, b.target_count(), Some(lora), 1234, &mut g);
+        s.loss_sum / s.count as f64
+    };
+    check_adapter_gradients(&model, &mut lora, &grads, 4, train_loss);
+}
+
+/// Sampled entries of every adapter gradient in `grads` against central differences of
+/// `loss(lora)`; every adapter tensor must receive a gradient.
+fn check_adapter_gradients(
+    model: &Model<f64>,
+    lora: &mut Lora<f64>,
+    grads: &Grads<f64>,
+    samples: usize,
+    loss: impl Fn(&Lora<f64>) -> f64,
+) {
+    let analytic: Vec<(String, Vec<f64>)> = grads
         .lora
         .as_ref()
         .unwrap()
         .named(&model.config)
         .into_iter()
-        .map(|(_, _, g)| g.to_vec())
+        .map(|(name, _, g)| (name, g.to_vec()))
         .collect();
-    let names: Vec<String> = lora
-        .named(&model.config)
-        .into_iter()
-        .map(|(n, _, _)| n)
-        .collect();
-    assert_eq!(
-        names.len(),
-        2 * targets.len() * model.config.num_hidden_layers
-    );
-    // The loss as training sees it: the same dropout masks (seed 1234) for every evaluation.
-    let train_loss = |model: &Model<f64>, lora: &Lora<f64>| {
-        let mut g = Grads::frozen(model);
-        let s = model.forward_backward(&b, b.target_count(), Some(lora), 1234, &mut g);
-        s.loss_sum / s.count as f64
-    };
     let eps = 1e-5;
-    for (ti, name) in names.iter().enumerate() {
-        let g = &analytic[ti];
+    for (ti, (name, g)) in analytic.iter().enumerate() {
         assert!(g.iter().any(|&v| v != 0.0), "{name} received no gradient");
         let floor = 1e-3f64.max(1e-4 * g.iter().fold(0.0f64, |m, x| m.max(x.abs())));
-        for k in 0..4usize.min(g.len()) {
+        for k in 0..samples.min(g.len()) {
             let i = (k * 7919 + ti * 31) % g.len();
             let orig = lora.tensors_mut()[ti][i];
             lora.tensors_mut()[ti][i] = orig + eps;
-            let plus = train_loss(&model, &lora);
+            let plus = loss(lora);
             lora.tensors_mut()[ti][i] = orig - eps;
-            let minus = train_loss(&model, &lora);
+            let minus = loss(lora);
             lora.tensors_mut()[ti][i] = orig;
             let numeric = (plus - minus) / (2.0 * eps);
             let err = (g[i] - numeric).abs() / (g[i].abs() + numeric.abs()).max(floor);
@@ -441,36 +447,6 @@ fn dpo_gradients_match_finite_differences() {
         .iter()
         .zip(&eval)
         .all(|(a, b)| (a - b).abs() < 1e-12));
-    let analytic: Vec<Vec<f64>> = grads
-        .lora
-        .as_ref()
-        .unwrap()
-        .named(&model.config)
-        .into_iter()
-        .map(|(_, _, g)| g.to_vec())
-        .collect();
-    let eps = 1e-5;
-    for (ti, g) in analytic.iter().enumerate() {
-        assert!(
-            g.iter().any(|&v| v != 0.0),
-            "tensor {ti} received no gradient"
-        );
-        let floor = 1e-3f64.max(1e-4 * g.iter().fold(0.0f64, |m, x| m.max(x.abs())));
-        for k in 0..3usize.min(g.len()) {
-            let i = (k * 7919 + ti * 31) % g.len();
-            let orig = lora.tensors_mut()[ti][i];
-            lora.tensors_mut()[ti][i] = orig + eps;
-            let plus = loss_of(&pairs_of(&model.target_log_probs(&b, Some(&lora))));
-            lora.tensors_mut()[ti][i] = orig - eps;
-            let minus = loss_of(&pairs_of(&model.target_log_probs(&b, Some(&lora))));
-            lora.tensors_mut()[ti][i] = orig;
-            let numeric = (plus - minus) / (2.0 * eps);
-            let err = (g[i] - numeric).abs() / (g[i].abs() + numeric.abs()).max(floor);
-            assert!(
-                err < 1e-6,
-                "tensor {ti}[{i}]: analytic {} numeric {numeric}",
-                g[i]
-            );
-        }
-    }
+    let eval_loss = |lora: &Lora<f64>| loss_of(&pairs_of(&model.target_log_probs(&b, Some(lora))));
+    check_adapter_gradients(&model, &mut lora, &grads, 3, eval_loss);
 }
