@@ -95,6 +95,28 @@ fn the_quick_demo_runs_three_stages_and_reports_before_and_after() {
             assert!(v.is_finite() && v > 1.0, "{side}.{k} = {v}");
         }
     }
+    // Every stage measured general-English perplexity before and after, as the demo's table
+    // does: stage 1 starts from the base (a fresh adapter adds exactly zero).
+    let general = summary["before"]["general_perplexity"].as_f64().unwrap();
+    for s in stages {
+        let ret = &json(&out.join(s).join("disclosure.json"))["results"]["retention"];
+        assert!(
+            ret["before"].is_f64() && ret["after"].is_f64(),
+            "{s}: {ret}"
+        );
+    }
+    let first = json(&out.join("1-clm/disclosure.json"))["results"]["retention"]["before"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        (first - general).abs() < 1e-9 * general,
+        "{first} vs {general}"
+    );
+    let last = json(&out.join("3-dpo/disclosure.json"))["results"]["retention"]["after"]
+        .as_f64()
+        .unwrap();
+    let after = summary["after"]["general_perplexity"].as_f64().unwrap();
+    assert!((last - after).abs() < 1e-9 * after, "{last} vs {after}");
     // Two SFT steps on definitions make held-out definitions more likely.
     let defs = |side: &str| summary[side]["definition_perplexity"].as_f64().unwrap();
     assert!(defs("after") < defs("before"), "{summary}");

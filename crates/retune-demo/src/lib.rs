@@ -15,6 +15,7 @@ pub use measure::{Answer, Figures};
 use anyhow::{Context, Result};
 use retune_core::load::peft::load_peft_adapter;
 use retune_core::model::Model;
+use retune_core::ops::matmul::{set_matmul_precision, MatmulPrecision};
 use retune_core::tokenizer::Tokenizer;
 use retune_data::DatasetSizes;
 use retune_train::config::RunConfig;
@@ -43,8 +44,6 @@ pub struct DemoSize {
     pub max_seq_len: usize,
     /// Evaluation documents / rows / pairs used by each measurement.
     pub eval_items: usize,
-    /// General-English tokens measured for retention.
-    pub retention_tokens: usize,
     /// Held-out questions answered.
     pub questions: usize,
     /// The most tokens of each answer.
@@ -72,7 +71,6 @@ impl DemoSize {
             batch: 4,
             max_seq_len: 256,
             eval_items: 40,
-            retention_tokens: 6000,
             questions: 3,
             answer_tokens: 64,
         }
@@ -87,7 +85,6 @@ impl DemoSize {
             sft_steps: None,
             dpo_steps: None,
             eval_items: usize::MAX,
-            retention_tokens: usize::MAX,
             ..DemoSize::standard()
         }
     }
@@ -112,7 +109,6 @@ impl DemoSize {
             batch: 2,
             max_seq_len: 64,
             eval_items: 4,
-            retention_tokens: 256,
             questions: 1,
             answer_tokens: 8,
         }
@@ -200,6 +196,11 @@ pub fn run_demo(opts: &DemoOptions) -> Result<DemoReport> {
     let wall = Instant::now();
     let size = &opts.size;
     let q = opts.quiet;
+    // The base is measured in the precision the stages train in (they set it again).
+    set_matmul_precision(match opts.dtype.as_str() {
+        "bf16" => MatmulPrecision::Bf16,
+        _ => MatmulPrecision::F32,
+    });
     std::fs::create_dir_all(&opts.out)
         .with_context(|| format!("creating {}", opts.out.display()))?;
     say(
@@ -270,6 +271,7 @@ pub fn run_demo(opts: &DemoOptions) -> Result<DemoReport> {
             objective,
             train: &data.join(train_file),
             eval: &data.join(eval_file),
+            general: &data.join("brown.txt"),
             init_adapter: adapter.as_deref(),
             steps,
             lr,
@@ -353,6 +355,7 @@ struct StageConfig<'a> {
     objective: &'a str,
     train: &'a Path,
     eval: &'a Path,
+    general: &'a Path,
     init_adapter: Option<&'a Path>,
     steps: Option<u64>,
     lr: f64,
@@ -383,6 +386,7 @@ fn stage_config(s: &StageConfig) -> String {
          [method]\nkind = \"lora\"\nr = 16\nalpha = 32\ndropout = 0.05\ntargets = \"all-linear\"\n{init}\
          [objective]\n{objective}\
          [data]\ntrain = [{train}]\neval = [{eval}]\nmax_seq_len = {seq}\non_overflow = \"drop\"\n\
+         [retention]\ndata = [{general}]\n\
          [train]\n{steps}batch_size = {batch}\nlr = {lr:e}\nschedule = \"cosine\"\nwarmup_steps = 2\n\
          eval_every = 0\nsave_every = 0\nseed = 42\n\
          [output]\ndir = {out}\n",
@@ -391,6 +395,7 @@ fn stage_config(s: &StageConfig) -> String {
         dtype = s.dtype,
         train = quote(s.train),
         eval = quote(s.eval),
+        general = quote(s.general),
         seq = s.size.max_seq_len,
         batch = s.size.batch,
         lr = s.lr,

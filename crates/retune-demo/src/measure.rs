@@ -97,10 +97,8 @@ pub(crate) fn figures(
         &docs_of(&files.cardiology, tok, size.eval_items)?,
         seq,
     )?;
-    // General English: the first `retention_tokens` tokens of the Brown text.
-    let mut general = docs_of(&files.general, tok, usize::MAX)?.concat();
-    general.truncate(size.retention_tokens);
-    let general = evaluate(model, lora, &[general], seq)?;
+    // General English: the Brown text, as each stage's retention measurement reads it.
+    let general = evaluate(model, lora, &docs_of(&files.general, tok, usize::MAX)?, seq)?;
 
     let opts = ReadOptions {
         format: DataFormat::Auto,
