@@ -109,7 +109,8 @@ pub(crate) fn figures(
         on_overflow: Overflow::Drop,
         train_on_prompt: false,
     };
-    let (mut examples, _) = data::read_examples(&[files.definitions.clone()], tok, &opts)?;
+    let (mut examples, _) =
+        data::read_examples(std::slice::from_ref(&files.definitions), tok, &opts)?;
     examples.truncate(size.eval_items);
     let pad = tok.eos_ids.first().copied().unwrap_or(0);
     let rows = data::pack(&examples, seq, true, pad);
@@ -125,7 +126,7 @@ pub(crate) fn figures(
         objective: Some(ObjectiveKind::Dpo),
         ..opts
     };
-    let (mut pairs, _) = data::read_preference(&[files.pairs.clone()], tok, &opts)?;
+    let (mut pairs, _) = data::read_preference(std::slice::from_ref(&files.pairs), tok, &opts)?;
     pairs.truncate(size.eval_items);
     let scored = pair_logps(model, lora, &pairs, 2 * size.batch, pad);
     let n = scored.len().max(1) as f64;
