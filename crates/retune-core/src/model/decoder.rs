@@ -6,16 +6,19 @@
 //! cross-entropy are fused and chunked, so the `[N, V]` logits never exist whole.
 
 use super::lora::{LayerLora, Lora, Target};
+use super::packs::FrozenPacks;
 use super::weights::{grad_slot, LayerWeights, Linear};
 use super::{Batch, Grads, Model};
 use crate::float::Float;
 use crate::ops::attention::{attention_backward, attention_forward};
 use crate::ops::cross_entropy::{
-    lm_head_cross_entropy, lm_head_cross_entropy_weighted, target_log_probs, CeStats,
+    lm_head_cross_entropy, lm_head_cross_entropy_packed, lm_head_cross_entropy_weighted_packed,
+    target_log_probs, target_log_probs_packed, CeStats,
 };
 use crate::ops::embedding::{embedding_backward, embedding_forward};
-use crate::ops::linear::{linear_backward, linear_forward};
+use crate::ops::linear::{linear_backward_packed, linear_forward_packed};
 use crate::ops::lora::{dropout_forward, lora_backward, lora_forward};
+use crate::ops::matmul::WeightPacks;
 use crate::ops::residual::add_inplace;
 use crate::ops::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use crate::ops::rope::{rope_backward, rope_forward, RopeTable};
@@ -37,6 +40,15 @@ struct Dims {
     nh: usize,
     nkv: usize,
     hd: usize,
+}
+
+/// The LM head as the loss closures of [`Model::backward_through`] see it.
+#[derive(Clone, Copy)]
+struct HeadWeight<'a, T> {
+    /// `[V, C]`.
+    w: &'a [T],
+    /// Its bf16 packs, when it is frozen and products run in bf16.
+    packs: Option<&'a WeightPacks>,
 }
 
 /// One layer's saved activations, reused from layer to layer.
@@ -152,12 +164,14 @@ fn proj_forward<T: Float>(
     saved: &mut LoraActs<T>,
     x: &[T],
     lin: &Linear<T>,
+    packs: Option<&WeightPacks>,
     t: Target,
     layer: usize,
     adapter: Option<&AdapterPass<T>>,
     n: usize,
 ) {
-    linear_forward(y, x, &lin.w, lin.b.as_deref(), n, lin.d_in, lin.d_out);
+    let b = lin.b.as_deref();
+    linear_forward_packed(y, x, &lin.w, packs, b, n, lin.d_in, lin.d_out);
     let Some(ad) = adapter else { return };
     let Some(pair) = &ad.lora.layers[layer].pairs[t.index()] else {
         return;
@@ -194,19 +208,21 @@ fn proj_backward<T: Float>(
     x: &[T],
     saved: &LoraActs<T>,
     lin: &Linear<T>,
+    packs: Option<&WeightPacks>,
     t: Target,
     layer: usize,
     adapter: Option<&AdapterPass<T>>,
     n: usize,
 ) {
     let db = g.b.as_deref_mut().and_then(grad_slot);
-    linear_backward(
+    linear_backward_packed(
         Some(&mut *dx),
         grad_slot(&mut g.w),
         db,
         dy,
         x,
         &lin.w,
+        packs,
         n,
         lin.d_in,
         lin.d_out,
@@ -287,18 +303,50 @@ impl<T: Float> Model<T> {
         x: &[T],
         l: usize,
         adapter: Option<&AdapterPass<T>>,
+        packs: Option<&FrozenPacks>,
         batch: &Batch,
         rope: &RopeTable<T>,
         d: &Dims,
     ) {
         let eps = self.config.rms_norm_eps;
         let lw = &self.weights.layers[l];
+        let pk = |t: Target| packs.and_then(|p| p.linear(l, t));
         let a = acts;
         let [lq, lk, lv, lo, lg, lu, ld] = &mut a.lora;
         rmsnorm_forward(&mut a.ln1, &mut a.rstd1, x, &lw.attn_norm, d.n, d.c, eps);
-        proj_forward(&mut a.q, lq, &a.ln1, &lw.q, Target::QProj, l, adapter, d.n);
-        proj_forward(&mut a.k, lk, &a.ln1, &lw.k, Target::KProj, l, adapter, d.n);
-        proj_forward(&mut a.v, lv, &a.ln1, &lw.v, Target::VProj, l, adapter, d.n);
+        proj_forward(
+            &mut a.q,
+            lq,
+            &a.ln1,
+            &lw.q,
+            pk(Target::QProj),
+            Target::QProj,
+            l,
+            adapter,
+            d.n,
+        );
+        proj_forward(
+            &mut a.k,
+            lk,
+            &a.ln1,
+            &lw.k,
+            pk(Target::KProj),
+            Target::KProj,
+            l,
+            adapter,
+            d.n,
+        );
+        proj_forward(
+            &mut a.v,
+            lv,
+            &a.ln1,
+            &lw.v,
+            pk(Target::VProj),
+            Target::VProj,
+            l,
+            adapter,
+            d.n,
+        );
         rope_forward(&mut a.q, &batch.positions, rope, d.nh, d.hd);
         rope_forward(&mut a.k, &batch.positions, rope, d.nkv, d.hd);
         let segments = batch.segments.as_deref();
@@ -315,7 +363,17 @@ impl<T: Float> Model<T> {
             d.nkv,
             d.hd,
         );
-        proj_forward(&mut a.x1, lo, &a.att, &lw.o, Target::OProj, l, adapter, d.n);
+        proj_forward(
+            &mut a.x1,
+            lo,
+            &a.att,
+            &lw.o,
+            pk(Target::OProj),
+            Target::OProj,
+            l,
+            adapter,
+            d.n,
+        );
         add_inplace(&mut a.x1, x);
         rmsnorm_forward(&mut a.ln2, &mut a.rstd2, &a.x1, &lw.mlp_norm, d.n, d.c, eps);
         proj_forward(
@@ -323,6 +381,7 @@ impl<T: Float> Model<T> {
             lg,
             &a.ln2,
             &lw.gate,
+            pk(Target::GateProj),
             Target::GateProj,
             l,
             adapter,
@@ -333,13 +392,24 @@ impl<T: Float> Model<T> {
             lu,
             &a.ln2,
             &lw.up,
+            pk(Target::UpProj),
             Target::UpProj,
             l,
             adapter,
             d.n,
         );
         swiglu_forward(&mut a.act, &a.gate, &a.up);
-        proj_forward(out, ld, &a.act, &lw.down, Target::DownProj, l, adapter, d.n);
+        proj_forward(
+            out,
+            ld,
+            &a.act,
+            &lw.down,
+            pk(Target::DownProj),
+            Target::DownProj,
+            l,
+            adapter,
+            d.n,
+        );
         add_inplace(out, &a.x1);
     }
 
@@ -357,11 +427,13 @@ impl<T: Float> Model<T> {
         a: &LayerActs<T>,
         l: usize,
         adapter: Option<&AdapterPass<T>>,
+        packs: Option<&FrozenPacks>,
         batch: &Batch,
         rope: &RopeTable<T>,
         d: &Dims,
     ) {
         let lw = &self.weights.layers[l];
+        let pk = |t: Target| packs.and_then(|p| p.linear(l, t));
         let [lq, lk, lv, lo, lg, lu, ld] = &a.lora;
         // `scratch` has the same shapes as the activations; its buffers hold their gradients.
         let s = scratch;
@@ -384,6 +456,7 @@ impl<T: Float> Model<T> {
             &a.act,
             ld,
             &lw.down,
+            pk(Target::DownProj),
             Target::DownProj,
             l,
             adapter,
@@ -399,6 +472,7 @@ impl<T: Float> Model<T> {
             &a.ln2,
             lg,
             &lw.gate,
+            pk(Target::GateProj),
             Target::GateProj,
             l,
             adapter,
@@ -413,6 +487,7 @@ impl<T: Float> Model<T> {
             &a.ln2,
             lu,
             &lw.up,
+            pk(Target::UpProj),
             Target::UpProj,
             l,
             adapter,
@@ -439,6 +514,7 @@ impl<T: Float> Model<T> {
             &a.att,
             lo,
             &lw.o,
+            pk(Target::OProj),
             Target::OProj,
             l,
             adapter,
@@ -459,6 +535,7 @@ impl<T: Float> Model<T> {
             &a.ln1,
             lq,
             &lw.q,
+            pk(Target::QProj),
             Target::QProj,
             l,
             adapter,
@@ -473,6 +550,7 @@ impl<T: Float> Model<T> {
             &a.ln1,
             lk,
             &lw.k,
+            pk(Target::KProj),
             Target::KProj,
             l,
             adapter,
@@ -487,6 +565,7 @@ impl<T: Float> Model<T> {
             &a.ln1,
             lv,
             &lw.v,
+            pk(Target::VProj),
             Target::VProj,
             l,
             adapter,
@@ -503,6 +582,7 @@ impl<T: Float> Model<T> {
         &self,
         batch: &Batch,
         adapter: Option<&AdapterPass<T>>,
+        packs: Option<&FrozenPacks>,
         rope: &RopeTable<T>,
         d: &Dims,
     ) -> Vec<Vec<T>> {
@@ -513,7 +593,7 @@ impl<T: Float> Model<T> {
         let mut acts = LayerActs::new(d, adapter);
         for l in 0..w.layers.len() {
             let mut out = vec![T::zero(); d.n * d.c];
-            self.layer_forward(&mut out, &mut acts, &x, l, adapter, batch, rope, d);
+            self.layer_forward(&mut out, &mut acts, &x, l, adapter, packs, batch, rope, d);
             residuals.push(std::mem::replace(&mut x, out));
         }
         residuals.push(x);
@@ -532,7 +612,7 @@ impl<T: Float> Model<T> {
         let d = self.dims(batch);
         let rope = self.rope_for(batch);
         let adapter = lora.map(|lora| AdapterPass::eval(lora));
-        let residuals = self.forward_residuals(batch, adapter.as_ref(), &rope, &d);
+        let residuals = self.forward_residuals(batch, adapter.as_ref(), None, &rope, &d);
         let x = &residuals[d_last(&residuals)];
         let mut h = vec![T::zero(); d.n * d.c];
         let mut rstd = vec![T::zero(); d.n];
@@ -574,10 +654,11 @@ impl<T: Float> Model<T> {
         grads: &mut Grads<T>,
     ) -> CeStats {
         let scale = T::one() / T::of(normaliser.max(1) as f64);
-        let head = |h: &[T], w: &[T], d: &Dims, dh: &mut [T], dw: Option<&mut [T]>| {
-            lm_head_cross_entropy(
+        let head = |h: &[T], w: HeadWeight<T>, d: &Dims, dh: &mut [T], dw: Option<&mut [T]>| {
+            lm_head_cross_entropy_packed(
                 h,
-                w,
+                w.w,
+                w.packs,
                 &batch.targets,
                 d.n,
                 d.c,
@@ -604,19 +685,20 @@ impl<T: Float> Model<T> {
         grads: &mut Grads<T>,
         weights: impl FnOnce(&[f64]) -> Vec<T>,
     ) -> Vec<f64> {
-        let head = |h: &[T], w: &[T], d: &Dims, dh: &mut [T], dw: Option<&mut [T]>| {
+        let head = |h: &[T], w: HeadWeight<T>, d: &Dims, dh: &mut [T], dw: Option<&mut [T]>| {
             let (n, c, v) = (d.n, d.c, d.v);
-            let log_probs = target_log_probs(h, w, &batch.targets, n, c, v, CE_CHUNK_ROWS);
+            let (targets, chunk) = (&batch.targets, CE_CHUNK_ROWS);
+            let log_probs = target_log_probs_packed(h, w.w, w.packs, targets, n, c, v, chunk);
             let scale = weights(&log_probs);
-            let targets = &batch.targets;
-            lm_head_cross_entropy_weighted(
+            lm_head_cross_entropy_weighted_packed(
                 h,
-                w,
+                w.w,
+                w.packs,
                 targets,
                 n,
                 c,
                 v,
-                CE_CHUNK_ROWS,
+                chunk,
                 &scale,
                 Some(dh),
                 dw,
@@ -642,14 +724,16 @@ impl<T: Float> Model<T> {
         lora: Option<&Lora<T>>,
         dropout_seed: u64,
         grads: &mut Grads<T>,
-        head: impl FnOnce(&[T], &[T], &Dims, &mut [T], Option<&mut [T]>) -> R,
+        head: impl FnOnce(&[T], HeadWeight<T>, &Dims, &mut [T], Option<&mut [T]>) -> R,
     ) -> R {
         let d = self.dims(batch);
         let rope = self.rope_for(batch);
         let w = &self.weights;
         let adapter = lora.map(|lora| AdapterPass::train(lora, dropout_seed));
         let adapter = adapter.as_ref();
-        let residuals = self.forward_residuals(batch, adapter, &rope, &d);
+        let packs = self.packs.frozen(w, &grads.base);
+        let packs = packs.as_ref();
+        let residuals = self.forward_residuals(batch, adapter, packs, &rope, &d);
         let Grads {
             base: grads,
             lora: lora_grads,
@@ -666,7 +750,11 @@ impl<T: Float> Model<T> {
             Some(lm_head) => grad_slot(lm_head),
             None => grad_slot(&mut grads.embed), // tied: the head's gradient lands in the embedding
         };
-        let head_out = head(&h, w.head(), &d, &mut dh, dhead);
+        let head_w = HeadWeight {
+            w: w.head(),
+            packs: packs.and_then(FrozenPacks::head),
+        };
+        let head_out = head(&h, head_w, &d, &mut dh, dhead);
         let mut dx = vec![T::zero(); d.n * d.c];
         let dw = grad_slot(&mut grads.final_norm);
         rmsnorm_backward(&mut dx, dw, &dh, x_last, &w.final_norm, &rstd, d.n, d.c);
@@ -678,7 +766,7 @@ impl<T: Float> Model<T> {
         let mut dx_in = vec![T::zero(); d.n * d.c];
         for l in (0..w.layers.len()).rev() {
             let x = &residuals[l];
-            self.layer_forward(&mut out, &mut acts, x, l, adapter, batch, &rope, &d);
+            self.layer_forward(&mut out, &mut acts, x, l, adapter, packs, batch, &rope, &d);
             dx_in.fill(T::zero());
             let g = &mut grads.layers[l];
             let gl = lora_grads.as_mut().map(|g| &mut g.layers[l]);
@@ -692,6 +780,7 @@ impl<T: Float> Model<T> {
                 &acts,
                 l,
                 adapter,
+                packs,
                 batch,
                 &rope,
                 &d,

@@ -9,6 +9,7 @@ pub mod decoder;
 pub mod generate;
 pub mod lora;
 pub mod memory;
+mod packs;
 pub mod weights;
 
 pub use lora::{Lora, LoraSpec, Target};
@@ -28,6 +29,8 @@ pub struct Model<T> {
     pub config: LlamaConfig,
     /// Parameters.
     pub weights: Weights<T>,
+    /// bf16 packs of the frozen weights, rebuilt when they change (see [`packs`]).
+    packs: packs::PackCache,
 }
 
 impl<T: Float> Model<T> {
@@ -37,6 +40,7 @@ impl<T: Float> Model<T> {
         Ok(Model {
             config: loaded.config,
             weights,
+            packs: Default::default(),
         })
     }
 
@@ -197,7 +201,11 @@ impl<T: Float> Model<T> {
             tensors.insert(name, crate::load::HostTensor { shape, data });
         }
         let weights = Weights::from_tensors(&config, tensors, Path::new("<random>"))?;
-        Ok(Model { config, weights })
+        Ok(Model {
+            config,
+            weights,
+            packs: Default::default(),
+        })
     }
 }
 
