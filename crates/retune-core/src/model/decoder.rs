@@ -23,12 +23,13 @@ use crate::ops::residual::add_inplace;
 use crate::ops::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use crate::ops::rope::{rope_backward, rope_forward, RopeTable};
 use crate::ops::swiglu::{swiglu_backward, swiglu_forward};
+use std::sync::Mutex;
 
 /// Rows of the LM head computed at once: 256 rows x 49k vocabulary x 4 bytes = 50 MB.
 const CE_CHUNK_ROWS: usize = 256;
 
 /// Sizes of one forward pass, named once (llm.c style).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 struct Dims {
     b: usize,
     t: usize,
@@ -74,6 +75,96 @@ struct LayerActs<T> {
 struct LoraActs<T> {
     x_drop: Vec<T>, // [N, D_in], only when dropout > 0
     xa: Vec<T>,     // [N, r]
+}
+
+/// The buffers of one training forward/backward, kept in the model between calls: a step
+/// would otherwise allocate, zero and page-fault every one of them again (several percent of
+/// a step). Built for one shape of batch and adapter ([`WorkspaceKey`]), rebuilt on a change.
+pub(crate) struct Workspace<T> {
+    key: WorkspaceKey,
+    /// Activations of the layer being recomputed.
+    acts: LayerActs<T>,
+    /// Gradients of those activations (same shapes; no attention probabilities).
+    scratch: LayerActs<T>,
+    /// The input of every layer, then the final residual stream: `L + 1` buffers `[N, C]`.
+    residuals: Vec<Vec<T>>,
+    /// A layer's recomputed output (the backward needs only its activations).
+    out: Vec<T>,
+}
+
+/// What the workspace's buffer sizes depend on.
+#[derive(Clone, Copy, PartialEq)]
+struct WorkspaceKey {
+    dims: Dims,
+    layers: usize,
+    /// Per target: the adapter's rank when adapted, and whether its branch uses dropout.
+    lora: [Option<(usize, bool)>; 7],
+}
+
+impl WorkspaceKey {
+    fn new<T: Float>(d: &Dims, layers: usize, adapter: Option<&AdapterPass<T>>) -> Self {
+        let lora = std::array::from_fn(|i| {
+            let ad = adapter?;
+            let spec = &ad.lora.spec;
+            spec.targets
+                .contains(&Target::ALL[i])
+                .then_some((spec.r, ad.dropout > 0.0))
+        });
+        WorkspaceKey {
+            dims: *d,
+            layers,
+            lora,
+        }
+    }
+}
+
+/// The model's slot for its [`Workspace`]; a clone starts empty. A call takes the workspace
+/// out for its duration, so concurrent calls on one model each get their own buffers.
+pub(crate) struct WorkspaceSlot<T>(Mutex<Option<Box<Workspace<T>>>>);
+
+impl<T> Default for WorkspaceSlot<T> {
+    fn default() -> Self {
+        WorkspaceSlot(Mutex::new(None))
+    }
+}
+
+impl<T> Clone for WorkspaceSlot<T> {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl<T> std::fmt::Debug for WorkspaceSlot<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WorkspaceSlot")
+    }
+}
+
+impl<T: Float> WorkspaceSlot<T> {
+    /// The kept workspace when it fits `key`, else a new one.
+    fn take(&self, key: WorkspaceKey, adapter: Option<&AdapterPass<T>>) -> Box<Workspace<T>> {
+        let kept = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(ws) = kept.filter(|ws| ws.key == key) {
+            return ws;
+        }
+        let d = &key.dims;
+        let mut scratch = LayerActs::new(d, None);
+        scratch.probs = Vec::new(); // the backward reads the saved probabilities only
+        Box::new(Workspace {
+            key,
+            acts: LayerActs::new(d, adapter),
+            scratch,
+            residuals: (0..=key.layers)
+                .map(|_| vec![T::zero(); d.n * d.c])
+                .collect(),
+            out: vec![T::zero(); d.n * d.c],
+        })
+    }
+
+    /// Keeps `ws` for the next call.
+    fn put(&self, ws: Box<Workspace<T>>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(ws);
+    }
 }
 
 /// The adapter as one pass uses it: the branch scale, and the seed of this pass's dropout masks.
@@ -576,28 +667,28 @@ impl<T: Float> Model<T> {
         add_inplace(dx, &s.x1);
     }
 
-    /// Runs embedding and every layer, keeping each layer's input. Returns the inputs of
-    /// layers `0..L` and the final residual stream (index L).
+    /// Runs embedding and every layer, keeping each layer's input: fills `residuals` (`L + 1`
+    /// buffers `[N, C]`, overwritten) with the inputs of layers `0..L` and the final residual
+    /// stream (index L). `acts` is working space.
+    #[allow(clippy::too_many_arguments)]
     fn forward_residuals(
         &self,
+        residuals: &mut [Vec<T>],
+        acts: &mut LayerActs<T>,
         batch: &Batch,
         adapter: Option<&AdapterPass<T>>,
         packs: Option<&FrozenPacks>,
         rope: &RopeTable<T>,
         d: &Dims,
-    ) -> Vec<Vec<T>> {
+    ) {
         let w = &self.weights;
-        let mut residuals = Vec::with_capacity(w.layers.len() + 1);
-        let mut x = vec![T::zero(); d.n * d.c];
-        embedding_forward(&mut x, &batch.ids, &w.embed, d.c);
-        let mut acts = LayerActs::new(d, adapter);
+        assert_eq!(residuals.len(), w.layers.len() + 1);
+        embedding_forward(&mut residuals[0], &batch.ids, &w.embed, d.c);
         for l in 0..w.layers.len() {
-            let mut out = vec![T::zero(); d.n * d.c];
-            self.layer_forward(&mut out, &mut acts, &x, l, adapter, packs, batch, rope, d);
-            residuals.push(std::mem::replace(&mut x, out));
+            let (done, rest) = residuals.split_at_mut(l + 1);
+            let (x, out) = (&done[l], &mut rest[0]);
+            self.layer_forward(out, acts, x, l, adapter, packs, batch, rope, d);
         }
-        residuals.push(x);
-        residuals
     }
 
     fn rope_for(&self, batch: &Batch) -> RopeTable<T> {
@@ -612,12 +703,19 @@ impl<T: Float> Model<T> {
         let d = self.dims(batch);
         let rope = self.rope_for(batch);
         let adapter = lora.map(|lora| AdapterPass::eval(lora));
-        let residuals = self.forward_residuals(batch, adapter.as_ref(), None, &rope, &d);
-        let x = &residuals[d_last(&residuals)];
+        let adapter = adapter.as_ref();
+        let key = WorkspaceKey::new(&d, self.weights.layers.len(), adapter);
+        let mut ws = self.workspace.take(key, adapter);
+        let Workspace {
+            acts, residuals, ..
+        } = &mut *ws;
+        self.forward_residuals(residuals, acts, batch, adapter, None, &rope, &d);
+        let x = &residuals[d_last(residuals)];
         let mut h = vec![T::zero(); d.n * d.c];
         let mut rstd = vec![T::zero(); d.n];
         let (w, eps) = (&self.weights.final_norm, self.config.rms_norm_eps);
         rmsnorm_forward(&mut h, &mut rstd, x, w, d.n, d.c, eps);
+        self.workspace.put(ws);
         (d, h)
     }
 
@@ -733,7 +831,16 @@ impl<T: Float> Model<T> {
         let adapter = adapter.as_ref();
         let packs = self.packs.frozen(w, &grads.base);
         let packs = packs.as_ref();
-        let residuals = self.forward_residuals(batch, adapter, packs, &rope, &d);
+        let key = WorkspaceKey::new(&d, w.layers.len(), adapter);
+        let mut ws = self.workspace.take(key, adapter);
+        let Workspace {
+            acts,
+            scratch,
+            residuals,
+            out,
+            ..
+        } = &mut *ws;
+        self.forward_residuals(residuals, acts, batch, adapter, packs, &rope, &d);
         let Grads {
             base: grads,
             lora: lora_grads,
@@ -741,7 +848,7 @@ impl<T: Float> Model<T> {
         let eps = self.config.rms_norm_eps;
 
         // Final norm and fused LM head + cross-entropy.
-        let x_last = &residuals[d_last(&residuals)];
+        let x_last = &residuals[d_last(residuals)];
         let mut h = vec![T::zero(); d.n * d.c];
         let mut rstd = vec![T::zero(); d.n];
         rmsnorm_forward(&mut h, &mut rstd, x_last, &w.final_norm, d.n, d.c, eps);
@@ -760,36 +867,22 @@ impl<T: Float> Model<T> {
         rmsnorm_backward(&mut dx, dw, &dh, x_last, &w.final_norm, &rstd, d.n, d.c);
 
         // Layers in reverse, each recomputed from its saved input.
-        let mut acts = LayerActs::new(&d, adapter);
-        let mut scratch = LayerActs::new(&d, None);
-        let mut out = vec![T::zero(); d.n * d.c];
         let mut dx_in = vec![T::zero(); d.n * d.c];
         for l in (0..w.layers.len()).rev() {
             let x = &residuals[l];
-            self.layer_forward(&mut out, &mut acts, x, l, adapter, packs, batch, &rope, &d);
+            self.layer_forward(out, acts, x, l, adapter, packs, batch, &rope, &d);
             dx_in.fill(T::zero());
             let g = &mut grads.layers[l];
             let gl = lora_grads.as_mut().map(|g| &mut g.layers[l]);
             self.layer_backward(
-                &mut dx_in,
-                g,
-                gl,
-                &mut scratch,
-                &dx,
-                x,
-                &acts,
-                l,
-                adapter,
-                packs,
-                batch,
-                &rope,
-                &d,
+                &mut dx_in, g, gl, scratch, &dx, x, acts, l, adapter, packs, batch, &rope, &d,
             );
             std::mem::swap(&mut dx, &mut dx_in);
         }
         if let Some(dembed) = grad_slot(&mut grads.embed) {
             embedding_backward(dembed, &dx, &batch.ids, d.c);
         }
+        self.workspace.put(ws);
         head_out
     }
 

@@ -31,6 +31,8 @@ pub struct Model<T> {
     pub weights: Weights<T>,
     /// bf16 packs of the frozen weights, rebuilt when they change (see [`packs`]).
     packs: packs::PackCache,
+    /// Activation buffers kept between training calls.
+    workspace: decoder::WorkspaceSlot<T>,
 }
 
 impl<T: Float> Model<T> {
@@ -41,6 +43,7 @@ impl<T: Float> Model<T> {
             config: loaded.config,
             weights,
             packs: Default::default(),
+            workspace: Default::default(),
         })
     }
 
@@ -205,6 +208,7 @@ impl<T: Float> Model<T> {
             config,
             weights,
             packs: Default::default(),
+            workspace: Default::default(),
         })
     }
 }
