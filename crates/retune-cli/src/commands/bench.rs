@@ -151,6 +151,7 @@ pub fn run(args: Args) -> Result<Outcome> {
     let batch = Batch::from_rows(&rows)?;
     let tokens = args.batch * args.seq;
     let mut times = Vec::new();
+    let mut last_loss = f64::NAN;
     for step in 0..args.warmup + args.steps {
         let start = Instant::now();
         let stats = model.forward_backward(
@@ -167,12 +168,13 @@ pub fn run(args: Args) -> Result<Outcome> {
             g.iter_mut().for_each(|v| v.fill(0.0));
         }
         let secs = start.elapsed().as_secs_f64();
+        last_loss = stats.loss_sum / stats.count as f64;
         if !args.json {
             eprintln!(
                 "step {step}: {:.3}s, {:.0} tok/s, loss {:.4}{}",
                 secs,
                 tokens as f64 / secs,
-                stats.loss_sum / stats.count as f64,
+                last_loss,
                 if step < args.warmup { " (warm-up)" } else { "" }
             );
         }
@@ -201,6 +203,7 @@ pub fn run(args: Args) -> Result<Outcome> {
         "tokens_per_s": tok_s,
         "gflops_per_s": gflops,
         "peak_rss_bytes": rss,
+        "final_loss": last_loss,
         "dtype": args.dtype,
         "gemm_kernel": match precision {
             MatmulPrecision::Bf16 => retune_gemm::best_kernel().name(),
