@@ -3,7 +3,7 @@
 //! process-wide, and the other tests of the crate compare f32 results with tight bounds.
 
 use retune_core::config::LlamaConfig;
-use retune_core::model::{Batch, Grads, Lora, LoraSpec, Model, Target};
+use retune_core::model::{set_pack_layer_weights, Batch, Grads, Lora, LoraSpec, Model, Target};
 use retune_core::ops::matmul::{matmul_nt, set_matmul_precision, MatmulPrecision};
 use std::sync::Mutex;
 
@@ -108,6 +108,14 @@ fn loss_bits(model: &Model<f32>, batch: &Batch, grads: &mut Grads<f32>) -> u64 {
 #[test]
 fn packed_frozen_weights_match_unpacked_and_follow_changes() {
     let _one_at_a_time = PRECISION.lock().unwrap();
+    for pack_layers in [false, true] {
+        set_pack_layer_weights(pack_layers);
+        packed_frozen_weights_case();
+    }
+    set_pack_layer_weights(false);
+}
+
+fn packed_frozen_weights_case() {
     set_matmul_precision(MatmulPrecision::Bf16);
     let mut cfg = LlamaConfig::smollm2_135m();
     cfg.num_hidden_layers = 2;

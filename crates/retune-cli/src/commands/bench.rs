@@ -40,6 +40,10 @@ pub struct Args {
     /// AMX tiles where the CPU has them; weights, gradients and AdamW state stay f32).
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// With --dtype bf16 and frozen base weights: also keep bf16 packs of every layer's
+    /// weight (faster, more memory; the LM head is packed either way).
+    #[arg(long)]
+    pack_layers: bool,
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -111,6 +115,7 @@ pub fn run(args: Args) -> Result<Outcome> {
         other => bail!("unknown --dtype `{other}`; use f32 or bf16"),
     };
     set_matmul_precision(precision);
+    retune_core::model::set_pack_layer_weights(args.pack_layers);
     if args.batch == 0 || args.seq < 2 || args.steps == 0 {
         bail!("--batch, --steps must be positive and --seq at least 2");
     }
@@ -205,6 +210,7 @@ pub fn run(args: Args) -> Result<Outcome> {
         "peak_rss_bytes": rss,
         "final_loss": last_loss,
         "dtype": args.dtype,
+        "pack_layers": args.pack_layers,
         "gemm_kernel": match precision {
             MatmulPrecision::Bf16 => retune_gemm::best_kernel().name(),
             MatmulPrecision::F32 => "f32 (gemm crate)",
