@@ -3,7 +3,7 @@
 //! process-wide, and the other tests of the crate compare f32 results with tight bounds.
 
 use retune_core::config::LlamaConfig;
-use retune_core::model::{Batch, Grads, Lora, LoraSpec, Model, Target};
+use retune_core::model::{set_pack_layer_weights, Batch, Grads, Lora, LoraSpec, Model, Target};
 use retune_core::ops::matmul::{matmul_nt, set_matmul_precision, MatmulPrecision};
 use std::sync::Mutex;
 
@@ -97,4 +97,54 @@ fn bf16_products_round_inputs_and_f64_is_untouched() {
     set_matmul_precision(MatmulPrecision::F32);
     matmul_nt(&mut c, &a, &[1.0], 1, 1, 1, false);
     assert_eq!(c[0], a[0]);
+}
+
+/// Loss and embedding-input gradient path of one forward/backward, as bits.
+fn loss_bits(model: &Model<f32>, batch: &Batch, grads: &mut Grads<f32>) -> u64 {
+    let s = model.forward_backward(batch, batch.target_count(), None, 0, grads);
+    s.loss_sum.to_bits()
+}
+
+#[test]
+fn packed_frozen_weights_match_unpacked_and_follow_changes() {
+    let _one_at_a_time = PRECISION.lock().unwrap();
+    for pack_layers in [false, true] {
+        set_pack_layer_weights(pack_layers);
+        packed_frozen_weights_case();
+    }
+    set_pack_layer_weights(false);
+}
+
+fn packed_frozen_weights_case() {
+    set_matmul_precision(MatmulPrecision::Bf16);
+    let mut cfg = LlamaConfig::smollm2_135m();
+    cfg.num_hidden_layers = 2;
+    cfg.vocab_size = 512;
+    let mut model = Model::<f32>::random(cfg, 3, 0.05).unwrap();
+    let rows: Vec<Vec<u32>> = (0..2)
+        .map(|b| (0..64).map(|i| ((i * 37 + b * 11) % 512) as u32).collect())
+        .collect();
+    let batch = Batch::from_rows(&rows).unwrap();
+    // Frozen grads: every weight packed once and reused. Full grads: nothing packed, every
+    // product packs its weight per call. Same kernel, same rounding: the same bits.
+    let mut frozen = Grads::frozen(&model);
+    let mut full = Grads::full(&model);
+    let packed = loss_bits(&model, &batch, &mut frozen);
+    assert_eq!(packed, loss_bits(&model, &batch, &mut frozen), "reuse");
+    assert_eq!(
+        packed,
+        loss_bits(&model, &batch, &mut full),
+        "packed vs unpacked"
+    );
+    // Changing frozen weights in place (as merging an adapter does) must not leave stale packs.
+    model.weights.layers[1].down.w[5] += 0.5;
+    model.weights.embed[100] -= 0.25; // tied head
+    let changed = loss_bits(&model, &batch, &mut frozen);
+    assert_ne!(changed, packed, "the change moves the loss");
+    assert_eq!(
+        changed,
+        loss_bits(&model, &batch, &mut full),
+        "repacked after a change"
+    );
+    set_matmul_precision(MatmulPrecision::F32);
 }

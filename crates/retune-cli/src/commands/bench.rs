@@ -40,6 +40,10 @@ pub struct Args {
     /// AMX tiles where the CPU has them; weights, gradients and AdamW state stay f32).
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// With --dtype bf16 and frozen base weights: also keep bf16 packs of every layer's
+    /// weight (faster, more memory; the LM head is packed either way).
+    #[arg(long)]
+    pack_layers: bool,
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -111,6 +115,7 @@ pub fn run(args: Args) -> Result<Outcome> {
         other => bail!("unknown --dtype `{other}`; use f32 or bf16"),
     };
     set_matmul_precision(precision);
+    retune_core::model::set_pack_layer_weights(args.pack_layers);
     if args.batch == 0 || args.seq < 2 || args.steps == 0 {
         bail!("--batch, --steps must be positive and --seq at least 2");
     }
@@ -151,6 +156,7 @@ pub fn run(args: Args) -> Result<Outcome> {
     let batch = Batch::from_rows(&rows)?;
     let tokens = args.batch * args.seq;
     let mut times = Vec::new();
+    let mut last_loss = f64::NAN;
     for step in 0..args.warmup + args.steps {
         let start = Instant::now();
         let stats = model.forward_backward(
@@ -167,12 +173,13 @@ pub fn run(args: Args) -> Result<Outcome> {
             g.iter_mut().for_each(|v| v.fill(0.0));
         }
         let secs = start.elapsed().as_secs_f64();
+        last_loss = stats.loss_sum / stats.count as f64;
         if !args.json {
             eprintln!(
                 "step {step}: {:.3}s, {:.0} tok/s, loss {:.4}{}",
                 secs,
                 tokens as f64 / secs,
-                stats.loss_sum / stats.count as f64,
+                last_loss,
                 if step < args.warmup { " (warm-up)" } else { "" }
             );
         }
@@ -201,7 +208,9 @@ pub fn run(args: Args) -> Result<Outcome> {
         "tokens_per_s": tok_s,
         "gflops_per_s": gflops,
         "peak_rss_bytes": rss,
+        "final_loss": last_loss,
         "dtype": args.dtype,
+        "pack_layers": args.pack_layers,
         "gemm_kernel": match precision {
             MatmulPrecision::Bf16 => retune_gemm::best_kernel().name(),
             MatmulPrecision::F32 => "f32 (gemm crate)",

@@ -6,26 +6,30 @@
 //! cross-entropy are fused and chunked, so the `[N, V]` logits never exist whole.
 
 use super::lora::{LayerLora, Lora, Target};
+use super::packs::FrozenPacks;
 use super::weights::{grad_slot, LayerWeights, Linear};
 use super::{Batch, Grads, Model};
 use crate::float::Float;
 use crate::ops::attention::{attention_backward, attention_forward};
 use crate::ops::cross_entropy::{
-    lm_head_cross_entropy, lm_head_cross_entropy_weighted, target_log_probs, CeStats,
+    lm_head_cross_entropy, lm_head_cross_entropy_packed, lm_head_cross_entropy_weighted_packed,
+    target_log_probs, target_log_probs_packed, CeStats,
 };
 use crate::ops::embedding::{embedding_backward, embedding_forward};
-use crate::ops::linear::{linear_backward, linear_forward};
+use crate::ops::linear::{linear_backward_packed, linear_forward_packed};
 use crate::ops::lora::{dropout_forward, lora_backward, lora_forward};
+use crate::ops::matmul::WeightPacks;
 use crate::ops::residual::add_inplace;
 use crate::ops::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use crate::ops::rope::{rope_backward, rope_forward, RopeTable};
 use crate::ops::swiglu::{swiglu_backward, swiglu_forward};
+use std::sync::Mutex;
 
 /// Rows of the LM head computed at once: 256 rows x 49k vocabulary x 4 bytes = 50 MB.
 const CE_CHUNK_ROWS: usize = 256;
 
 /// Sizes of one forward pass, named once (llm.c style).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 struct Dims {
     b: usize,
     t: usize,
@@ -37,6 +41,15 @@ struct Dims {
     nh: usize,
     nkv: usize,
     hd: usize,
+}
+
+/// The LM head as the loss closures of [`Model::backward_through`] see it.
+#[derive(Clone, Copy)]
+struct HeadWeight<'a, T> {
+    /// `[V, C]`.
+    w: &'a [T],
+    /// Its bf16 packs, when it is frozen and products run in bf16.
+    packs: Option<&'a WeightPacks>,
 }
 
 /// One layer's saved activations, reused from layer to layer.
@@ -62,6 +75,96 @@ struct LayerActs<T> {
 struct LoraActs<T> {
     x_drop: Vec<T>, // [N, D_in], only when dropout > 0
     xa: Vec<T>,     // [N, r]
+}
+
+/// The buffers of one training forward/backward, kept in the model between calls: a step
+/// would otherwise allocate, zero and page-fault every one of them again (several percent of
+/// a step). Built for one shape of batch and adapter ([`WorkspaceKey`]), rebuilt on a change.
+pub(crate) struct Workspace<T> {
+    key: WorkspaceKey,
+    /// Activations of the layer being recomputed.
+    acts: LayerActs<T>,
+    /// Gradients of those activations (same shapes; no attention probabilities).
+    scratch: LayerActs<T>,
+    /// The input of every layer, then the final residual stream: `L + 1` buffers `[N, C]`.
+    residuals: Vec<Vec<T>>,
+    /// A layer's recomputed output (the backward needs only its activations).
+    out: Vec<T>,
+}
+
+/// What the workspace's buffer sizes depend on.
+#[derive(Clone, Copy, PartialEq)]
+struct WorkspaceKey {
+    dims: Dims,
+    layers: usize,
+    /// Per target: the adapter's rank when adapted, and whether its branch uses dropout.
+    lora: [Option<(usize, bool)>; 7],
+}
+
+impl WorkspaceKey {
+    fn new<T: Float>(d: &Dims, layers: usize, adapter: Option<&AdapterPass<T>>) -> Self {
+        let lora = std::array::from_fn(|i| {
+            let ad = adapter?;
+            let spec = &ad.lora.spec;
+            spec.targets
+                .contains(&Target::ALL[i])
+                .then_some((spec.r, ad.dropout > 0.0))
+        });
+        WorkspaceKey {
+            dims: *d,
+            layers,
+            lora,
+        }
+    }
+}
+
+/// The model's slot for its [`Workspace`]; a clone starts empty. A call takes the workspace
+/// out for its duration, so concurrent calls on one model each get their own buffers.
+pub(crate) struct WorkspaceSlot<T>(Mutex<Option<Box<Workspace<T>>>>);
+
+impl<T> Default for WorkspaceSlot<T> {
+    fn default() -> Self {
+        WorkspaceSlot(Mutex::new(None))
+    }
+}
+
+impl<T> Clone for WorkspaceSlot<T> {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl<T> std::fmt::Debug for WorkspaceSlot<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WorkspaceSlot")
+    }
+}
+
+impl<T: Float> WorkspaceSlot<T> {
+    /// The kept workspace when it fits `key`, else a new one.
+    fn take(&self, key: WorkspaceKey, adapter: Option<&AdapterPass<T>>) -> Box<Workspace<T>> {
+        let kept = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(ws) = kept.filter(|ws| ws.key == key) {
+            return ws;
+        }
+        let d = &key.dims;
+        let mut scratch = LayerActs::new(d, None);
+        scratch.probs = Vec::new(); // the backward reads the saved probabilities only
+        Box::new(Workspace {
+            key,
+            acts: LayerActs::new(d, adapter),
+            scratch,
+            residuals: (0..=key.layers)
+                .map(|_| vec![T::zero(); d.n * d.c])
+                .collect(),
+            out: vec![T::zero(); d.n * d.c],
+        })
+    }
+
+    /// Keeps `ws` for the next call.
+    fn put(&self, ws: Box<Workspace<T>>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(ws);
+    }
 }
 
 /// The adapter as one pass uses it: the branch scale, and the seed of this pass's dropout masks.
@@ -152,12 +255,14 @@ fn proj_forward<T: Float>(
     saved: &mut LoraActs<T>,
     x: &[T],
     lin: &Linear<T>,
+    packs: Option<&WeightPacks>,
     t: Target,
     layer: usize,
     adapter: Option<&AdapterPass<T>>,
     n: usize,
 ) {
-    linear_forward(y, x, &lin.w, lin.b.as_deref(), n, lin.d_in, lin.d_out);
+    let b = lin.b.as_deref();
+    linear_forward_packed(y, x, &lin.w, packs, b, n, lin.d_in, lin.d_out);
     let Some(ad) = adapter else { return };
     let Some(pair) = &ad.lora.layers[layer].pairs[t.index()] else {
         return;
@@ -194,19 +299,21 @@ fn proj_backward<T: Float>(
     x: &[T],
     saved: &LoraActs<T>,
     lin: &Linear<T>,
+    packs: Option<&WeightPacks>,
     t: Target,
     layer: usize,
     adapter: Option<&AdapterPass<T>>,
     n: usize,
 ) {
     let db = g.b.as_deref_mut().and_then(grad_slot);
-    linear_backward(
+    linear_backward_packed(
         Some(&mut *dx),
         grad_slot(&mut g.w),
         db,
         dy,
         x,
         &lin.w,
+        packs,
         n,
         lin.d_in,
         lin.d_out,
@@ -287,18 +394,50 @@ impl<T: Float> Model<T> {
         x: &[T],
         l: usize,
         adapter: Option<&AdapterPass<T>>,
+        packs: Option<&FrozenPacks>,
         batch: &Batch,
         rope: &RopeTable<T>,
         d: &Dims,
     ) {
         let eps = self.config.rms_norm_eps;
         let lw = &self.weights.layers[l];
+        let pk = |t: Target| packs.and_then(|p| p.linear(l, t));
         let a = acts;
         let [lq, lk, lv, lo, lg, lu, ld] = &mut a.lora;
         rmsnorm_forward(&mut a.ln1, &mut a.rstd1, x, &lw.attn_norm, d.n, d.c, eps);
-        proj_forward(&mut a.q, lq, &a.ln1, &lw.q, Target::QProj, l, adapter, d.n);
-        proj_forward(&mut a.k, lk, &a.ln1, &lw.k, Target::KProj, l, adapter, d.n);
-        proj_forward(&mut a.v, lv, &a.ln1, &lw.v, Target::VProj, l, adapter, d.n);
+        proj_forward(
+            &mut a.q,
+            lq,
+            &a.ln1,
+            &lw.q,
+            pk(Target::QProj),
+            Target::QProj,
+            l,
+            adapter,
+            d.n,
+        );
+        proj_forward(
+            &mut a.k,
+            lk,
+            &a.ln1,
+            &lw.k,
+            pk(Target::KProj),
+            Target::KProj,
+            l,
+            adapter,
+            d.n,
+        );
+        proj_forward(
+            &mut a.v,
+            lv,
+            &a.ln1,
+            &lw.v,
+            pk(Target::VProj),
+            Target::VProj,
+            l,
+            adapter,
+            d.n,
+        );
         rope_forward(&mut a.q, &batch.positions, rope, d.nh, d.hd);
         rope_forward(&mut a.k, &batch.positions, rope, d.nkv, d.hd);
         let segments = batch.segments.as_deref();
@@ -315,7 +454,17 @@ impl<T: Float> Model<T> {
             d.nkv,
             d.hd,
         );
-        proj_forward(&mut a.x1, lo, &a.att, &lw.o, Target::OProj, l, adapter, d.n);
+        proj_forward(
+            &mut a.x1,
+            lo,
+            &a.att,
+            &lw.o,
+            pk(Target::OProj),
+            Target::OProj,
+            l,
+            adapter,
+            d.n,
+        );
         add_inplace(&mut a.x1, x);
         rmsnorm_forward(&mut a.ln2, &mut a.rstd2, &a.x1, &lw.mlp_norm, d.n, d.c, eps);
         proj_forward(
@@ -323,6 +472,7 @@ impl<T: Float> Model<T> {
             lg,
             &a.ln2,
             &lw.gate,
+            pk(Target::GateProj),
             Target::GateProj,
             l,
             adapter,
@@ -333,13 +483,24 @@ impl<T: Float> Model<T> {
             lu,
             &a.ln2,
             &lw.up,
+            pk(Target::UpProj),
             Target::UpProj,
             l,
             adapter,
             d.n,
         );
         swiglu_forward(&mut a.act, &a.gate, &a.up);
-        proj_forward(out, ld, &a.act, &lw.down, Target::DownProj, l, adapter, d.n);
+        proj_forward(
+            out,
+            ld,
+            &a.act,
+            &lw.down,
+            pk(Target::DownProj),
+            Target::DownProj,
+            l,
+            adapter,
+            d.n,
+        );
         add_inplace(out, &a.x1);
     }
 
@@ -357,11 +518,13 @@ impl<T: Float> Model<T> {
         a: &LayerActs<T>,
         l: usize,
         adapter: Option<&AdapterPass<T>>,
+        packs: Option<&FrozenPacks>,
         batch: &Batch,
         rope: &RopeTable<T>,
         d: &Dims,
     ) {
         let lw = &self.weights.layers[l];
+        let pk = |t: Target| packs.and_then(|p| p.linear(l, t));
         let [lq, lk, lv, lo, lg, lu, ld] = &a.lora;
         // `scratch` has the same shapes as the activations; its buffers hold their gradients.
         let s = scratch;
@@ -384,6 +547,7 @@ impl<T: Float> Model<T> {
             &a.act,
             ld,
             &lw.down,
+            pk(Target::DownProj),
             Target::DownProj,
             l,
             adapter,
@@ -399,6 +563,7 @@ impl<T: Float> Model<T> {
             &a.ln2,
             lg,
             &lw.gate,
+            pk(Target::GateProj),
             Target::GateProj,
             l,
             adapter,
@@ -413,6 +578,7 @@ impl<T: Float> Model<T> {
             &a.ln2,
             lu,
             &lw.up,
+            pk(Target::UpProj),
             Target::UpProj,
             l,
             adapter,
@@ -439,6 +605,7 @@ impl<T: Float> Model<T> {
             &a.att,
             lo,
             &lw.o,
+            pk(Target::OProj),
             Target::OProj,
             l,
             adapter,
@@ -459,6 +626,7 @@ impl<T: Float> Model<T> {
             &a.ln1,
             lq,
             &lw.q,
+            pk(Target::QProj),
             Target::QProj,
             l,
             adapter,
@@ -473,6 +641,7 @@ impl<T: Float> Model<T> {
             &a.ln1,
             lk,
             &lw.k,
+            pk(Target::KProj),
             Target::KProj,
             l,
             adapter,
@@ -487,6 +656,7 @@ impl<T: Float> Model<T> {
             &a.ln1,
             lv,
             &lw.v,
+            pk(Target::VProj),
             Target::VProj,
             l,
             adapter,
@@ -497,27 +667,28 @@ impl<T: Float> Model<T> {
         add_inplace(dx, &s.x1);
     }
 
-    /// Runs embedding and every layer, keeping each layer's input. Returns the inputs of
-    /// layers `0..L` and the final residual stream (index L).
+    /// Runs embedding and every layer, keeping each layer's input: fills `residuals` (`L + 1`
+    /// buffers `[N, C]`, overwritten) with the inputs of layers `0..L` and the final residual
+    /// stream (index L). `acts` is working space.
+    #[allow(clippy::too_many_arguments)]
     fn forward_residuals(
         &self,
+        residuals: &mut [Vec<T>],
+        acts: &mut LayerActs<T>,
         batch: &Batch,
         adapter: Option<&AdapterPass<T>>,
+        packs: Option<&FrozenPacks>,
         rope: &RopeTable<T>,
         d: &Dims,
-    ) -> Vec<Vec<T>> {
+    ) {
         let w = &self.weights;
-        let mut residuals = Vec::with_capacity(w.layers.len() + 1);
-        let mut x = vec![T::zero(); d.n * d.c];
-        embedding_forward(&mut x, &batch.ids, &w.embed, d.c);
-        let mut acts = LayerActs::new(d, adapter);
+        assert_eq!(residuals.len(), w.layers.len() + 1);
+        embedding_forward(&mut residuals[0], &batch.ids, &w.embed, d.c);
         for l in 0..w.layers.len() {
-            let mut out = vec![T::zero(); d.n * d.c];
-            self.layer_forward(&mut out, &mut acts, &x, l, adapter, batch, rope, d);
-            residuals.push(std::mem::replace(&mut x, out));
+            let (done, rest) = residuals.split_at_mut(l + 1);
+            let (x, out) = (&done[l], &mut rest[0]);
+            self.layer_forward(out, acts, x, l, adapter, packs, batch, rope, d);
         }
-        residuals.push(x);
-        residuals
     }
 
     fn rope_for(&self, batch: &Batch) -> RopeTable<T> {
@@ -532,12 +703,19 @@ impl<T: Float> Model<T> {
         let d = self.dims(batch);
         let rope = self.rope_for(batch);
         let adapter = lora.map(|lora| AdapterPass::eval(lora));
-        let residuals = self.forward_residuals(batch, adapter.as_ref(), &rope, &d);
-        let x = &residuals[d_last(&residuals)];
+        let adapter = adapter.as_ref();
+        let key = WorkspaceKey::new(&d, self.weights.layers.len(), adapter);
+        let mut ws = self.workspace.take(key, adapter);
+        let Workspace {
+            acts, residuals, ..
+        } = &mut *ws;
+        self.forward_residuals(residuals, acts, batch, adapter, None, &rope, &d);
+        let x = &residuals[d_last(residuals)];
         let mut h = vec![T::zero(); d.n * d.c];
         let mut rstd = vec![T::zero(); d.n];
         let (w, eps) = (&self.weights.final_norm, self.config.rms_norm_eps);
         rmsnorm_forward(&mut h, &mut rstd, x, w, d.n, d.c, eps);
+        self.workspace.put(ws);
         (d, h)
     }
 
@@ -574,10 +752,11 @@ impl<T: Float> Model<T> {
         grads: &mut Grads<T>,
     ) -> CeStats {
         let scale = T::one() / T::of(normaliser.max(1) as f64);
-        let head = |h: &[T], w: &[T], d: &Dims, dh: &mut [T], dw: Option<&mut [T]>| {
-            lm_head_cross_entropy(
+        let head = |h: &[T], w: HeadWeight<T>, d: &Dims, dh: &mut [T], dw: Option<&mut [T]>| {
+            lm_head_cross_entropy_packed(
                 h,
-                w,
+                w.w,
+                w.packs,
                 &batch.targets,
                 d.n,
                 d.c,
@@ -604,19 +783,20 @@ impl<T: Float> Model<T> {
         grads: &mut Grads<T>,
         weights: impl FnOnce(&[f64]) -> Vec<T>,
     ) -> Vec<f64> {
-        let head = |h: &[T], w: &[T], d: &Dims, dh: &mut [T], dw: Option<&mut [T]>| {
+        let head = |h: &[T], w: HeadWeight<T>, d: &Dims, dh: &mut [T], dw: Option<&mut [T]>| {
             let (n, c, v) = (d.n, d.c, d.v);
-            let log_probs = target_log_probs(h, w, &batch.targets, n, c, v, CE_CHUNK_ROWS);
+            let (targets, chunk) = (&batch.targets, CE_CHUNK_ROWS);
+            let log_probs = target_log_probs_packed(h, w.w, w.packs, targets, n, c, v, chunk);
             let scale = weights(&log_probs);
-            let targets = &batch.targets;
-            lm_head_cross_entropy_weighted(
+            lm_head_cross_entropy_weighted_packed(
                 h,
-                w,
+                w.w,
+                w.packs,
                 targets,
                 n,
                 c,
                 v,
-                CE_CHUNK_ROWS,
+                chunk,
                 &scale,
                 Some(dh),
                 dw,
@@ -642,14 +822,25 @@ impl<T: Float> Model<T> {
         lora: Option<&Lora<T>>,
         dropout_seed: u64,
         grads: &mut Grads<T>,
-        head: impl FnOnce(&[T], &[T], &Dims, &mut [T], Option<&mut [T]>) -> R,
+        head: impl FnOnce(&[T], HeadWeight<T>, &Dims, &mut [T], Option<&mut [T]>) -> R,
     ) -> R {
         let d = self.dims(batch);
         let rope = self.rope_for(batch);
         let w = &self.weights;
         let adapter = lora.map(|lora| AdapterPass::train(lora, dropout_seed));
         let adapter = adapter.as_ref();
-        let residuals = self.forward_residuals(batch, adapter, &rope, &d);
+        let packs = self.packs.frozen(w, &grads.base);
+        let packs = packs.as_ref();
+        let key = WorkspaceKey::new(&d, w.layers.len(), adapter);
+        let mut ws = self.workspace.take(key, adapter);
+        let Workspace {
+            acts,
+            scratch,
+            residuals,
+            out,
+            ..
+        } = &mut *ws;
+        self.forward_residuals(residuals, acts, batch, adapter, packs, &rope, &d);
         let Grads {
             base: grads,
             lora: lora_grads,
@@ -657,7 +848,7 @@ impl<T: Float> Model<T> {
         let eps = self.config.rms_norm_eps;
 
         // Final norm and fused LM head + cross-entropy.
-        let x_last = &residuals[d_last(&residuals)];
+        let x_last = &residuals[d_last(residuals)];
         let mut h = vec![T::zero(); d.n * d.c];
         let mut rstd = vec![T::zero(); d.n];
         rmsnorm_forward(&mut h, &mut rstd, x_last, &w.final_norm, d.n, d.c, eps);
@@ -666,41 +857,32 @@ impl<T: Float> Model<T> {
             Some(lm_head) => grad_slot(lm_head),
             None => grad_slot(&mut grads.embed), // tied: the head's gradient lands in the embedding
         };
-        let head_out = head(&h, w.head(), &d, &mut dh, dhead);
+        let head_w = HeadWeight {
+            w: w.head(),
+            packs: packs.and_then(FrozenPacks::head),
+        };
+        let head_out = head(&h, head_w, &d, &mut dh, dhead);
         let mut dx = vec![T::zero(); d.n * d.c];
         let dw = grad_slot(&mut grads.final_norm);
         rmsnorm_backward(&mut dx, dw, &dh, x_last, &w.final_norm, &rstd, d.n, d.c);
 
         // Layers in reverse, each recomputed from its saved input.
-        let mut acts = LayerActs::new(&d, adapter);
-        let mut scratch = LayerActs::new(&d, None);
-        let mut out = vec![T::zero(); d.n * d.c];
         let mut dx_in = vec![T::zero(); d.n * d.c];
         for l in (0..w.layers.len()).rev() {
             let x = &residuals[l];
-            self.layer_forward(&mut out, &mut acts, x, l, adapter, batch, &rope, &d);
+            self.layer_forward(out, acts, x, l, adapter, packs, batch, &rope, &d);
             dx_in.fill(T::zero());
             let g = &mut grads.layers[l];
             let gl = lora_grads.as_mut().map(|g| &mut g.layers[l]);
             self.layer_backward(
-                &mut dx_in,
-                g,
-                gl,
-                &mut scratch,
-                &dx,
-                x,
-                &acts,
-                l,
-                adapter,
-                batch,
-                &rope,
-                &d,
+                &mut dx_in, g, gl, scratch, &dx, x, acts, l, adapter, packs, batch, &rope, &d,
             );
             std::mem::swap(&mut dx, &mut dx_in);
         }
         if let Some(dembed) = grad_slot(&mut grads.embed) {
             embedding_backward(dembed, &dx, &batch.ids, d.c);
         }
+        self.workspace.put(ws);
         head_out
     }
 

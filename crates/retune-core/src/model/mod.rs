@@ -9,9 +9,11 @@ pub mod decoder;
 pub mod generate;
 pub mod lora;
 pub mod memory;
+mod packs;
 pub mod weights;
 
 pub use lora::{Lora, LoraSpec, Target};
+pub use packs::set_pack_layer_weights;
 pub use weights::{LayerWeights, Linear, Weights};
 
 use crate::config::LlamaConfig;
@@ -28,6 +30,10 @@ pub struct Model<T> {
     pub config: LlamaConfig,
     /// Parameters.
     pub weights: Weights<T>,
+    /// bf16 packs of the frozen weights, rebuilt when they change (see [`packs`]).
+    packs: packs::PackCache,
+    /// Activation buffers kept between training calls.
+    workspace: decoder::WorkspaceSlot<T>,
 }
 
 impl<T: Float> Model<T> {
@@ -37,6 +43,8 @@ impl<T: Float> Model<T> {
         Ok(Model {
             config: loaded.config,
             weights,
+            packs: Default::default(),
+            workspace: Default::default(),
         })
     }
 
@@ -197,7 +205,12 @@ impl<T: Float> Model<T> {
             tensors.insert(name, crate::load::HostTensor { shape, data });
         }
         let weights = Weights::from_tensors(&config, tensors, Path::new("<random>"))?;
-        Ok(Model { config, weights })
+        Ok(Model {
+            config,
+            weights,
+            packs: Default::default(),
+            workspace: Default::default(),
+        })
     }
 }
 

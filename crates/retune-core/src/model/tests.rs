@@ -450,3 +450,32 @@ fn dpo_gradients_match_finite_differences() {
     let eval_loss = |lora: &Lora<f64>| loss_of(&pairs_of(&model.target_log_probs(&b, Some(lora))));
     check_adapter_gradients(&model, &mut lora, &grads, 3, eval_loss);
 }
+
+/// LoRA gradients of one training call (dropout on), flattened.
+fn lora_step(model: &Model<f64>, lora: &Lora<f64>, batch: &Batch) -> (f64, Vec<f64>) {
+    let mut g = Grads::lora(model, lora);
+    let s = model.forward_backward(batch, batch.target_count(), Some(lora), 7, &mut g);
+    let mut gl = g.lora.unwrap();
+    let flat = gl.tensors_mut().into_iter().flatten().map(|x| *x).collect();
+    (s.loss_sum, flat)
+}
+
+#[test]
+fn kept_buffers_give_the_results_of_fresh_ones() {
+    // The model keeps its activation buffers between calls: calls with other batch shapes,
+    // evaluations (no dropout) and other gradient sets in between must not change a result.
+    let model = Model::<f64>::random(tiny(true, true, false), 11, 0.3).unwrap();
+    let lora = random_lora(&model, spec(0.1, &Target::ALL), 12);
+    let (a, other) = (batch(), Batch::from_rows(&[vec![5, 9, 2, 7]]).unwrap());
+    let first = lora_step(&model, &lora, &a);
+    let _ = lora_step(&model, &lora, &other);
+    let _ = model.loss(&a, Some(&lora));
+    let mut full = Grads::full(&model);
+    model.forward_backward(&other, other.target_count(), None, 0, &mut full);
+    let again = lora_step(&model, &lora, &a);
+    let fresh = lora_step(&model.clone(), &lora, &a);
+    assert_eq!(first.0.to_bits(), again.0.to_bits());
+    assert_eq!(first.1, again.1);
+    assert_eq!(first.1, fresh.1);
+    assert!(first.1.iter().any(|&g| g != 0.0));
+}

@@ -1,6 +1,6 @@
 //! LM head fused with cross-entropy, in row chunks so the `[N, V]` logits never exist whole.
 
-use super::matmul::{matmul_nn, matmul_nt, matmul_tn};
+use super::matmul::{matmul_nn, matmul_nt, matmul_packed, matmul_tn, WeightPacks};
 use crate::Float;
 use rayon::prelude::*;
 
@@ -82,7 +82,37 @@ pub fn lm_head_cross_entropy<T: Float>(
     dh: Option<&mut [T]>,
     dw: Option<&mut [T]>,
 ) -> CeStats {
-    head_loss(h, w, targets, n, c, v, chunk_rows, |_| grad_scale, dh, dw)
+    head_loss(
+        h,
+        w,
+        None,
+        targets,
+        n,
+        c,
+        v,
+        chunk_rows,
+        |_| grad_scale,
+        dh,
+        dw,
+    )
+}
+
+/// [`lm_head_cross_entropy`] with the head's packs (a frozen f32 head under bf16 precision).
+pub fn lm_head_cross_entropy_packed<T: Float>(
+    h: &[T],
+    w: &[T],
+    packs: Option<&WeightPacks>,
+    targets: &[u32],
+    n: usize,
+    c: usize,
+    v: usize,
+    chunk_rows: usize,
+    grad_scale: T,
+    dh: Option<&mut [T]>,
+    dw: Option<&mut [T]>,
+) -> CeStats {
+    let scale = |_| grad_scale;
+    head_loss(h, w, packs, targets, n, c, v, chunk_rows, scale, dh, dw)
 }
 
 /// [`lm_head_cross_entropy`] with one gradient scale per row: the gradient of
@@ -100,8 +130,28 @@ pub fn lm_head_cross_entropy_weighted<T: Float>(
     dh: Option<&mut [T]>,
     dw: Option<&mut [T]>,
 ) -> CeStats {
+    lm_head_cross_entropy_weighted_packed(
+        h, w, None, targets, n, c, v, chunk_rows, row_scale, dh, dw,
+    )
+}
+
+/// [`lm_head_cross_entropy_weighted`] with the head's packs.
+pub fn lm_head_cross_entropy_weighted_packed<T: Float>(
+    h: &[T],
+    w: &[T],
+    packs: Option<&WeightPacks>,
+    targets: &[u32],
+    n: usize,
+    c: usize,
+    v: usize,
+    chunk_rows: usize,
+    row_scale: &[T],
+    dh: Option<&mut [T]>,
+    dw: Option<&mut [T]>,
+) -> CeStats {
     assert_eq!(row_scale.len(), n, "cross-entropy: row_scale must be [N]");
-    head_loss(h, w, targets, n, c, v, chunk_rows, |i| row_scale[i], dh, dw)
+    let scale = |i| row_scale[i];
+    head_loss(h, w, packs, targets, n, c, v, chunk_rows, scale, dh, dw)
 }
 
 /// `log p(target)` of every row of `h[N, C]` under the head `w[V, C]` (0 on [`IGNORE`] rows),
@@ -110,6 +160,20 @@ pub fn lm_head_cross_entropy_weighted<T: Float>(
 pub fn target_log_probs<T: Float>(
     h: &[T],
     w: &[T],
+    targets: &[u32],
+    n: usize,
+    c: usize,
+    v: usize,
+    chunk_rows: usize,
+) -> Vec<f64> {
+    target_log_probs_packed(h, w, None, targets, n, c, v, chunk_rows)
+}
+
+/// [`target_log_probs`] with the head's packs.
+pub fn target_log_probs_packed<T: Float>(
+    h: &[T],
+    w: &[T],
+    packs: Option<&WeightPacks>,
     targets: &[u32],
     n: usize,
     c: usize,
@@ -130,7 +194,7 @@ pub fn target_log_probs<T: Float>(
             continue;
         }
         let lg = &mut logits[..r * v];
-        matmul_nt(lg, &h[start * c..(start + r) * c], w, r, c, v, false);
+        head_logits(lg, &h[start * c..(start + r) * c], w, packs, r, c, v);
         out[start..start + r]
             .par_iter_mut()
             .zip(lg.par_chunks(v))
@@ -163,6 +227,7 @@ fn target_log_prob<T: Float>(row: &[T], target: u32) -> f64 {
 fn head_loss<T: Float>(
     h: &[T],
     w: &[T],
+    packs: Option<&WeightPacks>,
     targets: &[u32],
     n: usize,
     c: usize,
@@ -194,7 +259,7 @@ fn head_loss<T: Float>(
         }
         let hc = &h[start * c..(start + r) * c];
         let lg = &mut logits[..r * v];
-        matmul_nt(lg, hc, w, r, c, v, false);
+        head_logits(lg, hc, w, packs, r, c, v);
         // Rows in parallel, their statistics summed in row order: a rayon reduce would add
         // the f64 losses in a work-stealing order, and the reported loss would vary run to run.
         let rows_stats: Vec<CeStats> = lg
@@ -205,13 +270,33 @@ fn head_loss<T: Float>(
             .collect();
         stats = rows_stats.into_iter().fold(stats, CeStats::merge);
         if let Some(dh) = dh.as_deref_mut() {
-            matmul_nn(&mut dh[start * c..(start + r) * c], lg, w, r, v, c, true);
+            let dhc = &mut dh[start * c..(start + r) * c];
+            match packs.and_then(|p| p.backward.as_ref()) {
+                Some(p) => matmul_packed(dhc, lg, p, r, true),
+                None => matmul_nn(dhc, lg, w, r, v, c, true),
+            }
         }
         if let Some(dw) = dw.as_deref_mut() {
             matmul_tn(dw, lg, hc, v, r, c, true);
         }
     }
     stats
+}
+
+/// `logits[r, V] = h[r, C] · w[V, C]^T`, from the packs when given.
+fn head_logits<T: Float>(
+    logits: &mut [T],
+    h: &[T],
+    w: &[T],
+    packs: Option<&WeightPacks>,
+    r: usize,
+    c: usize,
+    v: usize,
+) {
+    match packs {
+        Some(p) => matmul_packed(logits, h, &p.forward, r, false),
+        None => matmul_nt(logits, h, w, r, c, v, false),
+    }
 }
 
 /// `logits[N, V] = h[N, C] · w[V, C]^T` (the LM head alone, for generation).

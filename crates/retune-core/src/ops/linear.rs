@@ -1,6 +1,6 @@
 //! Linear layer `y = x W^T + b`, with `W` stored `[out, in]` as in PyTorch and Hugging Face.
 
-use super::matmul::{matmul_nn, matmul_nt, matmul_tn};
+use super::matmul::{matmul_nn, matmul_nt, matmul_packed, matmul_tn, WeightPacks};
 use crate::Float;
 use rayon::prelude::*;
 
@@ -19,7 +19,24 @@ pub fn linear_forward<T: Float>(
     d_in: usize,
     d_out: usize,
 ) {
-    matmul_nt(y, x, w, n, d_in, d_out, false);
+    linear_forward_packed(y, x, w, None, b, n, d_in, d_out)
+}
+
+/// [`linear_forward`] with, for a frozen f32 weight under bf16 precision, its packs.
+pub fn linear_forward_packed<T: Float>(
+    y: &mut [T],
+    x: &[T],
+    w: &[T],
+    packs: Option<&WeightPacks>,
+    b: Option<&[T]>,
+    n: usize,
+    d_in: usize,
+    d_out: usize,
+) {
+    match packs {
+        Some(p) => matmul_packed(y, x, &p.forward, n, false),
+        None => matmul_nt(y, x, w, n, d_in, d_out, false),
+    }
     if let Some(b) = b {
         assert_eq!(b.len(), d_out, "linear_forward: bias must be [D_out]");
         if d_out == 0 {
@@ -48,8 +65,28 @@ pub fn linear_backward<T: Float>(
     d_in: usize,
     d_out: usize,
 ) {
+    linear_backward_packed(dx, dw, db, dy, x, w, None, n, d_in, d_out)
+}
+
+/// [`linear_backward`] with, for a frozen f32 weight under bf16 precision, its packs (used
+/// for `dx`).
+pub fn linear_backward_packed<T: Float>(
+    dx: Option<&mut [T]>,
+    dw: Option<&mut [T]>,
+    db: Option<&mut [T]>,
+    dy: &[T],
+    x: &[T],
+    w: &[T],
+    packs: Option<&WeightPacks>,
+    n: usize,
+    d_in: usize,
+    d_out: usize,
+) {
     if let Some(dx) = dx {
-        matmul_nn(dx, dy, w, n, d_out, d_in, true);
+        match packs.and_then(|p| p.backward.as_ref()) {
+            Some(p) => matmul_packed(dx, dy, p, n, true),
+            None => matmul_nn(dx, dy, w, n, d_out, d_in, true),
+        }
     }
     if let Some(dw) = dw {
         matmul_tn(dw, dy, x, d_out, n, d_in, true);

@@ -11,7 +11,7 @@
 
 use crate::Float;
 use gemm::Parallelism;
-use retune_gemm::MatRef;
+use retune_gemm::{MatRef, PackedB};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// How f32 matrix products compute.
@@ -180,6 +180,42 @@ pub fn matmul_tn<T: Float>(
     product(c, (a, 1, m), (b, n, 1), m, k, n, accumulate)
 }
 
+/// A frozen weight `w[d_out, d_in]` packed once for the two bf16 products that read it, so they
+/// skip converting and laying out the weight on every call (for the 49k x 576 LM head that
+/// conversion costs more than the product itself).
+pub struct WeightPacks {
+    /// `w^T` as the `[d_in, d_out]` right operand of the forward `x · w^T`.
+    pub forward: PackedB,
+    /// `w` as the `[d_out, d_in]` right operand of the input gradient `dy · w`, when packed
+    /// (it doubles the memory; without it that product packs `w` on every call).
+    pub backward: Option<PackedB>,
+}
+
+impl WeightPacks {
+    /// Packs `w[d_out, d_in]` for the kernel of [`retune_gemm::best_kernel`], for the forward
+    /// and, when `with_backward`, for the input gradient.
+    pub fn new(w: &[f32], d_out: usize, d_in: usize, with_backward: bool) -> Self {
+        WeightPacks {
+            forward: PackedB::from_nk(w, d_out, d_in),
+            backward: with_backward.then(|| PackedB::from_kn(w, d_out, d_in)),
+        }
+    }
+}
+
+/// `c[m, n] (+)= a[m, k] · b` with a prepacked right operand (see [`WeightPacks`]). Packs
+/// exist only for f32 weights, so `T` must be f32.
+pub fn matmul_packed<T: Float>(c: &mut [T], a: &[T], b: &PackedB, m: usize, accumulate: bool) {
+    let (a32, c32) = (T::f32_slice(a), T::f32_slice_mut(c));
+    let (Some(a32), Some(c32)) = (a32, c32) else {
+        panic!("matmul_packed: packed weights are f32, the operands must be too");
+    };
+    assert!(
+        a32.len() == m * b.k() && c32.len() == m * b.n(),
+        "matmul_packed: shape mismatch"
+    );
+    retune_gemm::gemm_packed(c32, MatRef::row_major(a32, b.k()), b, m, accumulate);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,5 +303,46 @@ mod tests {
         assert_eq!(c, vec![1.0; 6]);
         matmul_nn(&mut c, &[], &[], 2, 0, 3, false);
         assert_eq!(c, vec![0.0; 6]);
+    }
+
+    #[test]
+    fn packed_products_match_repacked_and_f64() {
+        // A weight packed once gives the same products as gemm_bf16 packing it per call, and
+        // both stay within bf16 rounding of the exact f64 product.
+        let (m, d_in, d_out) = (37, 70, 45);
+        let (x, w, dy) = (
+            randv(m * d_in, 12),
+            randv(d_out * d_in, 13),
+            randv(m * d_out, 14),
+        );
+        let (x32, w32, dy32): (Vec<f32>, Vec<f32>, Vec<f32>) = (
+            x.iter().map(|&v| v as f32).collect(),
+            w.iter().map(|&v| v as f32).collect(),
+            dy.iter().map(|&v| v as f32).collect(),
+        );
+        let packs = WeightPacks::new(&w32, d_out, d_in, true);
+        let mut y = vec![0.0f32; m * d_out];
+        matmul_packed(&mut y, &x32, &packs.forward, m, false);
+        let mut y_ref = vec![0.0f32; m * d_out];
+        let (xr, wr) = (
+            MatRef::row_major(&x32, d_in),
+            MatRef::transpose_of(&w32, d_in),
+        );
+        retune_gemm::gemm_bf16(&mut y_ref, xr, wr, m, d_in, d_out, false);
+        assert_eq!(y, y_ref);
+        let mut y64 = vec![0.0; m * d_out];
+        matmul_nt(&mut y64, &x, &w, m, d_in, d_out, false);
+        // Two bf16 roundings of ~4e-3 relative each, over a sum of 70 terms.
+        let bound = if retune_gemm::best_kernel() == retune_gemm::Kernel::F32 {
+            1e-5
+        } else {
+            3e-2
+        };
+        assert!(max_rel_diff(&y, &y64) < bound);
+        let mut dx = vec![1.0f32; m * d_in];
+        matmul_packed(&mut dx, &dy32, packs.backward.as_ref().unwrap(), m, true);
+        let mut dx64 = vec![1.0; m * d_in];
+        matmul_nn(&mut dx64, &dy, &w, m, d_out, d_in, true);
+        assert!(max_rel_diff(&dx, &dx64) < bound);
     }
 }
