@@ -10,7 +10,7 @@
 #     RETUNE      retune binary (default target/release/retune; build it with
 #                 `cargo build --release -p retune-cli`)
 #     PEER_PY     python of the peer venv (default $HOME/.cache/retune/peer-venv/bin/python)
-#     PEER_BENCH  the peer script (default /work/shared/peer/lora_bench.py)
+#     PEER_BENCH  the peer script (default ../shared/peer/lora_bench.py beside the checkout)
 #     CONFIGS     space-separated method:retune-dtype:peer-dtype triples
 #                 (default "lora:bf16:bf16 lora:f32:fp32 full:bf16:bf16 full:f32:fp32")
 #     LOG_DIR     where every run's raw output goes (default: a fresh mktemp -d)
@@ -27,7 +27,7 @@ STEPS=${2:-3}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 RETUNE=${RETUNE:-$ROOT/target/release/retune}
 PEER_PY=${PEER_PY:-$HOME/.cache/retune/peer-venv/bin/python}
-PEER_BENCH=${PEER_BENCH:-/work/shared/peer/lora_bench.py}
+PEER_BENCH=${PEER_BENCH:-$ROOT/../shared/peer/lora_bench.py}
 CONFIGS=${CONFIGS:-"lora:bf16:bf16 lora:f32:fp32 full:bf16:bf16 full:f32:fp32"}
 LOG_DIR=${LOG_DIR:-$(mktemp -d -t bench_vs_peer.XXXXXX)}
 mkdir -p "$LOG_DIR"

@@ -4,7 +4,7 @@
 
 use retune_core::config::LlamaConfig;
 use retune_core::model::{set_pack_layer_weights, Batch, Grads, Lora, LoraSpec, Model, Target};
-use retune_core::ops::matmul::{matmul_nt, set_matmul_precision, MatmulPrecision};
+use retune_core::ops::matmul::{matmul_nt, set_matmul_precision, MatmulPrecision, BF16_MIN_ROWS};
 use std::sync::Mutex;
 
 /// The tests here switch the process-wide precision: one at a time.
@@ -87,16 +87,28 @@ fn bf16_products_round_inputs_and_f64_is_untouched() {
     let _one_at_a_time = PRECISION.lock().unwrap();
     set_matmul_precision(MatmulPrecision::Bf16);
     // 1 + 2^-10 is not a bf16 number: it rounds to 1, so the bf16 product loses it.
-    let a = [1.0f32 + 1.0 / 1024.0];
-    let mut c = [0.0f32];
-    matmul_nt(&mut c, &a, &[1.0], 1, 1, 1, false);
-    assert_eq!(c[0], 1.0);
-    let mut c64 = [0.0f64];
-    matmul_nt(&mut c64, &[1.0 + 1.0 / 1024.0], &[1.0], 1, 1, 1, false);
-    assert_eq!(c64[0], 1.0 + 1.0 / 1024.0);
+    let m = BF16_MIN_ROWS;
+    let a = vec![1.0f32 + 1.0 / 1024.0; m];
+    let mut c = vec![0.0f32; m];
+    matmul_nt(&mut c, &a, &[1.0], m, 1, 1, false);
+    assert!(c.iter().all(|&x| x == 1.0), "{c:?}");
+    // Fewer rows (decoding a token) stay f32: converting the weight would cost more.
+    matmul_nt(&mut c[..m - 1], &a[..m - 1], &[1.0], m - 1, 1, 1, false);
+    assert!(c[..m - 1].iter().all(|&x| x == a[0]));
+    let mut c64 = vec![0.0f64; m];
+    matmul_nt(
+        &mut c64,
+        &vec![1.0 + 1.0 / 1024.0; m],
+        &[1.0],
+        m,
+        1,
+        1,
+        false,
+    );
+    assert!(c64.iter().all(|&x| x == 1.0 + 1.0 / 1024.0));
     set_matmul_precision(MatmulPrecision::F32);
-    matmul_nt(&mut c, &a, &[1.0], 1, 1, 1, false);
-    assert_eq!(c[0], a[0]);
+    matmul_nt(&mut c, &a, &[1.0], m, 1, 1, false);
+    assert!(c.iter().all(|&x| x == a[0]));
 }
 
 /// Loss and embedding-input gradient path of one forward/backward, as bits.

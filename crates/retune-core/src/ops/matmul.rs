@@ -39,6 +39,9 @@ pub fn matmul_precision() -> MatmulPrecision {
     }
 }
 
+/// Products with fewer rows than this stay f32 under bf16 precision.
+pub const BF16_MIN_ROWS: usize = 16;
+
 /// An operand: its elements and (row, column) strides.
 type Operand<'a, T> = (&'a [T], usize, usize);
 
@@ -52,7 +55,9 @@ fn product<T: Float>(
     n: usize,
     accumulate: bool,
 ) {
-    if matmul_precision() == MatmulPrecision::Bf16 {
+    // A product with few rows (decoding one token at a time) is bound by reading the weight:
+    // converting it to bf16 tiles would cost more than the f32 product itself.
+    if matmul_precision() == MatmulPrecision::Bf16 && m >= BF16_MIN_ROWS {
         if let (Some(a32), Some(b32)) = (T::f32_slice(a.0), T::f32_slice(b.0)) {
             let c32 = T::f32_slice_mut(c).expect("c has the operands' type");
             let (a_ref, b_ref) = (MatRef::new(a32, a.1, a.2), MatRef::new(b32, b.1, b.2));
