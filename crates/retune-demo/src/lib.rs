@@ -440,45 +440,55 @@ pub fn summary_markdown(r: &DemoReport) -> String {
 /// The before/after table (Markdown, readable as plain text).
 pub fn table(r: &DemoReport) -> String {
     let (b, a) = (&r.before, &r.after);
-    let change = |x: f64, y: f64| format!("{:+.1}%", 100.0 * (y / x - 1.0));
+    // A perplexity row shows the relative change; a share or margin row the difference.
+    let ppl = |name: &str, x: f64, y: f64| {
+        let change = format!("{:+.1}%", 100.0 * (y / x - 1.0));
+        (
+            name.to_string(),
+            format!("{x:.2}"),
+            format!("{y:.2}"),
+            change,
+        )
+    };
+    let diff = |name: &str, x: f64, y: f64, digits: usize| {
+        let f = |v: f64| format!("{v:.digits$}");
+        (name.to_string(), f(x), f(y), format!("{:+.digits$}", y - x))
+    };
     let mut rows = vec![
-        (
-            "cardiology perplexity (held-out PubMed abstracts)".to_string(),
-            format!("{:.2}", b.cardiology_perplexity),
-            format!("{:.2}", a.cardiology_perplexity),
-            change(b.cardiology_perplexity, a.cardiology_perplexity),
+        ppl(
+            "cardiology perplexity (held-out PubMed abstracts)",
+            b.cardiology_perplexity,
+            a.cardiology_perplexity,
         ),
-        (
-            "general-English perplexity (Brown corpus, retention)".to_string(),
-            format!("{:.2}", b.general_perplexity),
-            format!("{:.2}", a.general_perplexity),
-            change(b.general_perplexity, a.general_perplexity),
+        ppl(
+            "general-English perplexity (Brown corpus, retention)",
+            b.general_perplexity,
+            a.general_perplexity,
         ),
-        (
-            "held-out HPO definition perplexity".to_string(),
-            format!("{:.2}", b.definition_perplexity),
-            format!("{:.2}", a.definition_perplexity),
-            change(b.definition_perplexity, a.definition_perplexity),
+        ppl(
+            "held-out HPO definition perplexity",
+            b.definition_perplexity,
+            a.definition_perplexity,
         ),
-        (
-            "held-out pairs: log p(chosen) > log p(rejected)".to_string(),
-            format!("{:.3}", b.preference_accuracy),
-            format!("{:.3}", a.preference_accuracy),
-            format!("{:+.3}", a.preference_accuracy - b.preference_accuracy),
+        diff(
+            "held-out pairs: log p(chosen) > log p(rejected)",
+            b.preference_accuracy,
+            a.preference_accuracy,
+            3,
         ),
-        (
-            "held-out pairs: mean log-likelihood margin".to_string(),
-            format!("{:.2}", b.preference_margin),
-            format!("{:.2}", a.preference_margin),
-            format!("{:+.2}", a.preference_margin - b.preference_margin),
+        diff(
+            "held-out pairs: mean log-likelihood margin",
+            b.preference_margin,
+            a.preference_margin,
+            2,
         ),
     ];
     if let Some((x, y)) = r.dpo_reward_accuracy() {
-        rows.push((
-            "DPO reward accuracy (held-out, vs. the SFT model)".to_string(),
-            format!("{x:.3}"),
-            format!("{y:.3}"),
-            format!("{:+.3}", y - x),
+        rows.push(diff(
+            "DPO reward accuracy (held-out, vs. the SFT model)",
+            x,
+            y,
+            3,
         ));
     }
     let mut s = String::from("| measure | base | tuned | change |\n|---|---|---|---|\n");
@@ -486,4 +496,56 @@ pub fn table(r: &DemoReport) -> String {
         s.push_str(&format!("| {m} | {x} | {y} | {c} |\n"));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn figures(cardiology: f64, accuracy: f64, margin: f64) -> Figures {
+        Figures {
+            cardiology_perplexity: cardiology,
+            general_perplexity: 40.0,
+            definition_perplexity: 20.0,
+            preference_accuracy: accuracy,
+            preference_margin: margin,
+            tokens: [1, 1, 1],
+            pairs: 40,
+        }
+    }
+
+    #[test]
+    fn the_table_shows_relative_changes_of_perplexities_and_differences_of_shares() {
+        let report = DemoReport {
+            out: PathBuf::from("d"),
+            model: PathBuf::from("m.gguf"),
+            size: DemoSize::quick(),
+            before: figures(31.17, 0.7, 41.65),
+            after: figures(24.38, 0.725, 40.23),
+            stages: Vec::new(),
+            answers: Vec::new(),
+            adapter: PathBuf::from("a"),
+            wall_s: 1.0,
+        };
+        let t = table(&report);
+        // 24.38 / 31.17 - 1 = -0.2178...
+        assert!(
+            t.contains(
+                "| cardiology perplexity (held-out PubMed abstracts) | 31.17 | 24.38 | -21.8% |"
+            ),
+            "{t}"
+        );
+        assert!(t.contains(
+            "| general-English perplexity (Brown corpus, retention) | 40.00 | 40.00 | +0.0% |"
+        ));
+        assert!(t.contains(
+            "| held-out pairs: log p(chosen) > log p(rejected) | 0.700 | 0.725 | +0.025 |"
+        ));
+        assert!(
+            t.contains("| held-out pairs: mean log-likelihood margin | 41.65 | 40.23 | -1.42 |"),
+            "{t}"
+        );
+        // No DPO stage, no DPO row.
+        assert!(!t.contains("DPO reward accuracy"));
+    }
 }
