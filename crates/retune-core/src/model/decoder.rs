@@ -12,8 +12,7 @@ use super::{Batch, Grads, Model};
 use crate::float::Float;
 use crate::ops::attention::{attention_backward, attention_forward};
 use crate::ops::cross_entropy::{
-    lm_head_cross_entropy, lm_head_cross_entropy_packed, lm_head_cross_entropy_weighted_packed,
-    target_log_probs, target_log_probs_packed, CeStats,
+    lm_head_cross_entropy, lm_head_cross_entropy_weighted, target_log_probs, CeStats,
 };
 use crate::ops::embedding::{embedding_backward, embedding_forward};
 use crate::ops::linear::{linear_backward_packed, linear_forward_packed};
@@ -726,6 +725,7 @@ impl<T: Float> Model<T> {
         lm_head_cross_entropy(
             &h,
             w.head(),
+            None,
             &batch.targets,
             d.n,
             d.c,
@@ -753,7 +753,7 @@ impl<T: Float> Model<T> {
     ) -> CeStats {
         let scale = T::one() / T::of(normaliser.max(1) as f64);
         let head = |h: &[T], w: HeadWeight<T>, d: &Dims, dh: &mut [T], dw: Option<&mut [T]>| {
-            lm_head_cross_entropy_packed(
+            lm_head_cross_entropy(
                 h,
                 w.w,
                 w.packs,
@@ -786,9 +786,9 @@ impl<T: Float> Model<T> {
         let head = |h: &[T], w: HeadWeight<T>, d: &Dims, dh: &mut [T], dw: Option<&mut [T]>| {
             let (n, c, v) = (d.n, d.c, d.v);
             let (targets, chunk) = (&batch.targets, CE_CHUNK_ROWS);
-            let log_probs = target_log_probs_packed(h, w.w, w.packs, targets, n, c, v, chunk);
+            let log_probs = target_log_probs(h, w.w, w.packs, targets, n, c, v, chunk);
             let scale = weights(&log_probs);
-            lm_head_cross_entropy_weighted_packed(
+            lm_head_cross_entropy_weighted(
                 h,
                 w.w,
                 w.packs,
@@ -810,7 +810,7 @@ impl<T: Float> Model<T> {
     pub fn target_log_probs(&self, batch: &Batch, lora: Option<&Lora<T>>) -> Vec<f64> {
         let (d, h) = self.final_hidden(batch, lora);
         let w = self.weights.head();
-        target_log_probs(&h, w, &batch.targets, d.n, d.c, d.v, CE_CHUNK_ROWS)
+        target_log_probs(&h, w, None, &batch.targets, d.n, d.c, d.v, CE_CHUNK_ROWS)
     }
 
     /// The training forward, the LM head given by `head`, and the backward through every layer.

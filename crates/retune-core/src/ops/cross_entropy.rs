@@ -70,35 +70,8 @@ fn softmax_row<T: Float>(row: &mut [T], target: u32, grad_scale: T) -> CeStats {
 /// buffer. When `dh[N, C]` / `dw[V, C]` are given they are accumulated with
 /// `dlogits = grad_scale * (softmax - onehot)` (zero on [`IGNORE`] rows):
 /// `dh += dlogits · w`, `dw += dlogits^T · h`. Pass `grad_scale = 1 / count` for the mean loss.
+/// `packs`: the head's bf16 packs when it is frozen under bf16 precision (else `None`).
 pub fn lm_head_cross_entropy<T: Float>(
-    h: &[T],
-    w: &[T],
-    targets: &[u32],
-    n: usize,
-    c: usize,
-    v: usize,
-    chunk_rows: usize,
-    grad_scale: T,
-    dh: Option<&mut [T]>,
-    dw: Option<&mut [T]>,
-) -> CeStats {
-    head_loss(
-        h,
-        w,
-        None,
-        targets,
-        n,
-        c,
-        v,
-        chunk_rows,
-        |_| grad_scale,
-        dh,
-        dw,
-    )
-}
-
-/// [`lm_head_cross_entropy`] with the head's packs (a frozen f32 head under bf16 precision).
-pub fn lm_head_cross_entropy_packed<T: Float>(
     h: &[T],
     w: &[T],
     packs: Option<&WeightPacks>,
@@ -121,24 +94,6 @@ pub fn lm_head_cross_entropy_packed<T: Float>(
 pub fn lm_head_cross_entropy_weighted<T: Float>(
     h: &[T],
     w: &[T],
-    targets: &[u32],
-    n: usize,
-    c: usize,
-    v: usize,
-    chunk_rows: usize,
-    row_scale: &[T],
-    dh: Option<&mut [T]>,
-    dw: Option<&mut [T]>,
-) -> CeStats {
-    lm_head_cross_entropy_weighted_packed(
-        h, w, None, targets, n, c, v, chunk_rows, row_scale, dh, dw,
-    )
-}
-
-/// [`lm_head_cross_entropy_weighted`] with the head's packs.
-pub fn lm_head_cross_entropy_weighted_packed<T: Float>(
-    h: &[T],
-    w: &[T],
     packs: Option<&WeightPacks>,
     targets: &[u32],
     n: usize,
@@ -158,19 +113,6 @@ pub fn lm_head_cross_entropy_weighted_packed<T: Float>(
 /// chunked like [`lm_head_cross_entropy`]. Summed per sequence these are the log-likelihoods
 /// that preference objectives compare.
 pub fn target_log_probs<T: Float>(
-    h: &[T],
-    w: &[T],
-    targets: &[u32],
-    n: usize,
-    c: usize,
-    v: usize,
-    chunk_rows: usize,
-) -> Vec<f64> {
-    target_log_probs_packed(h, w, None, targets, n, c, v, chunk_rows)
-}
-
-/// [`target_log_probs`] with the head's packs.
-pub fn target_log_probs_packed<T: Float>(
     h: &[T],
     w: &[T],
     packs: Option<&WeightPacks>,
@@ -344,7 +286,7 @@ mod tests {
     }
 
     fn mean_loss(h: &[f64], w: &[f64], targets: &[u32]) -> f64 {
-        let s = lm_head_cross_entropy(h, w, targets, N, C, V, CHUNK, 0.0, None, None);
+        let s = lm_head_cross_entropy(h, w, None, targets, N, C, V, CHUNK, 0.0, None, None);
         s.loss_sum / s.count as f64
     }
 
@@ -353,17 +295,18 @@ mod tests {
         // Scaled up so the argmax is decisive and some predictions are right.
         let h: Vec<f64> = randv(N * C, 2).iter().map(|x| 3.0 * x).collect();
         let (w, t) = (randv(V * C, 3), targets());
-        let got = lm_head_cross_entropy(&h, &w, &t, N, C, V, CHUNK, 1.0, None, None);
+        let got = lm_head_cross_entropy(&h, &w, None, &t, N, C, V, CHUNK, 1.0, None, None);
         let want = naive(&h, &w, &t);
         assert_eq!((got.count, got.correct), (want.count, want.correct));
         assert_eq!(got.count, 5);
         assert!((got.loss_sum - want.loss_sum).abs() < 1e-13 * want.loss_sum);
         // One chunk holding everything gives the same numbers.
-        let whole = lm_head_cross_entropy(&h, &w, &t, N, C, V, 1000, 1.0, None, None);
+        let whole = lm_head_cross_entropy(&h, &w, None, &t, N, C, V, 1000, 1.0, None, None);
         assert!((whole.loss_sum - want.loss_sum).abs() < 1e-13 * want.loss_sum);
         let s32 = lm_head_cross_entropy(
             &to_f32(&h),
             &to_f32(&w),
+            None,
             &t,
             N,
             C,
@@ -389,6 +332,7 @@ mod tests {
         let stats = lm_head_cross_entropy(
             &h,
             &w,
+            None,
             &t,
             N,
             C,
@@ -409,6 +353,7 @@ mod tests {
         lm_head_cross_entropy(
             &h,
             &w,
+            None,
             &t,
             N,
             C,
@@ -426,7 +371,7 @@ mod tests {
 
     /// `sum_i scale_i * (-log p_i)`: the weighted loss whose gradient the weighted head gives.
     fn weighted_loss(h: &[f64], w: &[f64], t: &[u32], scale: &[f64]) -> f64 {
-        let lp = target_log_probs(h, w, t, N, C, V, CHUNK);
+        let lp = target_log_probs(h, w, None, t, N, C, V, CHUNK);
         lp.iter().zip(scale).map(|(l, s)| -l * s).sum()
     }
 
@@ -434,7 +379,7 @@ mod tests {
     fn target_log_probs_match_naive_log_softmax() {
         let h: Vec<f64> = randv(N * C, 6).iter().map(|x| 2.0 * x).collect();
         let (w, t) = (randv(V * C, 7), targets());
-        let got = target_log_probs(&h, &w, &t, N, C, V, CHUNK);
+        let got = target_log_probs(&h, &w, None, &t, N, C, V, CHUNK);
         let mut logits = vec![0.0; N * V];
         logits_forward(&mut logits, &h, &w, N, C, V);
         for (i, row) in logits.chunks(V).enumerate() {
@@ -450,7 +395,7 @@ mod tests {
             );
         }
         // The summed log-probs are minus the cross-entropy's loss sum.
-        let ce = lm_head_cross_entropy(&h, &w, &t, N, C, V, CHUNK, 1.0, None, None);
+        let ce = lm_head_cross_entropy(&h, &w, None, &t, N, C, V, CHUNK, 1.0, None, None);
         assert!((got.iter().sum::<f64>() + ce.loss_sum).abs() < 1e-12);
     }
 
@@ -463,6 +408,7 @@ mod tests {
         lm_head_cross_entropy_weighted(
             &h,
             &w,
+            None,
             &t,
             N,
             C,
