@@ -698,8 +698,14 @@ impl<T: Float> Model<T> {
 
     /// The final-norm hidden states `[N, C]` of an evaluation forward (no dropout, nothing
     /// kept for a backward).
-    fn final_hidden(&self, batch: &Batch, lora: Option<&Lora<T>>) -> (Dims, Vec<T>) {
+    /// Under bf16 products, the frozen weights' packs come along (an evaluation trains nothing).
+    fn final_hidden(
+        &self,
+        batch: &Batch,
+        lora: Option<&Lora<T>>,
+    ) -> (Dims, Vec<T>, Option<FrozenPacks>) {
         let d = self.dims(batch);
+        let packs = self.packs.frozen(&self.weights, &self.weights.empty_like());
         let rope = self.rope_for(batch);
         let adapter = lora.map(|lora| AdapterPass::eval(lora));
         let adapter = adapter.as_ref();
@@ -708,24 +714,24 @@ impl<T: Float> Model<T> {
         let Workspace {
             acts, residuals, ..
         } = &mut *ws;
-        self.forward_residuals(residuals, acts, batch, adapter, None, &rope, &d);
+        self.forward_residuals(residuals, acts, batch, adapter, packs.as_ref(), &rope, &d);
         let x = &residuals[d_last(residuals)];
         let mut h = vec![T::zero(); d.n * d.c];
         let mut rstd = vec![T::zero(); d.n];
         let (w, eps) = (&self.weights.final_norm, self.config.rms_norm_eps);
         rmsnorm_forward(&mut h, &mut rstd, x, w, d.n, d.c, eps);
         self.workspace.put(ws);
-        (d, h)
+        (d, h, packs)
     }
 
     /// Loss statistics of a batch without gradients (evaluation; an adapter runs without dropout).
     pub fn loss(&self, batch: &Batch, lora: Option<&Lora<T>>) -> CeStats {
-        let (d, h) = self.final_hidden(batch, lora);
+        let (d, h, packs) = self.final_hidden(batch, lora);
         let w = &self.weights;
         lm_head_cross_entropy(
             &h,
             w.head(),
-            None,
+            packs.as_ref().and_then(FrozenPacks::head),
             &batch.targets,
             d.n,
             d.c,
@@ -808,9 +814,12 @@ impl<T: Float> Model<T> {
 
     /// `log p(target)` of every position of a batch (0 where `IGNORE`), evaluation forward.
     pub fn target_log_probs(&self, batch: &Batch, lora: Option<&Lora<T>>) -> Vec<f64> {
-        let (d, h) = self.final_hidden(batch, lora);
-        let w = self.weights.head();
-        target_log_probs(&h, w, None, &batch.targets, d.n, d.c, d.v, CE_CHUNK_ROWS)
+        let (d, h, packs) = self.final_hidden(batch, lora);
+        let (w, packs) = (
+            self.weights.head(),
+            packs.as_ref().and_then(FrozenPacks::head),
+        );
+        target_log_probs(&h, w, packs, &batch.targets, d.n, d.c, d.v, CE_CHUNK_ROWS)
     }
 
     /// The training forward, the LM head given by `head`, and the backward through every layer.
@@ -888,7 +897,7 @@ impl<T: Float> Model<T> {
 
     /// Logits `[B*T, V]` of a batch (tests and small evaluations; generation uses the KV cache).
     pub fn logits(&self, batch: &Batch, lora: Option<&Lora<T>>) -> Vec<T> {
-        let (d, h) = self.final_hidden(batch, lora);
+        let (d, h, _) = self.final_hidden(batch, lora);
         let w = &self.weights;
         let mut logits = vec![T::zero(); d.n * d.v];
         crate::ops::cross_entropy::logits_forward(&mut logits, &h, w.head(), d.n, d.c, d.v);
