@@ -51,7 +51,7 @@ pub struct DemoSize {
 }
 
 impl DemoSize {
-    /// The default: about 10 minutes on 2 CPU cores.
+    /// The default: about 6 minutes on 2 CPU cores with AMX (10 on a busy machine).
     pub fn standard() -> Self {
         DemoSize {
             name: "default",
