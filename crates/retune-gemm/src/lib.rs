@@ -205,21 +205,9 @@ pub fn gemm_with(
         kernel.is_available(),
         "retune-gemm: kernel {kernel:?} is not available on this CPU"
     );
-    assert_eq!(
-        c.len(),
-        m * n,
-        "retune-gemm: c has {} elements, expected {m}x{n}",
-        c.len()
-    );
     a.check(m, k, "a");
     b.check(k, n, "b");
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            c.fill(0.0);
-        }
+    if empty_product(c, m, k, n, accumulate) {
         return;
     }
     if !kernel.is_bf16() {
@@ -314,23 +302,29 @@ impl PackedB {
     }
 }
 
-/// `c[m, n] (+)= a[m, k] · b` with a prepacked right operand; runs the kernel `b` was packed for.
-pub fn gemm_packed(c: &mut [f32], a: MatRef, b: &PackedB, m: usize, accumulate: bool) {
-    let (k, n) = (b.k, b.n);
+/// Checks `c` is `[m, n]`, and finishes a product with no terms: nothing to write when `c` is
+/// empty, zeros (or `c` as it is, accumulating) when `k == 0`. Returns whether it finished.
+fn empty_product(c: &mut [f32], m: usize, k: usize, n: usize, accumulate: bool) -> bool {
     assert_eq!(
         c.len(),
         m * n,
         "retune-gemm: c has {} elements, expected {m}x{n}",
         c.len()
     );
-    a.check(m, k, "a");
     if m == 0 || n == 0 {
-        return;
+        return true;
     }
-    if k == 0 {
-        if !accumulate {
-            c.fill(0.0);
-        }
+    if k == 0 && !accumulate {
+        c.fill(0.0);
+    }
+    k == 0
+}
+
+/// `c[m, n] (+)= a[m, k] · b` with a prepacked right operand; runs the kernel `b` was packed for.
+pub fn gemm_packed(c: &mut [f32], a: MatRef, b: &PackedB, m: usize, accumulate: bool) {
+    let (k, n) = (b.k, b.n);
+    a.check(m, k, "a");
+    if empty_product(c, m, k, n, accumulate) {
         return;
     }
     match &b.data {
