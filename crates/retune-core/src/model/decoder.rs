@@ -11,9 +11,7 @@ use super::weights::{grad_slot, LayerWeights, Linear};
 use super::{Batch, Grads, Model};
 use crate::float::Float;
 use crate::ops::attention::{attention_backward, attention_forward};
-use crate::ops::cross_entropy::{
-    lm_head_cross_entropy, lm_head_cross_entropy_weighted, target_log_probs, CeStats,
-};
+use crate::ops::cross_entropy::{lm_head_cross_entropy, target_log_probs, CeStats};
 use crate::ops::embedding::{embedding_backward, embedding_forward};
 use crate::ops::linear::{linear_backward_packed, linear_forward_packed};
 use crate::ops::lora::{dropout_forward, lora_backward, lora_forward};
@@ -794,7 +792,7 @@ impl<T: Float> Model<T> {
             let (targets, chunk) = (&batch.targets, CE_CHUNK_ROWS);
             let log_probs = target_log_probs(h, w.w, w.packs, targets, n, c, v, chunk);
             let scale = weights(&log_probs);
-            lm_head_cross_entropy_weighted(
+            lm_head_cross_entropy(
                 h,
                 w.w,
                 w.packs,
@@ -803,7 +801,7 @@ impl<T: Float> Model<T> {
                 c,
                 v,
                 chunk,
-                &scale,
+                scale.as_slice(),
                 Some(dh),
                 dw,
             );

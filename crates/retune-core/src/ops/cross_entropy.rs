@@ -65,13 +65,36 @@ fn softmax_row<T: Float>(row: &mut [T], target: u32, grad_scale: T) -> CeStats {
     }
 }
 
+/// The gradient scale of each row of the loss: one for all (`1 / count` for the mean loss), or
+/// one per row (preference objectives weight each completion token by its sequence's
+/// coefficient, negative for the rejected side).
+#[derive(Clone, Copy, Debug)]
+pub enum GradScale<'a, T> {
+    /// The same scale for every row.
+    Uniform(T),
+    /// `[N]` scales, row by row.
+    PerRow(&'a [T]),
+}
+
+impl<T> From<T> for GradScale<'_, T> {
+    fn from(scale: T) -> Self {
+        GradScale::Uniform(scale)
+    }
+}
+
+impl<'a, T> From<&'a [T]> for GradScale<'a, T> {
+    fn from(scales: &'a [T]) -> Self {
+        GradScale::PerRow(scales)
+    }
+}
+
 /// Fused LM head and cross-entropy over `h[N, C]`, `w[V, C]`, `targets[N]` ([`IGNORE`] = no
 /// loss). Logits `h · w^T` are formed `chunk_rows` rows at a time in one `[chunk_rows, V]`
 /// buffer. When `dh[N, C]` / `dw[V, C]` are given they are accumulated with
-/// `dlogits = grad_scale * (softmax - onehot)` (zero on [`IGNORE`] rows):
-/// `dh += dlogits · w`, `dw += dlogits^T · h`. Pass `grad_scale = 1 / count` for the mean loss.
+/// `dlogits_i = scale_i * (softmax - onehot)` (zero on [`IGNORE`] rows), the gradient of
+/// `sum_i scale_i * (-log p_i(target_i))`: `dh += dlogits · w`, `dw += dlogits^T · h`.
 /// `packs`: the head's bf16 packs when it is frozen under bf16 precision (else `None`).
-pub fn lm_head_cross_entropy<T: Float>(
+pub fn lm_head_cross_entropy<'a, T: Float>(
     h: &[T],
     w: &[T],
     packs: Option<&WeightPacks>,
@@ -80,33 +103,31 @@ pub fn lm_head_cross_entropy<T: Float>(
     c: usize,
     v: usize,
     chunk_rows: usize,
-    grad_scale: T,
+    grad_scale: impl Into<GradScale<'a, T>>,
     dh: Option<&mut [T]>,
     dw: Option<&mut [T]>,
 ) -> CeStats {
-    let scale = |_| grad_scale;
-    head_loss(h, w, packs, targets, n, c, v, chunk_rows, scale, dh, dw)
-}
-
-/// [`lm_head_cross_entropy`] with one gradient scale per row: the gradient of
-/// `sum_i row_scale[i] * (-log p_i(target_i))`. Preference objectives weight each completion
-/// token by its sequence's coefficient (negative for the rejected side).
-pub fn lm_head_cross_entropy_weighted<T: Float>(
-    h: &[T],
-    w: &[T],
-    packs: Option<&WeightPacks>,
-    targets: &[u32],
-    n: usize,
-    c: usize,
-    v: usize,
-    chunk_rows: usize,
-    row_scale: &[T],
-    dh: Option<&mut [T]>,
-    dw: Option<&mut [T]>,
-) -> CeStats {
-    assert_eq!(row_scale.len(), n, "cross-entropy: row_scale must be [N]");
-    let scale = |i| row_scale[i];
-    head_loss(h, w, packs, targets, n, c, v, chunk_rows, scale, dh, dw)
+    match grad_scale.into() {
+        GradScale::Uniform(s) => {
+            head_loss(h, w, packs, targets, n, c, v, chunk_rows, |_| s, dh, dw)
+        }
+        GradScale::PerRow(rows) => {
+            assert_eq!(rows.len(), n, "cross-entropy: one scale per row, [N]");
+            head_loss(
+                h,
+                w,
+                packs,
+                targets,
+                n,
+                c,
+                v,
+                chunk_rows,
+                |i| rows[i],
+                dh,
+                dw,
+            )
+        }
+    }
 }
 
 /// `log p(target)` of every row of `h[N, C]` under the head `w[V, C]` (0 on [`IGNORE`] rows),
@@ -405,7 +426,7 @@ mod tests {
         // Signed weights, as a preference loss gives them (rejected tokens negative).
         let scale: Vec<f64> = randv(N, 10).iter().map(|x| 2.0 * x).collect();
         let (mut dh, mut dw) = (vec![0.0; N * C], vec![0.0; V * C]);
-        lm_head_cross_entropy_weighted(
+        lm_head_cross_entropy(
             &h,
             &w,
             None,
@@ -414,7 +435,7 @@ mod tests {
             C,
             V,
             CHUNK,
-            &scale,
+            scale.as_slice(),
             Some(&mut dh),
             Some(&mut dw),
         );
