@@ -19,17 +19,25 @@ fn max_rel(a: &[f32], b: &[f32]) -> f64 {
         / scale
 }
 
+/// The bf16 path fuses each projection with its LoRA branch; with biases and dropout it takes
+/// the branches that add them, and frozen biases take their own path too.
 #[test]
 fn bf16_training_step_tracks_the_f32_step() {
     let _one_at_a_time = PRECISION.lock().unwrap();
+    bf16_step_case(false, 0.0);
+    bf16_step_case(true, 0.1);
+}
+
+fn bf16_step_case(biases: bool, dropout: f64) {
     let mut cfg = LlamaConfig::smollm2_135m();
     cfg.num_hidden_layers = 2;
     cfg.vocab_size = 512;
+    (cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias) = (biases, biases, biases);
     let model = Model::<f32>::random(cfg.clone(), 1, 0.05).unwrap();
     let spec = LoraSpec {
         r: 8,
         alpha: 16.0,
-        dropout: 0.0,
+        dropout,
         targets: Target::ALL.to_vec(),
         rslora: false,
     };
@@ -49,7 +57,7 @@ fn bf16_training_step_tracks_the_f32_step() {
     let run = |p| {
         set_matmul_precision(p);
         let mut g = Grads::lora(&model, &lora);
-        let s = model.forward_backward(&batch, batch.target_count(), Some(&lora), 0, &mut g);
+        let s = model.forward_backward(&batch, batch.target_count(), Some(&lora), 7, &mut g);
         let grads: Vec<f32> = g
             .lora
             .unwrap()
@@ -79,7 +87,10 @@ fn bf16_training_step_tracks_the_f32_step() {
     let norm = |g: &[f32]| g.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
     let cosine = dot / (norm(&g16) * norm(&g32));
     assert!(cosine > 0.999, "cosine {cosine}");
-    eprintln!("loss f32 {loss32} bf16 {loss16}; gradient max rel diff {rel:e}, cosine {cosine}");
+    eprintln!(
+        "biases {biases}, dropout {dropout}: loss f32 {loss32} bf16 {loss16}; gradient max rel \
+         diff {rel:e}, cosine {cosine}"
+    );
 }
 
 #[test]

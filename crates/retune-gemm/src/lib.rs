@@ -12,7 +12,10 @@
 //!
 //! [`PackedB`] holds a frozen right operand (a linear layer's weight) already converted and laid
 //! out for the kernel, so [`gemm_packed`] repacks only the left operand, and the weight costs
-//! half the memory of its f32 copy.
+//! half the memory of its f32 copy. [`PackedA`] holds a left operand converted once for several
+//! products (one layer input read by several projections), and [`gemm_terms`] sums products
+//! that share `m` and `n` in one pass over `c` (a base weight's product plus its LoRA branch:
+//! each block of `c` stays in cache while every term is added into it).
 //!
 //! Work is split over blocks of `c` on rayon's global pool.
 //!
@@ -216,16 +219,8 @@ pub fn gemm_with(
     }
     let packed_a = pack::pack_a(a, m, k);
     let packed_b = pack::pack_b(b, k, n);
-    run_bf16(
-        kernel,
-        c,
-        packed_a.as_slice(),
-        packed_b.as_slice(),
-        m,
-        k,
-        n,
-        accumulate,
-    );
+    let term = (packed_a.as_slice(), packed_b.as_slice(), k);
+    run_bf16_terms(kernel, c, &[term], m, n, accumulate);
     packed_a.recycle();
     packed_b.recycle();
 }
@@ -302,6 +297,138 @@ impl PackedB {
     }
 }
 
+impl PackedB {
+    /// Packs the `k x n` view `b` for one or a few products, in a buffer reused from earlier
+    /// products on this thread; hand it back with [`PackedB::recycle`] when done.
+    pub fn transient(b: MatRef, k: usize, n: usize) -> Self {
+        let kernel = best_kernel();
+        if !kernel.is_bf16() {
+            return Self::with_kernel(kernel, b, k, n);
+        }
+        b.check(k, n, "b");
+        PackedB {
+            kernel,
+            k,
+            n,
+            data: PackedData::Bf16(pack::pack_b(b, k, n)),
+        }
+    }
+
+    /// Hands the buffer back for the next products on this thread.
+    pub fn recycle(self) {
+        if let PackedData::Bf16(p) = self.data {
+            p.recycle();
+        }
+    }
+}
+
+/// A left operand `a[m, k]` converted once for several products with the same `a` (the input
+/// of a layer, read by several projections).
+pub struct PackedA {
+    kernel: Kernel,
+    m: usize,
+    k: usize,
+    data: PackedAData,
+}
+
+enum PackedAData {
+    /// bf16 bits in the tile layout of [`pack::pack_a`].
+    Bf16(pack::Packed),
+    /// Row-major `[m, k]` f32 for [`Kernel::F32`].
+    F32(Vec<f32>),
+}
+
+impl PackedA {
+    /// Packs the `m x k` view `a` for the kernel from [`best_kernel`], in a buffer reused from
+    /// earlier products on this thread.
+    pub fn new(a: MatRef, m: usize, k: usize) -> Self {
+        let kernel = best_kernel();
+        a.check(m, k, "a");
+        let data = if kernel.is_bf16() {
+            PackedAData::Bf16(pack::pack_a(a, m, k))
+        } else {
+            let mut dense = vec![0.0f32; m * k];
+            for (i, row) in dense.chunks_mut(k.max(1)).enumerate().take(m) {
+                for (p, x) in row.iter_mut().enumerate() {
+                    *x = a.at(i, p);
+                }
+            }
+            PackedAData::F32(dense)
+        };
+        PackedA { kernel, m, k, data }
+    }
+
+    /// Packs a row-major `a[m, k]`.
+    pub fn from_rows(a: &[f32], m: usize, k: usize) -> Self {
+        assert_eq!(a.len(), m * k, "retune-gemm: a is not {m}x{k}");
+        Self::new(MatRef::row_major(a, k), m, k)
+    }
+
+    /// Rows `m`.
+    pub fn m(&self) -> usize {
+        self.m
+    }
+
+    /// The inner dimension `k`.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Hands the buffer back for the next products on this thread.
+    pub fn recycle(self) {
+        if let PackedAData::Bf16(p) = self.data {
+            p.recycle();
+        }
+    }
+}
+
+/// `c[m, n] (+)= sum_i a_i · b_i` over the `terms` `(a_i [m, k_i], b_i [k_i, n])`, every
+/// operand packed for the same kernel. Each block of `c` receives all terms in turn while it
+/// is in cache; the result equals chaining [`gemm_packed`] calls term by term, bit for bit.
+pub fn gemm_terms(c: &mut [f32], terms: &[(&PackedA, &PackedB)], accumulate: bool) {
+    let Some((first, _)) = terms.first() else {
+        panic!("retune-gemm: gemm_terms needs at least one term");
+    };
+    let (m, n) = (first.m, terms[0].1.n);
+    for (a, b) in terms {
+        assert!(
+            a.m == m && b.n == n && a.k == b.k,
+            "retune-gemm: term {}x{} · {}x{} does not fit {m}x{n}",
+            a.m,
+            a.k,
+            b.k,
+            b.n
+        );
+        assert!(
+            a.kernel == first.kernel && b.kernel == first.kernel,
+            "retune-gemm: the terms were packed for different kernels"
+        );
+    }
+    let terms: Vec<_> = terms.iter().filter(|(a, _)| a.k > 0).collect();
+    let k_total = terms.iter().map(|(a, _)| a.k).sum();
+    if empty_product(c, m, k_total, n, accumulate) {
+        return;
+    }
+    let mut accumulate = accumulate;
+    let mut bf16_terms = Vec::new();
+    for (a, b) in terms {
+        match (&a.data, &b.data) {
+            (PackedAData::Bf16(pa), PackedData::Bf16(pb)) => {
+                bf16_terms.push((pa.as_slice(), pb.as_slice(), a.k));
+            }
+            (PackedAData::F32(da), PackedData::F32(db)) => {
+                let (ar, br) = (MatRef::row_major(da, a.k), MatRef::row_major(db, n));
+                gemm_f32(c, ar, br, m, a.k, n, accumulate);
+                accumulate = true;
+            }
+            _ => unreachable!("operands of one kernel share a layout"),
+        }
+    }
+    if !bf16_terms.is_empty() {
+        run_bf16_terms(first.kernel, c, &bf16_terms, m, n, accumulate);
+    }
+}
+
 /// Checks `c` is `[m, n]`, and finishes a product with no terms: nothing to write when `c` is
 /// empty, zeros (or `c` as it is, accumulating) when `k == 0`. Returns whether it finished.
 fn empty_product(c: &mut [f32], m: usize, k: usize, n: usize, accumulate: bool) -> bool {
@@ -330,16 +457,8 @@ pub fn gemm_packed(c: &mut [f32], a: MatRef, b: &PackedB, m: usize, accumulate: 
     match &b.data {
         PackedData::Bf16(packed_b) => {
             let packed_a = pack::pack_a(a, m, k);
-            run_bf16(
-                b.kernel,
-                c,
-                packed_a.as_slice(),
-                packed_b.as_slice(),
-                m,
-                k,
-                n,
-                accumulate,
-            );
+            let term = (packed_a.as_slice(), packed_b.as_slice(), k);
+            run_bf16_terms(b.kernel, c, &[term], m, n, accumulate);
             packed_a.recycle();
         }
         PackedData::F32(dense) => gemm_f32(c, a, MatRef::row_major(dense, n), m, k, n, accumulate),
@@ -412,22 +531,29 @@ impl SharedOut {
     }
 }
 
-/// Runs a bf16 kernel over every 32x32 block of `c`, split into tasks on rayon's pool.
-#[allow(clippy::too_many_arguments)]
-fn run_bf16(
+/// One product of [`run_bf16_terms`]: packed A, packed B and their inner size `k`.
+type Term<'a> = (&'a [u16], &'a [u16], usize);
+
+/// Runs a bf16 kernel over every 32x32 block of `c`, split into tasks on rayon's pool; each
+/// block gets the terms' products in order (the first overwrites `c` unless `accumulate`).
+fn run_bf16_terms(
     kernel: Kernel,
     c: &mut [f32],
-    packed_a: &[u16],
-    packed_b: &[u16],
+    terms: &[Term],
     m: usize,
-    k: usize,
     n: usize,
     accumulate: bool,
 ) {
-    let k_tiles = pack::k_tiles(k);
     let (m_blocks, n_blocks) = (m.div_ceil(BLOCK), n.div_ceil(BLOCK));
-    assert!(packed_a.len() >= m_blocks * BLOCK * k_tiles * pack::TILE_K);
-    assert!(packed_b.len() >= n_blocks * BLOCK * k_tiles * pack::TILE_K);
+    for &(packed_a, packed_b, k) in terms {
+        let k_tiles = pack::k_tiles(k);
+        assert!(packed_a.len() >= m_blocks * BLOCK * k_tiles * pack::TILE_K);
+        assert!(packed_b.len() >= n_blocks * BLOCK * k_tiles * pack::TILE_K);
+    }
+    let work: usize = terms
+        .iter()
+        .map(|t| m.saturating_mul(t.2).saturating_mul(n))
+        .sum();
     let (task_rows, rows_per_task) = split(m_blocks, TASK_BLOCKS_M);
     let (task_cols, cols_per_task) = split(n_blocks, TASK_BLOCKS_N);
     let out = SharedOut(c.as_mut_ptr());
@@ -438,8 +564,10 @@ fn run_bf16(
         // Block columns outer: a B strip pair (32 x k bf16) stays in L1 while the task's block
         // rows pass over it. (Splitting k into L1-sized passes measured no faster here.)
         let blocks = bj_range.flat_map(move |bj| bi_range.clone().map(move |bi| (bi, bj)));
-        let block_of = |(bi, bj): (usize, usize)| {
+        let block_of = |((bi, bj), term): ((usize, usize), usize)| {
             let (i0, j0) = (bi * BLOCK, bj * BLOCK);
+            let (packed_a, packed_b, k) = terms[term];
+            let k_tiles = pack::k_tiles(k);
             let pair_stride = k_tiles * TILE_LEN;
             pack::BlockArgs {
                 // Block row bi starts at m tile 2 bi, block column bj at strip 2 bj.
@@ -452,9 +580,11 @@ fn run_bf16(
                 ldc: n,
                 rows: (m - i0).min(BLOCK),
                 cols: (n - j0).min(BLOCK),
-                accumulate,
+                accumulate: accumulate || term > 0,
             }
         };
+        // Every term of a block before the next block: the block of c stays in L1.
+        let blocks = blocks.flat_map(|blk| (0..terms.len()).map(move |t| (blk, t)));
         match kernel {
             // SAFETY: AMX availability was asserted by the callers (Kernel::is_available); the
             // blocks are inside the packed buffers (asserted above) and inside c, and tasks
@@ -466,7 +596,7 @@ fn run_bf16(
         }
     };
     let tasks = task_rows * task_cols;
-    if m.saturating_mul(k).saturating_mul(n) < PAR_THRESHOLD {
+    if work < PAR_THRESHOLD {
         (0..tasks).for_each(task);
     } else {
         (0..tasks).into_par_iter().for_each(task);

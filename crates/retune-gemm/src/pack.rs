@@ -46,7 +46,7 @@ pub fn round_to_bf16(x: f32) -> f32 {
 #[repr(C, align(64))]
 struct Line([u16; 32]);
 
-/// Largest buffer kept for reuse (two per thread).
+/// Largest buffer kept for reuse (four per thread: a shared input, a weight, a branch's two).
 const SPARE_MAX_BYTES: usize = 16 << 20;
 
 thread_local! {
@@ -75,7 +75,7 @@ impl Packed {
         if self.0.capacity() * 64 <= SPARE_MAX_BYTES {
             SPARE.with(|spare| {
                 let mut spare = spare.borrow_mut();
-                if spare.len() < 2 {
+                if spare.len() < 4 {
                     spare.push(self.0);
                 }
             });

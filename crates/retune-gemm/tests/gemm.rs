@@ -2,7 +2,8 @@
 //! `retune_core::ops::matmul`, odd shapes, accumulation, strided views and prepacked operands.
 
 use retune_gemm::{
-    best_kernel, gemm_bf16, gemm_packed, gemm_with, round_to_bf16, Kernel, MatRef, PackedB,
+    best_kernel, gemm_bf16, gemm_packed, gemm_terms, gemm_with, round_to_bf16, Kernel, MatRef,
+    PackedA, PackedB,
 };
 
 /// Shapes (m, k, n): tiny, not multiples of 16/32 in any dimension, and one large.
@@ -217,6 +218,50 @@ fn packed_constructors_match_views() {
         false,
     );
     check(best_kernel(), &case, &c, None).unwrap();
+}
+
+/// A sum of products sharing m and n (a base weight plus a LoRA branch of rank 16, and a third
+/// term of another depth) equals chaining the products one by one, bit for bit, and each
+/// product equals the reference.
+#[test]
+fn sum_of_products_equals_chained_products() {
+    for (m, n) in [(37, 45), (64, 96), (1, 1)] {
+        let ks = [70, 16, 33];
+        let cases: Vec<Case> = ks
+            .iter()
+            .enumerate()
+            .map(|(i, &k)| Case::new(m, k, n, Layout::Nt, 40 + i as u64))
+            .collect();
+        let packed: Vec<(PackedA, PackedB)> = cases
+            .iter()
+            .map(|cs| {
+                let a = PackedA::from_rows(&cs.a, m, cs.k);
+                let b = PackedB::transient(MatRef::transpose_of(&cs.b, cs.k), cs.k, n);
+                (a, b)
+            })
+            .collect();
+        let terms: Vec<(&PackedA, &PackedB)> = packed.iter().map(|(a, b)| (a, b)).collect();
+        for accumulate in [false, true] {
+            let c0 = values(m * n, 50);
+            let mut summed = c0.clone();
+            gemm_terms(&mut summed, &terms, accumulate);
+            let mut chained = c0.clone();
+            for (i, cs) in cases.iter().enumerate() {
+                let b = PackedB::from_nk(&cs.b, n, cs.k);
+                let a = MatRef::row_major(&cs.a, cs.k);
+                gemm_packed(&mut chained, a, &b, m, accumulate || i > 0);
+            }
+            assert_eq!(summed, chained, "{m}x{n}, accumulate {accumulate}");
+        }
+        // The first term alone against the f64 reference.
+        let mut c = vec![0.0; m * n];
+        gemm_terms(&mut c, &terms[..1], false);
+        check(best_kernel(), &cases[0], &c, None).unwrap();
+        for (a, b) in packed {
+            a.recycle();
+            b.recycle();
+        }
+    }
 }
 
 /// The default entry point runs the detected kernel.

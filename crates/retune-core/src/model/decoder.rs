@@ -10,16 +10,18 @@ use super::packs::FrozenPacks;
 use super::weights::{grad_slot, LayerWeights, Linear};
 use super::{Batch, Grads, Model};
 use crate::float::Float;
+use crate::ops::adapted::{adapted_backward, adapted_forward, BranchBackward, BranchForward};
 use crate::ops::attention::{attention_backward, attention_forward};
 use crate::ops::cross_entropy::{lm_head_cross_entropy, target_log_probs, CeStats};
 use crate::ops::embedding::{embedding_backward, embedding_forward};
-use crate::ops::linear::{linear_backward_packed, linear_forward_packed};
+use crate::ops::linear::{add_bias, linear_backward_packed, linear_forward_packed};
 use crate::ops::lora::{dropout_forward, lora_backward, lora_forward};
-use crate::ops::matmul::WeightPacks;
+use crate::ops::matmul::{pack_rows, runs_in_bf16, WeightPacks};
 use crate::ops::residual::add_inplace;
 use crate::ops::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use crate::ops::rope::{rope_backward, rope_forward, RopeTable};
 use crate::ops::swiglu::{swiglu_backward, swiglu_forward};
+use retune_gemm::PackedA;
 use std::sync::Mutex;
 
 /// Rows of the LM head computed at once: 256 rows x 49k vocabulary x 4 bytes = 50 MB.
@@ -246,11 +248,14 @@ impl<T: Float> LayerActs<T> {
 }
 
 /// A projection: base linear layer plus, when adapted, its LoRA branch (saving into `saved`).
+/// `x_packed`: `x` packed for bf16 products (see [`pack_rows`]), which then take the fused
+/// path of [`adapted_forward`].
 #[allow(clippy::too_many_arguments)]
 fn proj_forward<T: Float>(
     y: &mut [T],
     saved: &mut LoraActs<T>,
     x: &[T],
+    x_packed: Option<&PackedA>,
     lin: &Linear<T>,
     packs: Option<&WeightPacks>,
     t: Target,
@@ -258,6 +263,9 @@ fn proj_forward<T: Float>(
     adapter: Option<&AdapterPass<T>>,
     n: usize,
 ) {
+    if let Some(xp) = x_packed {
+        return proj_forward_bf16(y, saved, x, xp, lin, packs, t, layer, adapter);
+    }
     let b = lin.b.as_deref();
     linear_forward_packed(y, x, &lin.w, packs, b, n, lin.d_in, lin.d_out);
     let Some(ad) = adapter else { return };
@@ -285,6 +293,59 @@ fn proj_forward<T: Float>(
     );
 }
 
+/// [`proj_forward`] on the fused bf16 path (`T` is f32).
+#[allow(clippy::too_many_arguments)]
+fn proj_forward_bf16<T: Float>(
+    y: &mut [T],
+    saved: &mut LoraActs<T>,
+    x: &[T],
+    x_packed: &PackedA,
+    lin: &Linear<T>,
+    packs: Option<&WeightPacks>,
+    t: Target,
+    layer: usize,
+    adapter: Option<&AdapterPass<T>>,
+) {
+    let f32s = "the bf16 path runs on f32";
+    let w = T::f32_slice(&lin.w).expect(f32s);
+    let y32 = T::f32_slice_mut(y).expect(f32s);
+    let pair = adapter.and_then(|ad| Some((ad, ad.lora.layers[layer].pairs[t.index()].as_ref()?)));
+    let mut dropped = None;
+    let branch = match pair {
+        None => None,
+        Some((ad, pair)) => {
+            let input = if ad.dropout > 0.0 {
+                dropout_forward(&mut saved.x_drop, x, ad.dropout, ad.mask_seed(layer, t));
+                let n = x_packed.m();
+                dropped = Some(PackedA::from_rows(
+                    T::f32_slice(&saved.x_drop).expect(f32s),
+                    n,
+                    lin.d_in,
+                ));
+                dropped.as_ref().expect("just set")
+            } else {
+                x_packed
+            };
+            Some(BranchForward {
+                input,
+                a: T::f32_slice(&pair.a).expect(f32s),
+                b: T::f32_slice(&pair.b).expect(f32s),
+                scale: ad.scale.as_f64() as f32,
+                r: ad.lora.spec.r,
+                xa: T::f32_slice_mut(&mut saved.xa).expect(f32s),
+            })
+        }
+    };
+    let w_pack = packs.map(|p| &p.forward);
+    adapted_forward(y32, x_packed, w, w_pack, lin.d_out, branch);
+    if let Some(p) = dropped {
+        p.recycle();
+    }
+    if let Some(b) = &lin.b {
+        add_bias(y, b, lin.d_out);
+    }
+}
+
 /// Backward of [`proj_forward`]: accumulates into `dx`, the base gradient twin `g` (empty
 /// tensors are frozen and skipped) and, when adapted, the LoRA gradient `g_lora`.
 #[allow(clippy::too_many_arguments)]
@@ -302,6 +363,11 @@ fn proj_backward<T: Float>(
     adapter: Option<&AdapterPass<T>>,
     n: usize,
 ) {
+    if runs_in_bf16(n) && T::f32_slice(dy).is_some() {
+        return proj_backward_bf16(
+            dx, g, g_lora, dy, x, saved, lin, packs, t, layer, adapter, n,
+        );
+    }
     let db = g.b.as_deref_mut().and_then(grad_slot);
     linear_backward_packed(
         Some(&mut *dx),
@@ -366,6 +432,58 @@ fn proj_backward<T: Float>(
     }
 }
 
+/// [`proj_backward`] on the fused bf16 path (`T` is f32).
+#[allow(clippy::too_many_arguments)]
+fn proj_backward_bf16<T: Float>(
+    dx: &mut [T],
+    g: &mut Linear<T>,
+    g_lora: Option<&mut LayerLora<T>>,
+    dy: &[T],
+    x: &[T],
+    saved: &LoraActs<T>,
+    lin: &Linear<T>,
+    packs: Option<&WeightPacks>,
+    t: Target,
+    layer: usize,
+    adapter: Option<&AdapterPass<T>>,
+    n: usize,
+) {
+    fn f32_of<T: Float>(v: &[T]) -> &[f32] {
+        T::f32_slice(v).expect("the bf16 path runs on f32")
+    }
+    // A trained base weight's own gradients take the generic path (it has no pack).
+    let dw = grad_slot(&mut g.w);
+    let db = g.b.as_deref_mut().and_then(grad_slot);
+    if dw.is_some() || db.is_some() {
+        linear_backward_packed(None, dw, db, dy, x, &lin.w, None, n, lin.d_in, lin.d_out);
+    }
+    let pair = adapter.and_then(|ad| Some((ad, ad.lora.layers[layer].pairs[t.index()].as_ref()?)));
+    let branch = pair.map(|(ad, pair)| {
+        let grads = g_lora.and_then(|g| g.pairs[t.index()].as_mut());
+        let (da, db) = match grads {
+            Some(gp) => (T::f32_slice_mut(&mut gp.a), T::f32_slice_mut(&mut gp.b)),
+            None => (None, None),
+        };
+        let dropout = (ad.dropout > 0.0).then(|| (ad.dropout, ad.mask_seed(layer, t)));
+        let input = if dropout.is_some() { &saved.x_drop } else { x };
+        BranchBackward {
+            input: f32_of(input),
+            xa: f32_of(&saved.xa),
+            a: f32_of(&pair.a),
+            b: f32_of(&pair.b),
+            scale: ad.scale.as_f64() as f32,
+            r: ad.lora.spec.r,
+            da,
+            db,
+            dropout,
+        }
+    });
+    let w_pack = packs.and_then(|p| p.backward.as_ref());
+    let dx32 = T::f32_slice_mut(dx).expect("the bf16 path runs on f32");
+    let (dy32, w) = (f32_of(dy), f32_of(&lin.w));
+    adapted_backward(dx32, dy32, w, w_pack, n, lin.d_in, lin.d_out, branch);
+}
+
 impl<T: Float> Model<T> {
     fn dims(&self, batch: &Batch) -> Dims {
         let c = &self.config;
@@ -402,39 +520,16 @@ impl<T: Float> Model<T> {
         let a = acts;
         let [lq, lk, lv, lo, lg, lu, ld] = &mut a.lora;
         rmsnorm_forward(&mut a.ln1, &mut a.rstd1, x, &lw.attn_norm, d.n, d.c, eps);
-        proj_forward(
-            &mut a.q,
-            lq,
-            &a.ln1,
-            &lw.q,
-            pk(Target::QProj),
-            Target::QProj,
-            l,
-            adapter,
-            d.n,
-        );
-        proj_forward(
-            &mut a.k,
-            lk,
-            &a.ln1,
-            &lw.k,
-            pk(Target::KProj),
-            Target::KProj,
-            l,
-            adapter,
-            d.n,
-        );
-        proj_forward(
-            &mut a.v,
-            lv,
-            &a.ln1,
-            &lw.v,
-            pk(Target::VProj),
-            Target::VProj,
-            l,
-            adapter,
-            d.n,
-        );
+        // Under bf16 products each input is packed once for every projection that reads it.
+        let ln1_packed = pack_rows(&a.ln1, d.n, d.c);
+        let proj = |y: &mut [T], saved, x: &[T], xp: &Option<PackedA>, lin, t| {
+            let packs = pk(t);
+            proj_forward(y, saved, x, xp.as_ref(), lin, packs, t, l, adapter, d.n)
+        };
+        proj(&mut a.q, lq, &a.ln1, &ln1_packed, &lw.q, Target::QProj);
+        proj(&mut a.k, lk, &a.ln1, &ln1_packed, &lw.k, Target::KProj);
+        proj(&mut a.v, lv, &a.ln1, &ln1_packed, &lw.v, Target::VProj);
+        recycle(ln1_packed);
         rope_forward(&mut a.q, &batch.positions, rope, d.nh, d.hd);
         rope_forward(&mut a.k, &batch.positions, rope, d.nkv, d.hd);
         let segments = batch.segments.as_deref();
@@ -451,53 +546,26 @@ impl<T: Float> Model<T> {
             d.nkv,
             d.hd,
         );
-        proj_forward(
-            &mut a.x1,
-            lo,
-            &a.att,
-            &lw.o,
-            pk(Target::OProj),
-            Target::OProj,
-            l,
-            adapter,
-            d.n,
-        );
+        let att_packed = pack_rows(&a.att, d.n, d.nh * d.hd);
+        proj(&mut a.x1, lo, &a.att, &att_packed, &lw.o, Target::OProj);
+        recycle(att_packed);
         add_inplace(&mut a.x1, x);
         rmsnorm_forward(&mut a.ln2, &mut a.rstd2, &a.x1, &lw.mlp_norm, d.n, d.c, eps);
-        proj_forward(
+        let ln2_packed = pack_rows(&a.ln2, d.n, d.c);
+        proj(
             &mut a.gate,
             lg,
             &a.ln2,
+            &ln2_packed,
             &lw.gate,
-            pk(Target::GateProj),
             Target::GateProj,
-            l,
-            adapter,
-            d.n,
         );
-        proj_forward(
-            &mut a.up,
-            lu,
-            &a.ln2,
-            &lw.up,
-            pk(Target::UpProj),
-            Target::UpProj,
-            l,
-            adapter,
-            d.n,
-        );
+        proj(&mut a.up, lu, &a.ln2, &ln2_packed, &lw.up, Target::UpProj);
+        recycle(ln2_packed);
         swiglu_forward(&mut a.act, &a.gate, &a.up);
-        proj_forward(
-            out,
-            ld,
-            &a.act,
-            &lw.down,
-            pk(Target::DownProj),
-            Target::DownProj,
-            l,
-            adapter,
-            d.n,
-        );
+        let act_packed = pack_rows(&a.act, d.n, d.f);
+        proj(out, ld, &a.act, &act_packed, &lw.down, Target::DownProj);
+        recycle(act_packed);
         add_inplace(out, &a.x1);
     }
 
@@ -900,6 +968,13 @@ impl<T: Float> Model<T> {
         let mut logits = vec![T::zero(); d.n * d.v];
         crate::ops::cross_entropy::logits_forward(&mut logits, &h, w.head(), d.n, d.c, d.v);
         logits
+    }
+}
+
+/// Hands a packed input's buffer back for the next products.
+fn recycle(packed: Option<PackedA>) {
+    if let Some(p) = packed {
+        p.recycle();
     }
 }
 

@@ -1,6 +1,7 @@
 //! LM head fused with cross-entropy, in row chunks so the `[N, V]` logits never exist whole.
 
 use super::matmul::{matmul_nn, matmul_nt, matmul_packed, matmul_tn, WeightPacks};
+use super::swiglu::{as_f32_mut, exp_f32, simd_dispatch};
 use crate::Float;
 use rayon::prelude::*;
 
@@ -41,18 +42,28 @@ fn softmax_row<T: Float>(row: &mut [T], target: u32, grad_scale: T) -> CeStats {
         "cross-entropy: target {tgt} outside vocabulary of {}",
         row.len()
     );
-    let (mut argmax, mut max) = (0, T::neg_infinity());
-    for (j, &x) in row.iter().enumerate() {
-        if x > max {
-            (argmax, max) = (j, x);
-        }
-    }
     let target_logit = row[tgt].as_f64();
-    let mut sum = 0.0f64; // f64: a sum of ~100k exps would lose digits in f32
-    for x in row.iter_mut() {
-        *x = (*x - max).exp();
-        sum += x.as_f64();
-    }
+    let (argmax, max, sum) = match as_f32_mut(row) {
+        Some(row) => {
+            let mut out = ExpSum::default();
+            exp_sum_f32(row, &mut out);
+            (out.argmax, T::of(out.max as f64), out.sum)
+        }
+        None => {
+            let (mut argmax, mut max) = (0, T::neg_infinity());
+            for (j, &x) in row.iter().enumerate() {
+                if x > max {
+                    (argmax, max) = (j, x);
+                }
+            }
+            let mut sum = 0.0f64;
+            for x in row.iter_mut() {
+                *x = (*x - max).exp();
+                sum += x.as_f64();
+            }
+            (argmax, max, sum)
+        }
+    };
     let scale = T::of(grad_scale.as_f64() / sum);
     for x in row.iter_mut() {
         *x *= scale;
@@ -63,6 +74,62 @@ fn softmax_row<T: Float>(row: &mut [T], target: u32, grad_scale: T) -> CeStats {
         count: 1,
         correct: usize::from(argmax == tgt),
     }
+}
+
+/// What [`exp_sum_f32`] finds in a row of logits.
+#[derive(Default)]
+pub(crate) struct ExpSum {
+    /// The first index of the largest logit, and that logit.
+    argmax: usize,
+    max: f32,
+    /// `sum_j exp(x_j - max)`, in f64: a sum of ~100k exps would lose digits in f32.
+    sum: f64,
+}
+
+/// f32 lanes of the vectorised loops.
+const LANES: usize = 16;
+/// Elements summed in f32 lanes before the partial sums move to the f64 total (each lane adds
+/// at most 64 values in (0, 1]).
+const SUM_BLOCK: usize = 64 * LANES;
+
+simd_dispatch!(
+    /// Replaces a row of logits by `exp(x - max)` (the polynomial exp, 16 lanes wide) and
+    /// reports the max, its first index and the sum.
+    fn exp_sum_f32 => exp_sum_f32_body(row: &mut [f32], out: &mut ExpSum)
+);
+
+#[inline(always)]
+fn exp_sum_f32_body(row: &mut [f32], out: &mut ExpSum) {
+    let mut maxes = [f32::NEG_INFINITY; LANES];
+    let mut blocks = row.chunks_exact(LANES);
+    for blk in &mut blocks {
+        for l in 0..LANES {
+            maxes[l] = if blk[l] > maxes[l] { blk[l] } else { maxes[l] };
+        }
+    }
+    let max = blocks
+        .remainder()
+        .iter()
+        .chain(&maxes)
+        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+    let argmax = row.iter().position(|&x| x == max).unwrap_or(0);
+    let mut sum = 0.0f64;
+    for block in row.chunks_mut(SUM_BLOCK) {
+        let mut sums = [0.0f32; LANES];
+        let mut lanes = block.chunks_exact_mut(LANES);
+        for blk in &mut lanes {
+            for l in 0..LANES {
+                blk[l] = exp_f32(blk[l] - max);
+                sums[l] += blk[l];
+            }
+        }
+        for x in lanes.into_remainder() {
+            *x = exp_f32(*x - max);
+            sum += *x as f64;
+        }
+        sum += sums.iter().map(|&s| s as f64).sum::<f64>();
+    }
+    *out = ExpSum { argmax, max, sum };
 }
 
 /// The gradient scale of each row of the loss: one for all (`1 / count` for the mean loss), or
@@ -160,15 +227,15 @@ pub fn target_log_probs<T: Float>(
         head_logits(lg, &h[start * c..(start + r) * c], w, packs, r, c, v);
         out[start..start + r]
             .par_iter_mut()
-            .zip(lg.par_chunks(v))
+            .zip(lg.par_chunks_mut(v))
             .zip(tc)
             .for_each(|((o, row), &tgt)| *o = target_log_prob(row, tgt));
     }
     out
 }
 
-/// `log softmax(row)[target]`, 0 for [`IGNORE`].
-fn target_log_prob<T: Float>(row: &[T], target: u32) -> f64 {
+/// `log softmax(row)[target]`, 0 for [`IGNORE`]; the row is left as scratch.
+fn target_log_prob<T: Float>(row: &mut [T], target: u32) -> f64 {
     if target == IGNORE {
         return 0.0;
     }
@@ -178,11 +245,17 @@ fn target_log_prob<T: Float>(row: &[T], target: u32) -> f64 {
         "cross-entropy: target {tgt} outside vocabulary of {}",
         row.len()
     );
+    let target_logit = row[tgt].as_f64();
+    if let Some(row) = as_f32_mut(row) {
+        let mut out = ExpSum::default();
+        exp_sum_f32(row, &mut out);
+        return target_logit - out.max as f64 - out.sum.ln();
+    }
     let max = row
         .iter()
         .fold(T::neg_infinity(), |m, &x| if x > m { x } else { m });
     let sum: f64 = row.iter().map(|&x| (x - max).exp().as_f64()).sum();
-    row[tgt].as_f64() - max.as_f64() - sum.ln()
+    target_logit - max.as_f64() - sum.ln()
 }
 
 /// The chunked head shared by the cross-entropy entry points; `row_scale(i)` is row `i`'s
@@ -284,6 +357,30 @@ mod tests {
             t[i] = IGNORE;
         }
         t
+    }
+
+    #[test]
+    fn vectorised_exp_sum_matches_f64_on_a_vocabulary_row() {
+        // A row wider than one f32 summing block, not a multiple of 16, max in the middle
+        // and repeated (the first index counts).
+        let mut row64: Vec<f64> = randv(5003, 30).iter().map(|x| 8.0 * x).collect();
+        row64[2500] = 9.5;
+        row64[4000] = 9.5;
+        let mut row: Vec<f32> = to_f32(&row64);
+        let mut out = ExpSum::default();
+        exp_sum_f32(&mut row, &mut out);
+        assert_eq!((out.argmax, out.max), (2500, 9.5));
+        let exps: Vec<f64> = row64
+            .iter()
+            .map(|&x| (x as f32 as f64 - 9.5).exp())
+            .collect();
+        let want: f64 = exps.iter().sum();
+        assert!(
+            (out.sum - want).abs() < 1e-6 * want,
+            "{} vs {want}",
+            out.sum
+        );
+        assert!(max_rel_diff(&row, &exps) < 1e-6);
     }
 
     /// Full logits, then per-row log-softmax: the textbook computation.

@@ -38,18 +38,23 @@ pub fn linear_forward_packed<T: Float>(
         None => matmul_nt(y, x, w, n, d_in, d_out, false),
     }
     if let Some(b) = b {
-        assert_eq!(b.len(), d_out, "linear_forward: bias must be [D_out]");
-        if d_out == 0 {
-            return;
-        }
-        y.par_chunks_mut(d_out)
-            .with_min_len(ROWS_PER_TASK)
-            .for_each(|row| {
-                for (v, &bv) in row.iter_mut().zip(b) {
-                    *v += bv;
-                }
-            });
+        add_bias(y, b, d_out);
     }
+}
+
+/// `y[N, D_out] += b[D_out]` on every row.
+pub fn add_bias<T: Float>(y: &mut [T], b: &[T], d_out: usize) {
+    assert_eq!(b.len(), d_out, "linear_forward: bias must be [D_out]");
+    if d_out == 0 {
+        return;
+    }
+    y.par_chunks_mut(d_out)
+        .with_min_len(ROWS_PER_TASK)
+        .for_each(|row| {
+            for (v, &bv) in row.iter_mut().zip(b) {
+                *v += bv;
+            }
+        });
 }
 
 /// Backward of [`linear_forward`], accumulating: `dx[N, D_in] += dy · w`,

@@ -11,7 +11,7 @@
 
 use crate::Float;
 use gemm::Parallelism;
-use retune_gemm::{MatRef, PackedB};
+use retune_gemm::{MatRef, PackedA, PackedB};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// How f32 matrix products compute.
@@ -42,6 +42,21 @@ pub fn matmul_precision() -> MatmulPrecision {
 /// Products with fewer rows than this stay f32 under bf16 precision.
 pub const BF16_MIN_ROWS: usize = 16;
 
+/// Whether f32 products with `m` rows run in bf16 (the precision is bf16 and `m` is at least
+/// [`BF16_MIN_ROWS`]).
+pub fn runs_in_bf16(m: usize) -> bool {
+    matmul_precision() == MatmulPrecision::Bf16 && m >= BF16_MIN_ROWS
+}
+
+/// `x[m, k]` packed once for several bf16 products that read it, when `T` is f32 and products
+/// of `m` rows run in bf16; `None` otherwise (products then read `x` as it is).
+pub fn pack_rows<T: Float>(x: &[T], m: usize, k: usize) -> Option<PackedA> {
+    if !runs_in_bf16(m) {
+        return None;
+    }
+    T::f32_slice(x).map(|x| PackedA::from_rows(x, m, k))
+}
+
 /// An operand: its elements and (row, column) strides.
 type Operand<'a, T> = (&'a [T], usize, usize);
 
@@ -57,7 +72,7 @@ fn product<T: Float>(
 ) {
     // A product with few rows (decoding one token at a time) is bound by reading the weight:
     // converting it to bf16 tiles would cost more than the f32 product itself.
-    if matmul_precision() == MatmulPrecision::Bf16 && m >= BF16_MIN_ROWS {
+    if runs_in_bf16(m) {
         if let (Some(a32), Some(b32)) = (T::f32_slice(a.0), T::f32_slice(b.0)) {
             let c32 = T::f32_slice_mut(c).expect("c has the operands' type");
             let (a_ref, b_ref) = (MatRef::new(a32, a.1, a.2), MatRef::new(b32, b.1, b.2));

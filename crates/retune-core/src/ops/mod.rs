@@ -8,11 +8,13 @@
 // llm.c-style flat signatures (outputs, inputs, sizes) are the ops' contract; no config structs.
 #![allow(clippy::too_many_arguments)]
 
+pub mod adapted;
 pub mod attention;
 pub mod cross_entropy;
 pub mod embedding;
 pub mod linear;
 pub mod lora;
+pub mod low_rank;
 pub mod matmul;
 pub mod preference;
 pub mod residual;
