@@ -46,8 +46,10 @@ pub fn round_to_bf16(x: f32) -> f32 {
 #[repr(C, align(64))]
 struct Line([u16; 32]);
 
-/// Largest buffer kept for reuse (four per thread: a shared input, a weight, a branch's two).
+/// Largest buffer kept for reuse.
 const SPARE_MAX_BYTES: usize = 16 << 20;
+/// Buffers kept per thread: a shared input, a weight, and a LoRA branch's two operands.
+const SPARES: usize = 4;
 
 thread_local! {
     /// Buffers of finished products, reused by the next ones on this thread.
@@ -62,10 +64,19 @@ impl Packed {
     /// packing functions overwrite every element.
     fn for_overwrite(len: usize) -> Self {
         debug_assert_eq!(len % 32, 0);
+        let lines_needed = len / 32;
+        // The smallest spare that holds the product's buffer (growing a smaller one would copy
+        // its old contents), else a new allocation.
         let mut lines = SPARE
-            .with(|spare| spare.borrow_mut().pop())
+            .with(|spare| {
+                let mut spare = spare.borrow_mut();
+                let best = (0..spare.len())
+                    .filter(|&i| spare[i].capacity() >= lines_needed)
+                    .min_by_key(|&i| spare[i].capacity())?;
+                Some(spare.swap_remove(best))
+            })
             .unwrap_or_default();
-        lines.resize(len / 32, Line([0; 32]));
+        lines.resize(lines_needed, Line([0; 32]));
         Packed(lines)
     }
 
@@ -75,8 +86,13 @@ impl Packed {
         if self.0.capacity() * 64 <= SPARE_MAX_BYTES {
             SPARE.with(|spare| {
                 let mut spare = spare.borrow_mut();
-                if spare.len() < 4 {
-                    spare.push(self.0);
+                spare.push(self.0);
+                if spare.len() > SPARES {
+                    // Keep the largest: a small buffer is cheap to allocate again.
+                    let smallest = (0..spare.len())
+                        .min_by_key(|&i| spare[i].capacity())
+                        .expect("not empty");
+                    spare.swap_remove(smallest);
                 }
             });
         }

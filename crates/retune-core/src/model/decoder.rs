@@ -941,11 +941,15 @@ impl<T: Float> Model<T> {
         let dw = grad_slot(&mut grads.final_norm);
         rmsnorm_backward(&mut dx, dw, &dh, x_last, &w.final_norm, &rstd, d.n, d.c);
 
-        // Layers in reverse, each recomputed from its saved input.
+        // Layers in reverse, each recomputed from its saved input; the last layer's
+        // activations are still in `acts` from the forward.
         let mut dx_in = vec![T::zero(); d.n * d.c];
+        let last = w.layers.len().saturating_sub(1);
         for l in (0..w.layers.len()).rev() {
             let x = &residuals[l];
-            self.layer_forward(out, acts, x, l, adapter, packs, batch, &rope, &d);
+            if l != last {
+                self.layer_forward(out, acts, x, l, adapter, packs, batch, &rope, &d);
+            }
             dx_in.fill(T::zero());
             let g = &mut grads.layers[l];
             let gl = lora_grads.as_mut().map(|g| &mut g.layers[l]);
