@@ -346,10 +346,12 @@ fn proj_forward_bf16<T: Float>(
     }
 }
 
-/// Backward of [`proj_forward`]: accumulates into `dx`, the base gradient twin `g` (empty
-/// tensors are frozen and skipped) and, when adapted, the LoRA gradient `g_lora`.
+/// Backward of [`proj_forward`]: adds into `dx` (writes over it unless `accumulate`: the
+/// first of several projections that read one input), accumulates into the base gradient twin
+/// `g` (empty tensors are frozen and skipped) and, when adapted, the LoRA gradient `g_lora`.
 #[allow(clippy::too_many_arguments)]
 fn proj_backward<T: Float>(
+    accumulate: bool,
     dx: &mut [T],
     g: &mut Linear<T>,
     g_lora: Option<&mut LayerLora<T>>,
@@ -365,8 +367,11 @@ fn proj_backward<T: Float>(
 ) {
     if runs_in_bf16(n) && T::f32_slice(dy).is_some() {
         return proj_backward_bf16(
-            dx, g, g_lora, dy, x, saved, lin, packs, t, layer, adapter, n,
+            accumulate, dx, g, g_lora, dy, x, saved, lin, packs, t, layer, adapter, n,
         );
+    }
+    if !accumulate {
+        dx.fill(T::zero());
     }
     let db = g.b.as_deref_mut().and_then(grad_slot);
     linear_backward_packed(
@@ -435,6 +440,7 @@ fn proj_backward<T: Float>(
 /// [`proj_backward`] on the fused bf16 path (`T` is f32).
 #[allow(clippy::too_many_arguments)]
 fn proj_backward_bf16<T: Float>(
+    accumulate: bool,
     dx: &mut [T],
     g: &mut Linear<T>,
     g_lora: Option<&mut LayerLora<T>>,
@@ -481,7 +487,7 @@ fn proj_backward_bf16<T: Float>(
     let w_pack = packs.and_then(|p| p.backward.as_ref());
     let dx32 = T::f32_slice_mut(dx).expect("the bf16 path runs on f32");
     let (dy32, w) = (f32_of(dy), f32_of(&lin.w));
-    adapted_backward(dx32, dy32, w, w_pack, n, lin.d_in, lin.d_out, branch);
+    adapted_backward(accumulate, dx32, dy32, w, w_pack, n, lin.d_in, lin.d_out, branch);
 }
 
 impl<T: Float> Model<T> {
@@ -592,19 +598,17 @@ impl<T: Float> Model<T> {
         let pk = |t: Target| packs.and_then(|p| p.linear(l, t));
         let [lq, lk, lv, lo, lg, lu, ld] = &a.lora;
         // `scratch` has the same shapes as the activations; its buffers hold their gradients.
+        // The gradients of ln1, att, ln2 and act are first written (not added) by a
+        // projection's backward; the others are sums from the start.
         let s = scratch;
-        for buf in [
-            &mut s.ln1, &mut s.q, &mut s.k, &mut s.v, &mut s.att, &mut s.ln2,
-        ] {
-            buf.fill(T::zero());
-        }
-        for buf in [&mut s.gate, &mut s.up, &mut s.act] {
+        for buf in [&mut s.q, &mut s.k, &mut s.v, &mut s.gate, &mut s.up] {
             buf.fill(T::zero());
         }
         // MLP block: out = x1 + down(swiglu(gate(ln2), up(ln2))).
         s.x1.copy_from_slice(dout);
         let gl = g_lora.as_deref_mut();
         proj_backward(
+            false,
             &mut s.act,
             &mut g.down,
             gl,
@@ -621,6 +625,7 @@ impl<T: Float> Model<T> {
         swiglu_backward(&mut s.gate, &mut s.up, &s.act, &a.gate, &a.up);
         let gl = g_lora.as_deref_mut();
         proj_backward(
+            false,
             &mut s.ln2,
             &mut g.gate,
             gl,
@@ -636,6 +641,7 @@ impl<T: Float> Model<T> {
         );
         let gl = g_lora.as_deref_mut();
         proj_backward(
+            true,
             &mut s.ln2,
             &mut g.up,
             gl,
@@ -663,6 +669,7 @@ impl<T: Float> Model<T> {
         // Attention block: x1 = x + o(attention(rope(q(ln1)), rope(k(ln1)), v(ln1))).
         let gl = g_lora.as_deref_mut();
         proj_backward(
+            false,
             &mut s.att,
             &mut g.o,
             gl,
@@ -684,6 +691,7 @@ impl<T: Float> Model<T> {
         rope_backward(&mut s.k, &batch.positions, rope, d.nkv, d.hd);
         let gl = g_lora.as_deref_mut();
         proj_backward(
+            false,
             &mut s.ln1,
             &mut g.q,
             gl,
@@ -699,6 +707,7 @@ impl<T: Float> Model<T> {
         );
         let gl = g_lora.as_deref_mut();
         proj_backward(
+            true,
             &mut s.ln1,
             &mut g.k,
             gl,
@@ -714,6 +723,7 @@ impl<T: Float> Model<T> {
         );
         let gl = g_lora;
         proj_backward(
+            true,
             &mut s.ln1,
             &mut g.v,
             gl,

@@ -99,9 +99,11 @@ pub struct BranchBackward<'a> {
     pub dropout: Option<(f64, u64)>,
 }
 
-/// Accumulates `dx[N, D_in] += dy W (+ the branch's input gradient)` and the branch's weight
-/// gradients. `w_pack`: the frozen weight's backward pack, else `w` is packed here.
+/// `dx[N, D_in] (+)= dy W (+ the branch's input gradient)` (added to `dx` when `accumulate`,
+/// else written over it), and accumulates the branch's weight gradients. `w_pack`: the frozen
+/// weight's backward pack, else `w` is packed here.
 pub fn adapted_backward(
+    accumulate: bool,
     dx: &mut [f32],
     dy: &[f32],
     w: &[f32],
@@ -121,7 +123,7 @@ pub fn adapted_backward(
         .then(|| PackedB::transient(MatRef::row_major(w, d_in), d_out, d_in));
     let w_pack = w_pack.or(own_w.as_ref()).expect("one of the two is set");
     let Some(br) = branch else {
-        gemm_terms(dx, &[(&dy_packed, w_pack)], true);
+        gemm_terms(dx, &[(&dy_packed, w_pack)], accumulate);
         dy_packed.recycle();
         if let Some(p) = own_w {
             p.recycle();
@@ -159,13 +161,13 @@ pub fn adapted_backward(
             // dx += dy W + dxa A, in one pass over dx.
             let dxa_packed = PackedA::from_rows(&dxa, n, r);
             let a_pack = PackedB::transient(MatRef::row_major(br.a, d_in), r, d_in);
-            gemm_terms(dx, &[(&dy_packed, w_pack), (&dxa_packed, &a_pack)], true);
+            gemm_terms(dx, &[(&dy_packed, w_pack), (&dxa_packed, &a_pack)], accumulate);
             a_pack.recycle();
             dxa_packed.recycle();
         }
         Some((p, seed)) => {
             // The branch saw dropout(x): its input gradient goes back through the same mask.
-            gemm_terms(dx, &[(&dy_packed, w_pack)], true);
+            gemm_terms(dx, &[(&dy_packed, w_pack)], accumulate);
             let mut d_drop = vec![0.0f32; n * d_in];
             up_add(&mut d_drop, &dxa, br.a, n, r, d_in);
             let mut masked = vec![0.0f32; n * d_in];
