@@ -20,7 +20,7 @@ use crate::ops::matmul::{pack_rows, runs_in_bf16, WeightPacks};
 use crate::ops::residual::add_inplace;
 use crate::ops::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use crate::ops::rope::{rope_backward, rope_forward, RopeTable};
-use crate::ops::swiglu::{swiglu_backward, swiglu_forward};
+use crate::ops::swiglu::{swiglu_backward_overwrite, swiglu_forward};
 use retune_gemm::PackedA;
 use std::sync::Mutex;
 
@@ -487,7 +487,9 @@ fn proj_backward_bf16<T: Float>(
     let w_pack = packs.and_then(|p| p.backward.as_ref());
     let dx32 = T::f32_slice_mut(dx).expect("the bf16 path runs on f32");
     let (dy32, w) = (f32_of(dy), f32_of(&lin.w));
-    adapted_backward(accumulate, dx32, dy32, w, w_pack, n, lin.d_in, lin.d_out, branch);
+    adapted_backward(
+        accumulate, dx32, dy32, w, w_pack, n, lin.d_in, lin.d_out, branch,
+    );
 }
 
 impl<T: Float> Model<T> {
@@ -598,10 +600,10 @@ impl<T: Float> Model<T> {
         let pk = |t: Target| packs.and_then(|p| p.linear(l, t));
         let [lq, lk, lv, lo, lg, lu, ld] = &a.lora;
         // `scratch` has the same shapes as the activations; its buffers hold their gradients.
-        // The gradients of ln1, att, ln2 and act are first written (not added) by a
-        // projection's backward; the others are sums from the start.
+        // Most activation gradients are first written (not added) by one op: a projection's
+        // backward, or the SwiGLU's; those of q, k and v are sums from the start.
         let s = scratch;
-        for buf in [&mut s.q, &mut s.k, &mut s.v, &mut s.gate, &mut s.up] {
+        for buf in [&mut s.q, &mut s.k, &mut s.v] {
             buf.fill(T::zero());
         }
         // MLP block: out = x1 + down(swiglu(gate(ln2), up(ln2))).
@@ -622,7 +624,7 @@ impl<T: Float> Model<T> {
             adapter,
             d.n,
         );
-        swiglu_backward(&mut s.gate, &mut s.up, &s.act, &a.gate, &a.up);
+        swiglu_backward_overwrite(&mut s.gate, &mut s.up, &s.act, &a.gate, &a.up);
         let gl = g_lora.as_deref_mut();
         proj_backward(
             false,

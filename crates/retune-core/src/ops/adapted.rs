@@ -161,7 +161,11 @@ pub fn adapted_backward(
             // dx += dy W + dxa A, in one pass over dx.
             let dxa_packed = PackedA::from_rows(&dxa, n, r);
             let a_pack = PackedB::transient(MatRef::row_major(br.a, d_in), r, d_in);
-            gemm_terms(dx, &[(&dy_packed, w_pack), (&dxa_packed, &a_pack)], accumulate);
+            gemm_terms(
+                dx,
+                &[(&dy_packed, w_pack), (&dxa_packed, &a_pack)],
+                accumulate,
+            );
             a_pack.recycle();
             dxa_packed.recycle();
         }

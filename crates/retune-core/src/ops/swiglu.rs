@@ -127,6 +127,7 @@ simd_dispatch!(
 simd_dispatch!(
     /// f32 backward, the formulas of [`swiglu_backward`] in vectorisable blocks.
     fn swiglu_backward_f32 => swiglu_backward_f32_body(
+        accumulate: bool,
         dgate: &mut [f32],
         dup: &mut [f32],
         dout: &[f32],
@@ -153,18 +154,23 @@ fn swiglu_forward_f32_body(out: &mut [f32], gate: &[f32], up: &[f32]) {
 
 #[inline(always)]
 fn swiglu_backward_f32_body(
+    accumulate: bool,
     dgate: &mut [f32],
     dup: &mut [f32],
     dout: &[f32],
     gate: &[f32],
     up: &[f32],
 ) {
-    #[inline(always)]
-    fn one(dg: &mut f32, du: &mut f32, d: f32, g: f32, u: f32) {
+    // `accumulate` is the same for the whole call: the compiler hoists the branch.
+    let one = |dg: &mut f32, du: &mut f32, d: f32, g: f32, u: f32| {
         let s = sigmoid_f32(g);
-        *dg += d * u * s * (1.0 + g * (1.0 - s));
-        *du += d * g * s;
-    }
+        let (vg, vu) = (d * u * s * (1.0 + g * (1.0 - s)), d * g * s);
+        if accumulate {
+            (*dg, *du) = (*dg + vg, *du + vu);
+        } else {
+            (*dg, *du) = (vg, vu);
+        }
+    };
     let mut dg = dgate.chunks_exact_mut(LANES);
     let mut du = dup.chunks_exact_mut(LANES);
     let mut d = dout.chunks_exact(LANES);
@@ -205,6 +211,29 @@ pub fn swiglu_forward<T: Float>(out: &mut [T], gate: &[T], up: &[T]) {
 /// Backward of [`swiglu_forward`], accumulating into `dgate[N, F]` and `dup[N, F]`:
 /// `dgate += dout * up * s (1 + g (1 - s))` with `s = sigmoid(g)`, `dup += dout * g * s`.
 pub fn swiglu_backward<T: Float>(dgate: &mut [T], dup: &mut [T], dout: &[T], gate: &[T], up: &[T]) {
+    swiglu_backward_with(true, dgate, dup, dout, gate, up)
+}
+
+/// [`swiglu_backward`] writing over `dgate` and `dup` instead of adding (they need no zeroing
+/// when nothing else adds to them).
+pub fn swiglu_backward_overwrite<T: Float>(
+    dgate: &mut [T],
+    dup: &mut [T],
+    dout: &[T],
+    gate: &[T],
+    up: &[T],
+) {
+    swiglu_backward_with(false, dgate, dup, dout, gate, up)
+}
+
+fn swiglu_backward_with<T: Float>(
+    accumulate: bool,
+    dgate: &mut [T],
+    dup: &mut [T],
+    dout: &[T],
+    gate: &[T],
+    up: &[T],
+) {
     let len = dout.len();
     assert!(
         dgate.len() == len && dup.len() == len && gate.len() == len && up.len() == len,
@@ -218,12 +247,16 @@ pub fn swiglu_backward<T: Float>(dgate: &mut [T], dup: &mut [T], dout: &[T], gat
         .for_each(|(((dg, du), d), (g, u))| {
             if let (Some(d32), Some(g32), Some(u32)) = (as_f32(d), as_f32(g), as_f32(u)) {
                 let (dg32, du32) = (as_f32_mut(dg).expect("f32"), as_f32_mut(du).expect("f32"));
-                return swiglu_backward_f32(dg32, du32, d32, g32, u32);
+                return swiglu_backward_f32(accumulate, dg32, du32, d32, g32, u32);
             }
             for ((((dg, du), &d), &g), &u) in dg.iter_mut().zip(du).zip(d).zip(g).zip(u) {
                 let s = sigmoid(g);
-                *dg += d * u * s * (T::one() + g * (T::one() - s));
-                *du += d * g * s;
+                let (vg, vu) = (d * u * s * (T::one() + g * (T::one() - s)), d * g * s);
+                if accumulate {
+                    (*dg, *du) = (*dg + vg, *du + vu);
+                } else {
+                    (*dg, *du) = (vg, vu);
+                }
             }
         });
 }
@@ -295,6 +328,23 @@ mod tests {
         assert!(max_rel_diff(&du32, &du) < 1e-5);
     }
 
+    /// Writing over garbage gives what adding into zeros gives, in f64 and in f32.
+    #[test]
+    fn swiglu_backward_overwrite_equals_accumulating_into_zeros() {
+        let (g, u, r) = (gates(12), randv(LEN, 13), randv(LEN, 14));
+        let (mut dg, mut du) = (vec![0.0; LEN], vec![0.0; LEN]);
+        swiglu_backward(&mut dg, &mut du, &r, &g, &u);
+        let (mut og, mut ou) = (randv(LEN, 15), randv(LEN, 16));
+        swiglu_backward_overwrite(&mut og, &mut ou, &r, &g, &u);
+        assert_eq!((og, ou), (dg, du));
+        let (g32, u32, r32) = (to_f32(&g), to_f32(&u), to_f32(&r));
+        let (mut dg, mut du) = (vec![0.0f32; LEN], vec![0.0f32; LEN]);
+        swiglu_backward(&mut dg, &mut du, &r32, &g32, &u32);
+        let (mut og, mut ou) = (vec![7.0f32; LEN], vec![-3.0f32; LEN]);
+        swiglu_backward_overwrite(&mut og, &mut ou, &r32, &g32, &u32);
+        assert_eq!((og, ou), (dg, du));
+    }
+
     #[test]
     fn swiglu_gradcheck() {
         let (g, u, r) = (gates(3), randv(LEN, 4), randv(LEN, 5));
@@ -319,8 +369,8 @@ mod tests {
         assert_eq!(wide, base);
         let (mut dg1, mut du1) = (u.clone(), g.clone());
         let (mut dg2, mut du2) = (u.clone(), g.clone());
-        swiglu_backward_f32(&mut dg1, &mut du1, &d, &g, &u);
-        swiglu_backward_f32_body(&mut dg2, &mut du2, &d, &g, &u);
+        swiglu_backward_f32(true, &mut dg1, &mut du1, &d, &g, &u);
+        swiglu_backward_f32_body(true, &mut dg2, &mut du2, &d, &g, &u);
         assert_eq!((dg1, du1), (dg2, du2));
     }
 }
