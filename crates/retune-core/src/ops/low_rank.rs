@@ -242,31 +242,67 @@ mod avx512 {
         let cols = c.len() / r;
         let r16 = r.div_ceil(LANES) * LANES;
         assert!(col0 + cols <= m && a.len() == n * m && bp.len() == n * r16);
-        // Sixteen columns of a at once, in two passes of eight accumulators per r vector.
+        // Sixteen columns of a at once (one cache line of each of its rows), then one at a time.
         let mut o0 = 0;
         while o0 < cols {
-            let no = (cols - o0).min(ROWS);
             for j in (0..r).step_by(LANES) {
-                let mut acc = [_mm512_setzero_ps(); ROWS];
-                for i in 0..n {
-                    // SAFETY: i < n and j < r16: inside row i of bp.
-                    let bv = unsafe { _mm512_loadu_ps(bp.as_ptr().add(i * r16 + j)) };
-                    let a_row = &a[i * m + col0 + o0..][..no];
-                    for (acc, &x) in acc.iter_mut().zip(a_row) {
-                        *acc = _mm512_fmadd_ps(_mm512_set1_ps(x), bv, *acc);
-                    }
-                }
-                let mask = tail_mask(r, j);
-                for (oo, acc) in acc.iter().enumerate().take(no) {
-                    let row = c[(o0 + oo) * r..].as_mut_ptr();
-                    // SAFETY: the mask keeps both accesses inside row o0 + oo of c.
-                    unsafe {
-                        let sum = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, row.add(j)), *acc);
-                        _mm512_mask_storeu_ps(row.add(j), mask, sum);
+                // SAFETY: the columns o0.. of this call are inside c and a (asserted above).
+                unsafe {
+                    if cols - o0 >= OUTER_COLS {
+                        outer_block::<OUTER_COLS>(c, a, bp, n, m, col0, o0, r, j);
+                    } else {
+                        for o in o0..cols {
+                            outer_block::<1>(c, a, bp, n, m, col0, o, r, j);
+                        }
                     }
                 }
             }
-            o0 += no;
+            o0 += OUTER_COLS.min(cols - o0);
+        }
+    }
+
+    /// Columns of `a` per pass of [`outer_add`]: one accumulator each, all in registers.
+    const OUTER_COLS: usize = 16;
+
+    /// `c[o0 + o, j..j + 16] += sum_i a[i, col0 + o0 + o] b[i, j..j + 16]` for `o < COLS`.
+    ///
+    /// # Safety
+    /// AVX-512; rows `o0..o0 + COLS` of `c` (`r` wide) and columns `col0 + o0..+ COLS` of `a`
+    /// (`n x m`) exist; `bp` is `[n, r16]` and `j < r`.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn outer_block<const COLS: usize>(
+        c: &mut [f32],
+        a: &[f32],
+        bp: &[f32],
+        n: usize,
+        m: usize,
+        col0: usize,
+        o0: usize,
+        r: usize,
+        j: usize,
+    ) {
+        let r16 = r.div_ceil(LANES) * LANES;
+        let mut acc = [_mm512_setzero_ps(); COLS];
+        let a0 = a.as_ptr().add(col0 + o0);
+        let b0 = bp.as_ptr().add(j);
+        for i in 0..n {
+            // SAFETY (caller): i < n, the columns are inside row i of a, j..j + 16 of bp.
+            let bv = unsafe { _mm512_loadu_ps(b0.add(i * r16)) };
+            let a_row = unsafe { a0.add(i * m) };
+            for (o, acc) in acc.iter_mut().enumerate() {
+                let x = unsafe { _mm512_set1_ps(*a_row.add(o)) };
+                *acc = _mm512_fmadd_ps(x, bv, *acc);
+            }
+        }
+        let mask = tail_mask(r, j);
+        for (o, acc) in acc.iter().enumerate() {
+            // SAFETY (caller): row o0 + o of c exists; the mask keeps the lanes below r.
+            unsafe {
+                let row = c.as_mut_ptr().add((o0 + o) * r + j);
+                let sum = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, row), *acc);
+                _mm512_mask_storeu_ps(row, mask, sum);
+            }
         }
     }
 }
