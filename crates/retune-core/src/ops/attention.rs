@@ -9,7 +9,7 @@
 //! over blocks of [`Q_BLOCK`] queries: causality lets the block of queries `i0..i1` skip every
 //! key from `i1` on, which saves close to half the work of the full `T x T` products.
 
-use super::matmul::{matmul_nn, matmul_nt, matmul_tn};
+use super::matmul::{matmul_nn, matmul_nn_strided, matmul_nt, matmul_tn};
 use super::swiglu::{as_f32_mut, exp_f32, simd_dispatch};
 use crate::Float;
 use rayon::prelude::*;
@@ -99,10 +99,10 @@ fn gather_head<T: Float>(
     }
 }
 
-/// In place on one row of scores `s[0..=i]` (query `i`): scale, mask, softmax. With segments,
-/// `seg` holds the segment ids of keys `0..=i` and `own` the query's: other ids are masked.
-fn softmax_row<T: Float>(s: &mut [T], scale: T, segments: Option<(&[u32], u32)>) {
-    s.iter_mut().for_each(|x| *x *= scale);
+/// One row of probabilities from one row of raw scores `s[0..=i]` (query `i`): scale, mask,
+/// softmax, written to `p`. With segments, `seg` holds the segment ids of keys `0..=i` and
+/// `own` the query's: other ids are masked (in `s`, which is scratch).
+fn softmax_row<T: Float>(p: &mut [T], s: &mut [T], scale: T, segments: Option<(&[u32], u32)>) {
     if let Some((seg, own)) = segments {
         for (x, &id) in s.iter_mut().zip(seg) {
             if id != own {
@@ -111,26 +111,27 @@ fn softmax_row<T: Float>(s: &mut [T], scale: T, segments: Option<(&[u32], u32)>)
         }
     }
     // The max is finite: query i always sees itself.
-    if let Some(s) = as_f32_mut(s) {
-        return softmax_f32(s);
+    if let (Some(p32), Some(s32)) = (as_f32_mut(p), as_f32_mut(s)) {
+        return softmax_f32(p32, s32, scale.as_f64() as f32);
     }
     let max = s.iter().fold(T::neg_infinity(), |m, &x| m.max(x));
     let mut sum = T::zero();
-    for x in s.iter_mut() {
-        *x = (*x - max).exp();
-        sum += *x;
+    for (p, &x) in p.iter_mut().zip(s.iter()) {
+        *p = ((x - max) * scale).exp();
+        sum += *p;
     }
     let inv = T::one() / sum;
-    s.iter_mut().for_each(|x| *x *= inv);
+    p.iter_mut().for_each(|x| *x *= inv);
 }
 
 simd_dispatch!(
-    /// [`softmax_row`]'s normalisation in f32 with the polynomial exp, in vectorisable blocks.
-    fn softmax_f32 => softmax_f32_body(s: &mut [f32])
+    /// [`softmax_row`] in f32 with the polynomial exp, in vectorisable blocks: `p =
+    /// softmax(scale * s)` (`scale > 0`, so the max of `s` gives the max of `scale * s`).
+    fn softmax_f32 => softmax_f32_body(p: &mut [f32], s: &mut [f32], scale: f32)
 );
 
 #[inline(always)]
-fn softmax_f32_body(s: &mut [f32]) {
+fn softmax_f32_body(p: &mut [f32], s: &mut [f32], scale: f32) {
     let mut maxes = [f32::NEG_INFINITY; LANES];
     let mut blocks = s.chunks_exact(LANES);
     for blk in &mut blocks {
@@ -144,24 +145,27 @@ fn softmax_f32_body(s: &mut [f32]) {
         .chain(&maxes)
         .fold(f32::NEG_INFINITY, |m, &x| m.max(x));
     let mut sums = [0.0f32; LANES];
-    let mut blocks = s.chunks_exact_mut(LANES);
-    for blk in &mut blocks {
+    let mut blocks = p.chunks_exact_mut(LANES).zip(s.chunks_exact(LANES));
+    for (pb, sb) in &mut blocks {
         for l in 0..LANES {
-            blk[l] = exp_f32(blk[l] - max);
-            sums[l] += blk[l];
+            pb[l] = exp_f32((sb[l] - max) * scale);
+            sums[l] += pb[l];
         }
     }
+    let whole = s.len() / LANES * LANES;
     let mut sum = 0.0;
-    for x in blocks.into_remainder() {
-        *x = exp_f32(*x - max);
+    for (x, &v) in p[whole..].iter_mut().zip(&s[whole..]) {
+        *x = exp_f32((v - max) * scale);
         sum += *x;
     }
     let inv = 1.0 / (sum + sums.iter().sum::<f32>());
-    s.iter_mut().for_each(|x| *x *= inv);
+    p.iter_mut().for_each(|x| *x *= inv);
 }
 
-/// `out[N, NH, HD] = softmax(q k^T / sqrt(HD) + mask) v`; saves `probs[B, NH, T, T]` (masked
-/// entries 0) for the backward. `segments[N]`, when given, confines attention to equal ids.
+/// `out[N, NH, HD] = softmax(q k^T / sqrt(HD) + mask) v`; saves `probs[B, NH, T, T]` for the
+/// backward: masked entries are 0 up to the end of each query's block of [`Q_BLOCK`] keys,
+/// and the keys after it, which neither pass reads, keep what `probs` held. `segments[N]`,
+/// when given, confines attention to equal ids.
 pub fn attention_forward<T: Float>(
     out: &mut [T],
     probs: &mut [T],
@@ -217,16 +221,16 @@ pub fn attention_forward<T: Float>(
                 );
                 for (r, srow) in s.chunks_exact_mut(i1).enumerate() {
                     let i = i0 + r;
-                    let (visible, future) = srow.split_at_mut(i + 1);
                     let seg = segments.map(|s| (&s[base..=base + i], s[base + i]));
-                    softmax_row(visible, scale, seg);
-                    future.fill(T::zero());
-                    let (prow, pfuture) = p[i * t..(i + 1) * t].split_at_mut(i1);
-                    prow.copy_from_slice(srow);
+                    // Keys i1.. of this row are never read (here or in the backward).
+                    let (prow, pfuture) = p[i * t..i * t + i1].split_at_mut(i + 1);
+                    softmax_row(prow, &mut srow[..=i], scale, seg);
                     pfuture.fill(T::zero());
                 }
+                // The block's probabilities straight from `probs`: rows of stride T.
                 let o = &mut oblk[..rows * hd];
-                matmul_nn(o, s, &vh[..i1 * hd], rows, i1, hd, false);
+                let pblk = &p[i0 * t..(i1 - 1) * t + i1];
+                matmul_nn_strided(o, pblk, t, &vh[..i1 * hd], rows, i1, hd, false);
                 for (r, orow) in o.chunks_exact(hd).enumerate() {
                     // SAFETY: head h of token base + i0 + r belongs to this task alone.
                     let dst = unsafe { out.row(((base + i0 + r) * nh + h) * hd, hd) };
@@ -633,10 +637,21 @@ mod tests {
                     (vec![f64::NAN; q.len()], vec![f64::NAN; b * nh * t * t]);
                 attention_forward(&mut out, &mut probs, &q, &k, &v, seg, b, t, nh, nkv, hd);
                 assert!(max_rel_diff(&out, &want_out) < 1e-13);
-                assert!(max_rel_diff(&probs, &want_probs) < 1e-13);
-                // Masked entries are exact zeros.
-                let masked = want_probs.iter().zip(&probs).filter(|(w, _)| **w == 0.0);
-                assert!(masked.clone().count() > 0 && masked.clone().all(|(_, p)| *p == 0.0));
+                // Up to the end of its query block a row matches, masked entries exact zeros;
+                // after it `probs` is untouched (still NaN), and the backward below, which
+                // matches, never reads it.
+                let block_end = |i: usize| ((i / Q_BLOCK + 1) * Q_BLOCK).min(t);
+                let mut masked = 0;
+                for (idx, (&p, &w)) in probs.iter().zip(&want_probs).enumerate() {
+                    let (i, j) = (idx / t % t, idx % t);
+                    if j < block_end(i) {
+                        assert!((p - w).abs() < 1e-13, "probs[{idx}] {p} vs {w}");
+                        masked += usize::from(w == 0.0 && p == 0.0);
+                    } else {
+                        assert!(p.is_nan(), "probs[{idx}] written after its block");
+                    }
+                }
+                assert!(masked > 0);
                 // Accumulates onto existing gradients (dv starts at zero).
                 let (mut dq, mut dk, mut dv) = (g0q.clone(), g0k.clone(), vec![0.0; v.len()]);
                 attention_backward(
@@ -668,8 +683,10 @@ mod tests {
                 );
                 assert!(max_rel_diff(&out32, &want_out) < 1e-5);
                 assert!(max_rel_diff(&probs32, &want_probs) < 1e-5);
-                let masked32 = want_probs.iter().zip(&probs32).filter(|(w, _)| **w == 0.0);
-                assert!(masked32.clone().all(|(_, p)| *p == 0.0));
+                for (idx, (&p, &w)) in probs32.iter().zip(&want_probs).enumerate() {
+                    let (i, j) = (idx / t % t, idx % t);
+                    assert!(j >= block_end(i) || w != 0.0 || p == 0.0, "probs32[{idx}]");
+                }
                 let (mut dq32, mut dk32, mut dv32) = (
                     vec![0.0f32; q.len()],
                     vec![0.0f32; k.len()],
@@ -699,9 +716,9 @@ mod tests {
                 .step_by(3)
                 .skip(1)
                 .for_each(|x| *x = f32::NEG_INFINITY);
-            let (mut wide, mut base) = (s.clone(), s.clone());
-            softmax_f32(&mut wide);
-            softmax_f32_body(&mut base);
+            let (mut wide, mut base) = (vec![0.0; len], vec![0.0; len]);
+            softmax_f32(&mut wide, &mut s.clone(), 0.125);
+            softmax_f32_body(&mut base, &mut s.clone(), 0.125);
             assert_eq!(wide, base);
             let sum: f64 = wide.iter().map(|&p| p as f64).sum();
             assert!((sum - 1.0).abs() < 1e-5);

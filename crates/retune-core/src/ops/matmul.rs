@@ -182,6 +182,27 @@ pub fn matmul_nn<T: Float>(
     product(c, (a, k, 1), (b, n, 1), m, k, n, accumulate)
 }
 
+/// [`matmul_nn`] with the rows of `a` `a_stride` elements apart (a block of a wider matrix).
+pub fn matmul_nn_strided<T: Float>(
+    c: &mut [T],
+    a: &[T],
+    a_stride: usize,
+    b: &[T],
+    m: usize,
+    k: usize,
+    n: usize,
+    accumulate: bool,
+) {
+    assert!(
+        c.len() == m * n
+            && b.len() == k * n
+            && a_stride >= k
+            && (m == 0 || a.len() >= (m - 1) * a_stride + k),
+        "matmul_nn_strided: shape mismatch"
+    );
+    product(c, (a, a_stride, 1), (b, n, 1), m, k, n, accumulate)
+}
+
 /// `c[m, n] (+)= a[k, m]^T · b[k, n]` (a weight gradient: activations' rows are the inner index).
 pub fn matmul_tn<T: Float>(
     c: &mut [T],
