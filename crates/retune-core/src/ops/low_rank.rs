@@ -18,8 +18,10 @@ use rayon::prelude::*;
 
 /// Rows of `c` per rayon task in [`down`] and [`up_add`].
 const ROWS_PER_TASK: usize = 64;
-/// Rows of `c` per rayon task in [`outer_add`] (columns of `a`): one 64-byte line of each row of `a`.
+/// Rows of `c` per rayon task in the generic [`outer_add`] (columns of `a`).
 const COLS_PER_TASK: usize = 16;
+/// Rows of `a` per partial sum in the AVX-512 [`outer_add`].
+const ROWS_PER_PART: usize = 128;
 
 /// `c[n, r] = a[n, k] · w[k, r]`.
 pub fn down<T: Float>(c: &mut [T], a: &[T], w: &[T], n: usize, k: usize, r: usize) {
@@ -92,15 +94,29 @@ pub fn outer_add<T: Float>(c: &mut [T], a: &[T], b: &[T], n: usize, m: usize, r:
     #[cfg(target_arch = "x86_64")]
     if let (Some(a32), Some(b32), true) = (as_f32(a), as_f32(b), avx512::available()) {
         let c32 = crate::Float::f32_slice_mut(c).expect("c has a's type");
+        let r16 = r.div_ceil(16) * 16;
         let bp = avx512::pad_columns(b32, n, r);
-        c32.par_chunks_mut(COLS_PER_TASK * r)
-            .enumerate()
-            .for_each(|(task, c)| {
-                let col0 = task * COLS_PER_TASK;
-                // SAFETY: AVX-512 is available; c holds rows col0.. of the result, and every
-                // column of a the kernel reads (col0 + c.len() / r) is below m.
-                unsafe { avx512::outer_add(c, a32, &bp, n, m, col0, r) }
-            });
+        // Each part streams its rows of a in order (a column-block walk down the rows would
+        // miss the cache on every row) into its own [m, r16] partial sum; the parts are fixed
+        // by n alone and added in order, so the result does not depend on the thread count.
+        let parts: Vec<Vec<f32>> = (0..n.div_ceil(ROWS_PER_PART))
+            .into_par_iter()
+            .map(|part| {
+                let rows = part * ROWS_PER_PART..((part + 1) * ROWS_PER_PART).min(n);
+                let mut acc = vec![0.0f32; m * r16];
+                let (a_rows, b_rows) = (&a32[rows.start * m..rows.end * m], &bp[rows.start * r16..rows.end * r16]);
+                // SAFETY: AVX-512 is available; a_rows is [rows, m], b_rows [rows, r16].
+                unsafe { avx512::outer_rows(&mut acc, a_rows, b_rows, m, r16) };
+                acc
+            })
+            .collect();
+        for part in &parts {
+            for (c_row, p_row) in c32.chunks_mut(r).zip(part.chunks(r16)) {
+                for (cv, &pv) in c_row.iter_mut().zip(p_row) {
+                    *cv += pv;
+                }
+            }
+        }
         return;
     }
     c.par_chunks_mut(COLS_PER_TASK * r)
@@ -227,82 +243,69 @@ mod avx512 {
         }
     }
 
-    /// [`super::outer_add`] for rows `col0..` of `c` (columns of `a`): `c[cols, r] +=
-    /// a[n, col0..col0 + cols]^T · b`, `b` padded to `[n, r16]`.
+    /// Rows of `a` per pass of [`outer_rows`]: their lines of each column block stay in L1.
+    const OUTER_ROWS: usize = 16;
+    /// Columns of `a` per block of [`outer_rows`]: one accumulator each, all in registers.
+    const OUTER_COLS: usize = 16;
+
+    /// `acc[m, r16] += a[rows, m]^T · b[rows, r16]`, walking `a` row chunk by row chunk.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn outer_add(
-        c: &mut [f32],
-        a: &[f32],
-        bp: &[f32],
-        n: usize,
-        m: usize,
-        col0: usize,
-        r: usize,
-    ) {
-        let cols = c.len() / r;
-        let r16 = r.div_ceil(LANES) * LANES;
-        assert!(col0 + cols <= m && a.len() == n * m && bp.len() == n * r16);
-        // Sixteen columns of a at once (one cache line of each of its rows), then one at a time.
-        let mut o0 = 0;
-        while o0 < cols {
-            for j in (0..r).step_by(LANES) {
-                // SAFETY: the columns o0.. of this call are inside c and a (asserted above).
-                unsafe {
-                    if cols - o0 >= OUTER_COLS {
-                        outer_block::<OUTER_COLS>(c, a, bp, n, m, col0, o0, r, j);
-                    } else {
-                        for o in o0..cols {
-                            outer_block::<1>(c, a, bp, n, m, col0, o, r, j);
-                        }
-                    }
+    pub(super) unsafe fn outer_rows(acc: &mut [f32], a: &[f32], b: &[f32], m: usize, r16: usize) {
+        let rows = b.len() / r16;
+        assert!(acc.len() == m * r16 && a.len() == rows * m && r16 % LANES == 0);
+        for i0 in (0..rows).step_by(OUTER_ROWS) {
+            let nr = OUTER_ROWS.min(rows - i0);
+            for j in (0..r16).step_by(LANES) {
+                let mut o0 = 0;
+                while o0 + OUTER_COLS <= m {
+                    // SAFETY: columns o0..o0 + 16 < m, rows i0..i0 + nr, lanes j..j + 16 < r16.
+                    unsafe { outer_block::<OUTER_COLS>(acc, a, b, m, r16, i0, nr, o0, j) };
+                    o0 += OUTER_COLS;
+                }
+                for o in o0..m {
+                    // SAFETY: as above, one column.
+                    unsafe { outer_block::<1>(acc, a, b, m, r16, i0, nr, o, j) };
                 }
             }
-            o0 += OUTER_COLS.min(cols - o0);
         }
     }
 
-    /// Columns of `a` per pass of [`outer_add`]: one accumulator each, all in registers.
-    const OUTER_COLS: usize = 16;
-
-    /// `c[o0 + o, j..j + 16] += sum_i a[i, col0 + o0 + o] b[i, j..j + 16]` for `o < COLS`.
+    /// `acc[o0 + o, j..j + 16] += sum_{i < nr} a[i0 + i, o0 + o] b[i0 + i, j..j + 16]`.
     ///
     /// # Safety
-    /// AVX-512; rows `o0..o0 + COLS` of `c` (`r` wide) and columns `col0 + o0..+ COLS` of `a`
-    /// (`n x m`) exist; `bp` is `[n, r16]` and `j < r`.
+    /// AVX-512; `o0 + COLS <= m`, `i0 + nr` rows exist in `a` (`m` wide) and `b` (`r16` wide),
+    /// `j + 16 <= r16`, and `acc` is `[m, r16]`.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn outer_block<const COLS: usize>(
-        c: &mut [f32],
+        acc: &mut [f32],
         a: &[f32],
-        bp: &[f32],
-        n: usize,
+        b: &[f32],
         m: usize,
-        col0: usize,
+        r16: usize,
+        i0: usize,
+        nr: usize,
         o0: usize,
-        r: usize,
         j: usize,
     ) {
-        let r16 = r.div_ceil(LANES) * LANES;
-        let mut acc = [_mm512_setzero_ps(); COLS];
-        let a0 = a.as_ptr().add(col0 + o0);
-        let b0 = bp.as_ptr().add(j);
-        for i in 0..n {
-            // SAFETY (caller): i < n, the columns are inside row i of a, j..j + 16 of bp.
-            let bv = unsafe { _mm512_loadu_ps(b0.add(i * r16)) };
-            let a_row = unsafe { a0.add(i * m) };
-            for (o, acc) in acc.iter_mut().enumerate() {
+        let mut sums = [_mm512_setzero_ps(); COLS];
+        let dst = acc.as_mut_ptr().add(o0 * r16 + j);
+        for (o, s) in sums.iter_mut().enumerate() {
+            // SAFETY (caller): row o0 + o of acc, lanes j..j + 16.
+            *s = unsafe { _mm512_loadu_ps(dst.add(o * r16)) };
+        }
+        for i in i0..i0 + nr {
+            // SAFETY (caller): row i of b and of a, columns o0..o0 + COLS of a.
+            let bv = unsafe { _mm512_loadu_ps(b.as_ptr().add(i * r16 + j)) };
+            let a_row = unsafe { a.as_ptr().add(i * m + o0) };
+            for (o, s) in sums.iter_mut().enumerate() {
                 let x = unsafe { _mm512_set1_ps(*a_row.add(o)) };
-                *acc = _mm512_fmadd_ps(x, bv, *acc);
+                *s = _mm512_fmadd_ps(x, bv, *s);
             }
         }
-        let mask = tail_mask(r, j);
-        for (o, acc) in acc.iter().enumerate() {
-            // SAFETY (caller): row o0 + o of c exists; the mask keeps the lanes below r.
-            unsafe {
-                let row = c.as_mut_ptr().add((o0 + o) * r + j);
-                let sum = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, row), *acc);
-                _mm512_mask_storeu_ps(row, mask, sum);
-            }
+        for (o, s) in sums.iter().enumerate() {
+            // SAFETY: as for the load.
+            unsafe { _mm512_storeu_ps(dst.add(o * r16), *s) };
         }
     }
 }
