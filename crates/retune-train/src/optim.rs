@@ -63,6 +63,7 @@ struct Scalars {
 }
 
 /// `torch.lerp(start, end, w)` as its vectorised CPU kernel computes it.
+#[inline(always)]
 fn lerp(start: f32, end: f32, w: f32) -> f32 {
     if w.abs() < 0.5 {
         w.mul_add(end - start, start)
@@ -71,7 +72,34 @@ fn lerp(start: f32, end: f32, w: f32) -> f32 {
     }
 }
 
+/// One chunk's update. `mul_add` is a fused multiply-add, correctly rounded on every build; on
+/// a CPU with FMA it is one instruction and the loop vectorises (the baseline x86-64 build
+/// calls libm's `fmaf` per element), with bitwise the same results.
 fn update(work: Work, s: Scalars) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        unsafe fn wide(work: Work, s: Scalars) {
+            update_body(work, s)
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(work: Work, s: Scalars) {
+            update_body(work, s)
+        }
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has the features `wide` is compiled for.
+            return unsafe { wide(work, s) };
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: as above, for `avx2`.
+            return unsafe { avx2(work, s) };
+        }
+    }
+    update_body(work, s)
+}
+
+#[inline(always)]
+fn update_body(work: Work, s: Scalars) {
     for (((p, m), v), &g) in work
         .p
         .iter_mut()
