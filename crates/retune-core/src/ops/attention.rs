@@ -9,7 +9,7 @@
 //! over blocks of [`Q_BLOCK`] queries: causality lets the block of queries `i0..i1` skip every
 //! key from `i1` on, which saves close to half the work of the full `T x T` products.
 
-use super::matmul::{matmul_nn, matmul_nn_strided, matmul_nt, matmul_tn};
+use super::matmul::{matmul_views, View};
 use super::swiglu::{as_f32_mut, exp_f32, simd_dispatch};
 use crate::Float;
 use rayon::prelude::*;
@@ -83,20 +83,6 @@ fn check_shapes<T>(
         "attention: probs must be [B, NH, T, T]"
     );
     nh / nkv
-}
-
-/// Copies head `head` of rows `rows` of a `[_, heads, hd]` tensor into `dst` (`[rows, hd]`).
-fn gather_head<T: Float>(
-    dst: &mut [T],
-    src: &[T],
-    rows: std::ops::Range<usize>,
-    heads: usize,
-    head: usize,
-    hd: usize,
-) {
-    for (d, r) in dst.chunks_exact_mut(hd).zip(rows) {
-        d.copy_from_slice(&src[(r * heads + head) * hd..][..hd]);
-    }
 }
 
 /// One row of probabilities from one row of raw scores `s[0..=i]` (query `i`): scale, mask,
@@ -193,32 +179,25 @@ pub fn attention_forward<T: Float>(
     // One task per (batch row, head): its probs are one contiguous [T, T] block, its output
     // rows are head h of the batch row's tokens, which no other task touches.
     probs.par_chunks_mut(t * t).enumerate().for_each_init(
-        // Scratch, reused by all the tasks of a rayon job: Q, K, V of the head, one block of
-        // scores [bq, T] and one block of outputs [bq, HD].
-        || vec![T::zero(); 3 * t * hd + bq * t + bq * hd],
+        // Scratch, reused by all the tasks of a rayon job: one block of scores [bq, T] and one
+        // block of outputs [bq, HD]. Q, K and V are read in place, head h's rows of each.
+        || vec![T::zero(); bq * t + bq * hd],
         |scratch, (bh, p)| {
             let (bb, h) = (bh / nh, bh % nh);
             let (base, kvh) = (bb * t, h / group);
-            let (qh, rest) = scratch.split_at_mut(t * hd);
-            let (kh, rest) = rest.split_at_mut(t * hd);
-            let (vh, rest) = rest.split_at_mut(t * hd);
-            let (sblk, oblk) = rest.split_at_mut(bq * t);
-            gather_head(qh, q, base..base + t, nh, h, hd);
-            gather_head(kh, k, base..base + t, nkv, kvh, hd);
-            gather_head(vh, v, base..base + t, nkv, kvh, hd);
+            let (sblk, oblk) = scratch.split_at_mut(bq * t);
+            // K of the kv head transposed, [HD, T], and V, [T, HD].
+            let kv_at = (base * nkv + kvh) * hd;
+            let (k_t, v_h) = (
+                View::transposed(&k[kv_at..], nkv * hd),
+                View::rows(&v[kv_at..], nkv * hd),
+            );
             for i0 in (0..t).step_by(bq) {
                 let (i1, rows) = ((i0 + bq).min(t), (i0 + bq).min(t) - i0);
                 // Scores of queries i0..i1 against the keys they can see, 0..i1.
                 let s = &mut sblk[..rows * i1];
-                matmul_nt(
-                    s,
-                    &qh[i0 * hd..i1 * hd],
-                    &kh[..i1 * hd],
-                    rows,
-                    hd,
-                    i1,
-                    false,
-                );
+                let q_blk = View::rows(&q[((base + i0) * nh + h) * hd..], nh * hd);
+                matmul_views(s, q_blk, k_t, rows, hd, i1, false);
                 for (r, srow) in s.chunks_exact_mut(i1).enumerate() {
                     let i = i0 + r;
                     let seg = segments.map(|s| (&s[base..=base + i], s[base + i]));
@@ -229,8 +208,7 @@ pub fn attention_forward<T: Float>(
                 }
                 // The block's probabilities straight from `probs`: rows of stride T.
                 let o = &mut oblk[..rows * hd];
-                let pblk = &p[i0 * t..(i1 - 1) * t + i1];
-                matmul_nn_strided(o, pblk, t, &vh[..i1 * hd], rows, i1, hd, false);
+                matmul_views(o, View::rows(&p[i0 * t..], t), v_h, rows, i1, hd, false);
                 for (r, orow) in o.chunks_exact(hd).enumerate() {
                     // SAFETY: head h of token base + i0 + r belongs to this task alone.
                     let dst = unsafe { out.row(((base + i0 + r) * nh + h) * hd, hd) };
@@ -277,37 +255,39 @@ pub fn attention_backward<T: Float>(
     let (dq, dk, dv) = (Disjoint::new(dq), Disjoint::new(dk), Disjoint::new(dv));
 
     (0..b * nkv).into_par_iter().for_each_init(
-        // K, V, dK, dV of the kv head [T, HD] each; per block Q, dO, dQ [bq, HD] and P, dS
-        // [bq, T].
-        || vec![T::zero(); 4 * t * hd + 3 * bq * hd + 2 * bq * t],
+        // dK, dV of the kv head [T, HD] each; per block dQ [bq, HD] and dS [bq, T]. Q, K, V,
+        // dO and P are read in place.
+        || vec![T::zero(); 2 * t * hd + bq * hd + bq * t],
         |scratch, bkv| {
             let (bb, kvh) = (bkv / nkv, bkv % nkv);
             let base = bb * t;
-            let (kh, rest) = scratch.split_at_mut(t * hd);
-            let (vh, rest) = rest.split_at_mut(t * hd);
-            let (dkh, rest) = rest.split_at_mut(t * hd);
+            let (dkh, rest) = scratch.split_at_mut(t * hd);
             let (dvh, rest) = rest.split_at_mut(t * hd);
-            let (qblk, rest) = rest.split_at_mut(bq * hd);
-            let (goblk, rest) = rest.split_at_mut(bq * hd);
-            let (dqblk, rest) = rest.split_at_mut(bq * hd);
-            let (pblk, dsblk) = rest.split_at_mut(bq * t);
-            gather_head(kh, k, base..base + t, nkv, kvh, hd);
-            gather_head(vh, v, base..base + t, nkv, kvh, hd);
+            let (dqblk, dsblk) = rest.split_at_mut(bq * hd);
+            // K of the kv head, [T, HD], and V transposed, [HD, T].
+            let kv_at = (base * nkv + kvh) * hd;
+            let (k_h, v_t) = (
+                View::rows(&k[kv_at..], nkv * hd),
+                View::transposed(&v[kv_at..], nkv * hd),
+            );
             dkh.fill(T::zero());
             dvh.fill(T::zero());
             for h in kvh * group..(kvh + 1) * group {
                 let probs_bh = &probs[(bb * nh + h) * t * t..][..t * t];
                 for i0 in (0..t).step_by(bq) {
                     let (i1, rows) = ((i0 + bq).min(t), (i0 + bq).min(t) - i0);
-                    let (qb, gob) = (&mut qblk[..rows * hd], &mut goblk[..rows * hd]);
-                    gather_head(qb, q, base + i0..base + i1, nh, h, hd);
-                    gather_head(gob, dout, base + i0..base + i1, nh, h, hd);
-                    let (pb, ds) = (&mut pblk[..rows * i1], &mut dsblk[..rows * i1]);
-                    for (r, prow) in pb.chunks_exact_mut(i1).enumerate() {
-                        prow.copy_from_slice(&probs_bh[(i0 + r) * t..][..i1]);
-                    }
-                    matmul_nt(ds, gob, &vh[..i1 * hd], rows, hd, i1, false);
-                    for (dsrow, prow) in ds.chunks_exact_mut(i1).zip(pb.chunks_exact(i1)) {
+                    let at = ((base + i0) * nh + h) * hd;
+                    let (qb, gob) = (
+                        View::rows(&q[at..], nh * hd),
+                        View::rows(&dout[at..], nh * hd),
+                    );
+                    // The block's probabilities [rows, i1] (rows of stride T) and their transpose.
+                    let p_rows = &probs_bh[i0 * t..];
+                    let pb_t = View::transposed(p_rows, t);
+                    let ds = &mut dsblk[..rows * i1];
+                    matmul_views(ds, gob, v_t, rows, hd, i1, false);
+                    let prows = p_rows.chunks(t).map(|row| &row[..i1]);
+                    for (dsrow, prow) in ds.chunks_exact_mut(i1).zip(prows) {
                         // The softmax Jacobian's row term D = sum_j P_ij dP_ij; the mask's
                         // zeros in P zero dS too.
                         let d = dot(prow, dsrow);
@@ -316,9 +296,10 @@ pub fn attention_backward<T: Float>(
                         }
                     }
                     let dqb = &mut dqblk[..rows * hd];
-                    matmul_nn(dqb, ds, &kh[..i1 * hd], rows, i1, hd, false);
-                    matmul_tn(&mut dkh[..i1 * hd], ds, qb, i1, rows, hd, true);
-                    matmul_tn(&mut dvh[..i1 * hd], pb, gob, i1, rows, hd, true);
+                    let (ds_rows, ds_t) = (View::rows(&ds[..], i1), View::transposed(&ds[..], i1));
+                    matmul_views(dqb, ds_rows, k_h, rows, i1, hd, false);
+                    matmul_views(&mut dkh[..i1 * hd], ds_t, qb, i1, rows, hd, true);
+                    matmul_views(&mut dvh[..i1 * hd], pb_t, gob, i1, rows, hd, true);
                     for (r, g) in dqb.chunks_exact(hd).enumerate() {
                         // SAFETY: head h of this batch row's tokens belongs to this task alone.
                         let dst = unsafe { dq.row(((base + i0 + r) * nh + h) * hd, hd) };

@@ -104,7 +104,10 @@ pub fn outer_add<T: Float>(c: &mut [T], a: &[T], b: &[T], n: usize, m: usize, r:
             .map(|part| {
                 let rows = part * ROWS_PER_PART..((part + 1) * ROWS_PER_PART).min(n);
                 let mut acc = vec![0.0f32; m * r16];
-                let (a_rows, b_rows) = (&a32[rows.start * m..rows.end * m], &bp[rows.start * r16..rows.end * r16]);
+                let (a_rows, b_rows) = (
+                    &a32[rows.start * m..rows.end * m],
+                    &bp[rows.start * r16..rows.end * r16],
+                );
                 // SAFETY: AVX-512 is available; a_rows is [rows, m], b_rows [rows, r16].
                 unsafe { avx512::outer_rows(&mut acc, a_rows, b_rows, m, r16) };
                 acc
@@ -252,7 +255,7 @@ mod avx512 {
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn outer_rows(acc: &mut [f32], a: &[f32], b: &[f32], m: usize, r16: usize) {
         let rows = b.len() / r16;
-        assert!(acc.len() == m * r16 && a.len() == rows * m && r16 % LANES == 0);
+        assert!(acc.len() == m * r16 && a.len() == rows * m && r16.is_multiple_of(LANES));
         for i0 in (0..rows).step_by(OUTER_ROWS) {
             let nr = OUTER_ROWS.min(rows - i0);
             for j in (0..r16).step_by(LANES) {

@@ -182,25 +182,66 @@ pub fn matmul_nn<T: Float>(
     product(c, (a, k, 1), (b, n, 1), m, k, n, accumulate)
 }
 
-/// [`matmul_nn`] with the rows of `a` `a_stride` elements apart (a block of a wider matrix).
-pub fn matmul_nn_strided<T: Float>(
+/// A matrix operand read in place: element `(i, j)` is `data[i * row_stride + j *
+/// col_stride]`, so a block, one head's rows or the transpose of a larger row-major matrix
+/// needs no copy.
+#[derive(Clone, Copy, Debug)]
+pub struct View<'a, T> {
+    data: &'a [T],
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl<'a, T> View<'a, T> {
+    /// Rows `row_stride` apart, columns contiguous (from `data`'s first element).
+    pub fn rows(data: &'a [T], row_stride: usize) -> Self {
+        View {
+            data,
+            row_stride,
+            col_stride: 1,
+        }
+    }
+
+    /// The transpose of [`View::rows`]: element `(i, j)` is `data[j * stride + i]`.
+    pub fn transposed(data: &'a [T], stride: usize) -> Self {
+        View {
+            data,
+            row_stride: 1,
+            col_stride: stride,
+        }
+    }
+
+    /// Panics unless every element of a `rows x cols` view lies inside `data`.
+    fn check(&self, rows: usize, cols: usize) {
+        if rows == 0 || cols == 0 {
+            return;
+        }
+        let last = (rows - 1) * self.row_stride + (cols - 1) * self.col_stride;
+        assert!(
+            last < self.data.len(),
+            "matmul_views: view outside its data"
+        );
+    }
+}
+
+/// `c[m, n] (+)= a · b` for an `m x k` view `a` and a `k x n` view `b`.
+pub fn matmul_views<T: Float>(
     c: &mut [T],
-    a: &[T],
-    a_stride: usize,
-    b: &[T],
+    a: View<T>,
+    b: View<T>,
     m: usize,
     k: usize,
     n: usize,
     accumulate: bool,
 ) {
-    assert!(
-        c.len() == m * n
-            && b.len() == k * n
-            && a_stride >= k
-            && (m == 0 || a.len() >= (m - 1) * a_stride + k),
-        "matmul_nn_strided: shape mismatch"
+    assert_eq!(c.len(), m * n, "matmul_views: c must be [m, n]");
+    a.check(m, k);
+    b.check(k, n);
+    let (a, b) = (
+        (a.data, a.row_stride, a.col_stride),
+        (b.data, b.row_stride, b.col_stride),
     );
-    product(c, (a, a_stride, 1), (b, n, 1), m, k, n, accumulate)
+    product(c, a, b, m, k, n, accumulate)
 }
 
 /// `c[m, n] (+)= a[k, m]^T · b[k, n]` (a weight gradient: activations' rows are the inner index).
