@@ -233,11 +233,21 @@ pub struct PackedB {
     data: PackedData,
 }
 
+/// A packed operand's elements.
 enum PackedData {
-    /// bf16 bits in the VNNI strip layout of [`pack::pack_b`].
+    /// bf16 bits in the layout of its side ([`pack::pack_a`] or [`pack::pack_b`]).
     Bf16(pack::Packed),
-    /// Row-major `[k, n]` f32 for [`Kernel::F32`].
+    /// Row-major f32 for [`Kernel::F32`].
     F32(Vec<f32>),
+}
+
+impl PackedData {
+    /// Hands a bf16 buffer back for the next products on this thread.
+    fn recycle(self) {
+        if let PackedData::Bf16(p) = self {
+            p.recycle();
+        }
+    }
 }
 
 impl PackedB {
@@ -316,9 +326,7 @@ impl PackedB {
 
     /// Hands the buffer back for the next products on this thread.
     pub fn recycle(self) {
-        if let PackedData::Bf16(p) = self.data {
-            p.recycle();
-        }
+        self.data.recycle();
     }
 }
 
@@ -328,14 +336,8 @@ pub struct PackedA {
     kernel: Kernel,
     m: usize,
     k: usize,
-    data: PackedAData,
-}
-
-enum PackedAData {
-    /// bf16 bits in the tile layout of [`pack::pack_a`].
-    Bf16(pack::Packed),
-    /// Row-major `[m, k]` f32 for [`Kernel::F32`].
-    F32(Vec<f32>),
+    /// In the tile layout of [`pack::pack_a`], or row-major `[m, k]` f32.
+    data: PackedData,
 }
 
 impl PackedA {
@@ -345,7 +347,7 @@ impl PackedA {
         let kernel = best_kernel();
         a.check(m, k, "a");
         let data = if kernel.is_bf16() {
-            PackedAData::Bf16(pack::pack_a(a, m, k))
+            PackedData::Bf16(pack::pack_a(a, m, k))
         } else {
             let mut dense = vec![0.0f32; m * k];
             for (i, row) in dense.chunks_mut(k.max(1)).enumerate().take(m) {
@@ -353,7 +355,7 @@ impl PackedA {
                     *x = a.at(i, p);
                 }
             }
-            PackedAData::F32(dense)
+            PackedData::F32(dense)
         };
         PackedA { kernel, m, k, data }
     }
@@ -376,9 +378,7 @@ impl PackedA {
 
     /// Hands the buffer back for the next products on this thread.
     pub fn recycle(self) {
-        if let PackedAData::Bf16(p) = self.data {
-            p.recycle();
-        }
+        self.data.recycle();
     }
 }
 
@@ -413,10 +413,10 @@ pub fn gemm_terms(c: &mut [f32], terms: &[(&PackedA, &PackedB)], accumulate: boo
     let mut bf16_terms = Vec::new();
     for (a, b) in terms {
         match (&a.data, &b.data) {
-            (PackedAData::Bf16(pa), PackedData::Bf16(pb)) => {
+            (PackedData::Bf16(pa), PackedData::Bf16(pb)) => {
                 bf16_terms.push((pa.as_slice(), pb.as_slice(), a.k));
             }
-            (PackedAData::F32(da), PackedData::F32(db)) => {
+            (PackedData::F32(da), PackedData::F32(db)) => {
                 let (ar, br) = (MatRef::row_major(da, a.k), MatRef::row_major(db, n));
                 gemm_f32(c, ar, br, m, a.k, n, accumulate);
                 accumulate = true;

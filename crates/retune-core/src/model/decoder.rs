@@ -5,7 +5,7 @@
 //! of that layer alone ([`LayerActs`]), then runs the layer's backward. The LM head and the
 //! cross-entropy are fused and chunked, so the `[N, V]` logits never exist whole.
 
-use super::lora::{LayerLora, Lora, Target};
+use super::lora::{LayerLora, Lora, LoraPair, Target};
 use super::packs::FrozenPacks;
 use super::weights::{grad_slot, LayerWeights, Linear};
 use super::{Batch, Grads, Model};
@@ -247,34 +247,53 @@ impl<T: Float> LayerActs<T> {
     }
 }
 
+/// One projection of one layer as a pass sees it: its weight, the weight's bf16 packs when it
+/// is frozen and packed, and the adapter.
+struct Proj<'a, T> {
+    lin: &'a Linear<T>,
+    packs: Option<&'a WeightPacks>,
+    t: Target,
+    layer: usize,
+    adapter: Option<&'a AdapterPass<'a, T>>,
+}
+
+impl<T: Float> Proj<'_, T> {
+    /// The adapter and this projection's LoRA pair, when it is adapted.
+    fn branch(&self) -> Option<(&AdapterPass<'_, T>, &LoraPair<T>)> {
+        let ad = self.adapter?;
+        Some((
+            ad,
+            ad.lora.layers[self.layer].pairs[self.t.index()].as_ref()?,
+        ))
+    }
+
+    /// The seed of this projection's dropout mask.
+    fn mask_seed(&self, ad: &AdapterPass<T>) -> u64 {
+        ad.mask_seed(self.layer, self.t)
+    }
+}
+
 /// A projection: base linear layer plus, when adapted, its LoRA branch (saving into `saved`).
 /// `x_packed`: `x` packed for bf16 products (see [`pack_rows`]), which then take the fused
 /// path of [`adapted_forward`].
-#[allow(clippy::too_many_arguments)]
 fn proj_forward<T: Float>(
     y: &mut [T],
     saved: &mut LoraActs<T>,
     x: &[T],
     x_packed: Option<&PackedA>,
-    lin: &Linear<T>,
-    packs: Option<&WeightPacks>,
-    t: Target,
-    layer: usize,
-    adapter: Option<&AdapterPass<T>>,
+    p: &Proj<T>,
     n: usize,
 ) {
     if let Some(xp) = x_packed {
-        return proj_forward_bf16(y, saved, x, xp, lin, packs, t, layer, adapter);
+        return proj_forward_bf16(y, saved, x, xp, p);
     }
+    let (lin, packs) = (p.lin, p.packs);
     let b = lin.b.as_deref();
     linear_forward_packed(y, x, &lin.w, packs, b, n, lin.d_in, lin.d_out);
-    let Some(ad) = adapter else { return };
-    let Some(pair) = &ad.lora.layers[layer].pairs[t.index()] else {
-        return;
-    };
+    let Some((ad, pair)) = p.branch() else { return };
     let spec = &ad.lora.spec;
     let input = if ad.dropout > 0.0 {
-        dropout_forward(&mut saved.x_drop, x, ad.dropout, ad.mask_seed(layer, t));
+        dropout_forward(&mut saved.x_drop, x, ad.dropout, p.mask_seed(ad));
         &saved.x_drop[..]
     } else {
         x
@@ -294,28 +313,23 @@ fn proj_forward<T: Float>(
 }
 
 /// [`proj_forward`] on the fused bf16 path (`T` is f32).
-#[allow(clippy::too_many_arguments)]
 fn proj_forward_bf16<T: Float>(
     y: &mut [T],
     saved: &mut LoraActs<T>,
     x: &[T],
     x_packed: &PackedA,
-    lin: &Linear<T>,
-    packs: Option<&WeightPacks>,
-    t: Target,
-    layer: usize,
-    adapter: Option<&AdapterPass<T>>,
+    p: &Proj<T>,
 ) {
     let f32s = "the bf16 path runs on f32";
+    let lin = p.lin;
     let w = T::f32_slice(&lin.w).expect(f32s);
     let y32 = T::f32_slice_mut(y).expect(f32s);
-    let pair = adapter.and_then(|ad| Some((ad, ad.lora.layers[layer].pairs[t.index()].as_ref()?)));
     let mut dropped = None;
-    let branch = match pair {
+    let branch = match p.branch() {
         None => None,
         Some((ad, pair)) => {
             let input = if ad.dropout > 0.0 {
-                dropout_forward(&mut saved.x_drop, x, ad.dropout, ad.mask_seed(layer, t));
+                dropout_forward(&mut saved.x_drop, x, ad.dropout, p.mask_seed(ad));
                 let n = x_packed.m();
                 dropped = Some(PackedA::from_rows(
                     T::f32_slice(&saved.x_drop).expect(f32s),
@@ -336,7 +350,7 @@ fn proj_forward_bf16<T: Float>(
             })
         }
     };
-    let w_pack = packs.map(|p| &p.forward);
+    let w_pack = p.packs.map(|p| &p.forward);
     adapted_forward(y32, x_packed, w, w_pack, lin.d_out, branch);
     if let Some(p) = dropped {
         p.recycle();
@@ -358,18 +372,13 @@ fn proj_backward<T: Float>(
     dy: &[T],
     x: &[T],
     saved: &LoraActs<T>,
-    lin: &Linear<T>,
-    packs: Option<&WeightPacks>,
-    t: Target,
-    layer: usize,
-    adapter: Option<&AdapterPass<T>>,
+    p: &Proj<T>,
     n: usize,
 ) {
     if runs_in_bf16(n) && T::f32_slice(dy).is_some() {
-        return proj_backward_bf16(
-            accumulate, dx, g, g_lora, dy, x, saved, lin, packs, t, layer, adapter, n,
-        );
+        return proj_backward_bf16(accumulate, dx, g, g_lora, dy, x, saved, p, n);
     }
+    let (lin, packs, t) = (p.lin, p.packs, p.t);
     if !accumulate {
         dx.fill(T::zero());
     }
@@ -386,10 +395,7 @@ fn proj_backward<T: Float>(
         lin.d_in,
         lin.d_out,
     );
-    let Some(ad) = adapter else { return };
-    let Some(pair) = &ad.lora.layers[layer].pairs[t.index()] else {
-        return;
-    };
+    let Some((ad, pair)) = p.branch() else { return };
     let spec = &ad.lora.spec;
     let grads = g_lora.and_then(|g| g.pairs[t.index()].as_mut());
     let (da, dbl) = match grads {
@@ -416,7 +422,7 @@ fn proj_backward<T: Float>(
             r,
         );
         let mut masked = vec![T::zero(); n * din];
-        dropout_forward(&mut masked, &d_drop, ad.dropout, ad.mask_seed(layer, t));
+        dropout_forward(&mut masked, &d_drop, ad.dropout, p.mask_seed(ad));
         add_inplace(dx, &masked);
     } else {
         lora_backward(
@@ -447,13 +453,10 @@ fn proj_backward_bf16<T: Float>(
     dy: &[T],
     x: &[T],
     saved: &LoraActs<T>,
-    lin: &Linear<T>,
-    packs: Option<&WeightPacks>,
-    t: Target,
-    layer: usize,
-    adapter: Option<&AdapterPass<T>>,
+    p: &Proj<T>,
     n: usize,
 ) {
+    let lin = p.lin;
     fn f32_of<T: Float>(v: &[T]) -> &[f32] {
         T::f32_slice(v).expect("the bf16 path runs on f32")
     }
@@ -463,14 +466,13 @@ fn proj_backward_bf16<T: Float>(
     if dw.is_some() || db.is_some() {
         linear_backward_packed(None, dw, db, dy, x, &lin.w, None, n, lin.d_in, lin.d_out);
     }
-    let pair = adapter.and_then(|ad| Some((ad, ad.lora.layers[layer].pairs[t.index()].as_ref()?)));
-    let branch = pair.map(|(ad, pair)| {
-        let grads = g_lora.and_then(|g| g.pairs[t.index()].as_mut());
+    let branch = p.branch().map(|(ad, pair)| {
+        let grads = g_lora.and_then(|g| g.pairs[p.t.index()].as_mut());
         let (da, db) = match grads {
             Some(gp) => (T::f32_slice_mut(&mut gp.a), T::f32_slice_mut(&mut gp.b)),
             None => (None, None),
         };
-        let dropout = (ad.dropout > 0.0).then(|| (ad.dropout, ad.mask_seed(layer, t)));
+        let dropout = (ad.dropout > 0.0).then(|| (ad.dropout, p.mask_seed(ad)));
         let input = if dropout.is_some() { &saved.x_drop } else { x };
         BranchBackward {
             input: f32_of(input),
@@ -484,7 +486,7 @@ fn proj_backward_bf16<T: Float>(
             dropout,
         }
     });
-    let w_pack = packs.and_then(|p| p.backward.as_ref());
+    let w_pack = p.packs.and_then(|p| p.backward.as_ref());
     let dx32 = T::f32_slice_mut(dx).expect("the bf16 path runs on f32");
     let (dy32, w) = (f32_of(dy), f32_of(&lin.w));
     adapted_backward(
@@ -531,8 +533,14 @@ impl<T: Float> Model<T> {
         // Under bf16 products each input is packed once for every projection that reads it.
         let ln1_packed = pack_rows(&a.ln1, d.n, d.c);
         let proj = |y: &mut [T], saved, x: &[T], xp: &Option<PackedA>, lin, t| {
-            let packs = pk(t);
-            proj_forward(y, saved, x, xp.as_ref(), lin, packs, t, l, adapter, d.n)
+            let p = Proj {
+                lin,
+                packs: pk(t),
+                t,
+                layer: l,
+                adapter,
+            };
+            proj_forward(y, saved, x, xp.as_ref(), &p, d.n)
         };
         proj(&mut a.q, lq, &a.ln1, &ln1_packed, &lw.q, Target::QProj);
         proj(&mut a.k, lk, &a.ln1, &ln1_packed, &lw.k, Target::KProj);
@@ -597,7 +605,13 @@ impl<T: Float> Model<T> {
         d: &Dims,
     ) {
         let lw = &self.weights.layers[l];
-        let pk = |t: Target| packs.and_then(|p| p.linear(l, t));
+        let proj = |t: Target| Proj {
+            lin: t.of(lw),
+            packs: packs.and_then(|p| p.linear(l, t)),
+            t,
+            layer: l,
+            adapter,
+        };
         let [lq, lk, lv, lo, lg, lu, ld] = &a.lora;
         // `scratch` has the same shapes as the activations; its buffers hold their gradients.
         // Most activation gradients are first written (not added) by one op: a projection's
@@ -617,11 +631,7 @@ impl<T: Float> Model<T> {
             dout,
             &a.act,
             ld,
-            &lw.down,
-            pk(Target::DownProj),
-            Target::DownProj,
-            l,
-            adapter,
+            &proj(Target::DownProj),
             d.n,
         );
         swiglu_backward_overwrite(&mut s.gate, &mut s.up, &s.act, &a.gate, &a.up);
@@ -634,11 +644,7 @@ impl<T: Float> Model<T> {
             &s.gate,
             &a.ln2,
             lg,
-            &lw.gate,
-            pk(Target::GateProj),
-            Target::GateProj,
-            l,
-            adapter,
+            &proj(Target::GateProj),
             d.n,
         );
         let gl = g_lora.as_deref_mut();
@@ -650,11 +656,7 @@ impl<T: Float> Model<T> {
             &s.up,
             &a.ln2,
             lu,
-            &lw.up,
-            pk(Target::UpProj),
-            Target::UpProj,
-            l,
-            adapter,
+            &proj(Target::UpProj),
             d.n,
         );
         let dw = grad_slot(&mut g.mlp_norm);
@@ -678,11 +680,7 @@ impl<T: Float> Model<T> {
             &s.x1,
             &a.att,
             lo,
-            &lw.o,
-            pk(Target::OProj),
-            Target::OProj,
-            l,
-            adapter,
+            &proj(Target::OProj),
             d.n,
         );
         attention_backward(
@@ -700,11 +698,7 @@ impl<T: Float> Model<T> {
             &s.q,
             &a.ln1,
             lq,
-            &lw.q,
-            pk(Target::QProj),
-            Target::QProj,
-            l,
-            adapter,
+            &proj(Target::QProj),
             d.n,
         );
         let gl = g_lora.as_deref_mut();
@@ -716,11 +710,7 @@ impl<T: Float> Model<T> {
             &s.k,
             &a.ln1,
             lk,
-            &lw.k,
-            pk(Target::KProj),
-            Target::KProj,
-            l,
-            adapter,
+            &proj(Target::KProj),
             d.n,
         );
         let gl = g_lora;
@@ -732,11 +722,7 @@ impl<T: Float> Model<T> {
             &s.v,
             &a.ln1,
             lv,
-            &lw.v,
-            pk(Target::VProj),
-            Target::VProj,
-            l,
-            adapter,
+            &proj(Target::VProj),
             d.n,
         );
         let dw = grad_slot(&mut g.attn_norm);

@@ -10,7 +10,7 @@
 //! key from `i1` on, which saves close to half the work of the full `T x T` products.
 
 use super::matmul::{matmul_views, View};
-use super::swiglu::{as_f32_mut, exp_f32, simd_dispatch};
+use super::swiglu::{as_f32_mut, exp_f32, max_f32, simd_dispatch};
 use crate::Float;
 use rayon::prelude::*;
 
@@ -118,18 +118,7 @@ simd_dispatch!(
 
 #[inline(always)]
 fn softmax_f32_body(p: &mut [f32], s: &mut [f32], scale: f32) {
-    let mut maxes = [f32::NEG_INFINITY; LANES];
-    let mut blocks = s.chunks_exact(LANES);
-    for blk in &mut blocks {
-        for l in 0..LANES {
-            maxes[l] = if blk[l] > maxes[l] { blk[l] } else { maxes[l] };
-        }
-    }
-    let max = blocks
-        .remainder()
-        .iter()
-        .chain(&maxes)
-        .fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let max = max_f32(s);
     let mut sums = [0.0f32; LANES];
     let mut blocks = p.chunks_exact_mut(LANES).zip(s.chunks_exact(LANES));
     for (pb, sb) in &mut blocks {

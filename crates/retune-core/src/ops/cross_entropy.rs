@@ -1,7 +1,7 @@
 //! LM head fused with cross-entropy, in row chunks so the `[N, V]` logits never exist whole.
 
 use super::matmul::{matmul_nn, matmul_nt, matmul_packed, matmul_tn, WeightPacks};
-use super::swiglu::{as_f32_mut, exp_f32, simd_dispatch};
+use super::swiglu::{as_f32_mut, exp_f32, max_f32, simd_dispatch};
 use crate::Float;
 use rayon::prelude::*;
 
@@ -100,18 +100,7 @@ simd_dispatch!(
 
 #[inline(always)]
 fn exp_sum_f32_body(row: &mut [f32], out: &mut ExpSum) {
-    let mut maxes = [f32::NEG_INFINITY; LANES];
-    let mut blocks = row.chunks_exact(LANES);
-    for blk in &mut blocks {
-        for l in 0..LANES {
-            maxes[l] = if blk[l] > maxes[l] { blk[l] } else { maxes[l] };
-        }
-    }
-    let max = blocks
-        .remainder()
-        .iter()
-        .chain(&maxes)
-        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+    let max = max_f32(row);
     let argmax = row.iter().position(|&x| x == max).unwrap_or(0);
     let mut sum = 0.0f64;
     for block in row.chunks_mut(SUM_BLOCK) {

@@ -72,6 +72,24 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     }
 }
 
+/// The largest of `s` (`-inf` when empty), 16 independent lanes so it vectorises; for the
+/// `#[inline(always)]` kernel bodies of [`simd_dispatch`].
+#[inline(always)]
+pub(crate) fn max_f32(s: &[f32]) -> f32 {
+    let mut maxes = [f32::NEG_INFINITY; LANES];
+    let mut blocks = s.chunks_exact(LANES);
+    for blk in &mut blocks {
+        for l in 0..LANES {
+            maxes[l] = if blk[l] > maxes[l] { blk[l] } else { maxes[l] };
+        }
+    }
+    blocks
+        .remainder()
+        .iter()
+        .chain(&maxes)
+        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m })
+}
+
 /// Whether the CPU runs the AVX-512 builds of the f32 kernels. The crate targets baseline
 /// x86-64 (SSE2), where the polynomial exp runs 4 lanes wide; AVX-512 gives 16.
 #[inline]
