@@ -51,7 +51,7 @@ pub struct DemoSize {
 }
 
 impl DemoSize {
-    /// The default: about 6 minutes on 2 CPU cores with AMX (10 on a busy machine).
+    /// The default: about 4 minutes on 2 CPU cores with AMX (7 on a busy machine).
     pub fn standard() -> Self {
         DemoSize {
             name: "default",

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 /// and the sources (sha256-pinned), derive the datasets, run LoRA continued pretraining on
 /// PubMed cardiology abstracts, SFT on HPO definitions and DPO on HPO sibling pairs, then print
 /// a before/after table (cardiology and general-English perplexity, held-out definitions,
-/// preference accuracy) and the base and tuned answers to held-out questions. About 6 minutes
+/// preference accuracy) and the base and tuned answers to held-out questions. About 4 minutes
 /// on 2 CPU cores.
 #[derive(clap::Args, Debug)]
 pub struct Args {
