@@ -154,6 +154,17 @@ impl<'a> MatRef<'a> {
         self.data[i * self.row_stride + j * self.col_stride]
     }
 
+    /// A row-major copy of the `rows x cols` view (checked with [`MatRef::check`]).
+    fn to_row_major(self, rows: usize, cols: usize) -> Vec<f32> {
+        let mut dense = vec![0.0f32; rows * cols];
+        for (i, row) in dense.chunks_mut(cols.max(1)).enumerate().take(rows) {
+            for (j, x) in row.iter_mut().enumerate() {
+                *x = self.at(i, j);
+            }
+        }
+        dense
+    }
+
     /// Panics unless every element of a `rows x cols` view lies inside `data`.
     fn check(&self, rows: usize, cols: usize, what: &str) {
         if rows == 0 || cols == 0 {
@@ -280,13 +291,7 @@ impl PackedB {
             packed.shrink_to_fit();
             PackedData::Bf16(packed)
         } else {
-            let mut dense = vec![0.0f32; k * n];
-            for (p, row) in dense.chunks_mut(n.max(1)).enumerate().take(k) {
-                for (j, x) in row.iter_mut().enumerate() {
-                    *x = b.at(p, j);
-                }
-            }
-            PackedData::F32(dense)
+            PackedData::F32(b.to_row_major(k, n))
         };
         PackedB { kernel, k, n, data }
     }
@@ -349,13 +354,7 @@ impl PackedA {
         let data = if kernel.is_bf16() {
             PackedData::Bf16(pack::pack_a(a, m, k))
         } else {
-            let mut dense = vec![0.0f32; m * k];
-            for (i, row) in dense.chunks_mut(k.max(1)).enumerate().take(m) {
-                for (p, x) in row.iter_mut().enumerate() {
-                    *x = a.at(i, p);
-                }
-            }
-            PackedData::F32(dense)
+            PackedData::F32(a.to_row_major(m, k))
         };
         PackedA { kernel, m, k, data }
     }

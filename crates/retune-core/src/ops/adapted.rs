@@ -8,13 +8,13 @@
 //! pack, and its up product is a second term of the base product ([`retune_gemm::gemm_terms`]):
 //! each block of `y` gets both while it is in cache. In the backward, `dy` is packed once for
 //! `dy W` and `dy B`, and `(s dy B) A` is again a second term of the input gradient. The
-//! adapter's own gradients are reductions over the rows, done in f32 ([`super::low_rank`]).
+//! adapter's own gradients are reductions over the rows, done in f32
+//! ([`super::lora::lora_weight_grads`]).
 //!
 //! Only f32 under bf16 precision takes this path; the results equal the generic path's up to
 //! bf16 rounding of the branch's intermediate `x' A^T` (as PyTorch autocast rounds it).
 
-use super::lora::dropout_forward;
-use super::low_rank::{outer_add, up_add};
+use super::lora::{dropout_forward, lora_weight_grads};
 use super::residual::add_inplace;
 use retune_gemm::{gemm_terms, MatRef, PackedA, PackedB};
 
@@ -49,12 +49,11 @@ pub fn adapted_forward(
         y.len() == n * d_out && w.len() == d_out * d_in,
         "adapted_forward: shape mismatch"
     );
-    let own_w = w_pack
-        .is_none()
-        .then(|| PackedB::transient(MatRef::transpose_of(w, d_in), d_in, d_out));
-    let w_pack = w_pack.or(own_w.as_ref()).expect("one of the two is set");
+    let w_pack = WeightPack::new(w_pack, || {
+        PackedB::transient(MatRef::transpose_of(w, d_in), d_in, d_out)
+    });
     match branch {
-        None => gemm_terms(y, &[(x, w_pack)], false),
+        None => gemm_terms(y, &[(x, w_pack.get())], false),
         Some(br) => {
             let r = br.r;
             assert!(
@@ -66,15 +65,13 @@ pub fn adapted_forward(
             let scaled: Vec<f32> = br.xa.iter().map(|&v| v * br.scale).collect();
             let xa = PackedA::from_rows(&scaled, n, r);
             let b_t = PackedB::transient(MatRef::transpose_of(br.b, r), r, d_out);
-            gemm_terms(y, &[(x, w_pack), (&xa, &b_t)], false);
+            gemm_terms(y, &[(x, w_pack.get()), (&xa, &b_t)], false);
             b_t.recycle();
             xa.recycle();
             a_t.recycle();
         }
     }
-    if let Some(p) = own_w {
-        p.recycle();
-    }
+    w_pack.recycle();
 }
 
 /// The LoRA branch of a backward.
@@ -118,70 +115,89 @@ pub fn adapted_backward(
         "adapted_backward: shape mismatch"
     );
     let dy_packed = PackedA::from_rows(dy, n, d_out);
-    let own_w = w_pack
-        .is_none()
-        .then(|| PackedB::transient(MatRef::row_major(w, d_in), d_out, d_in));
-    let w_pack = w_pack.or(own_w.as_ref()).expect("one of the two is set");
-    let Some(br) = branch else {
-        gemm_terms(dx, &[(&dy_packed, w_pack)], accumulate);
-        dy_packed.recycle();
-        if let Some(p) = own_w {
-            p.recycle();
-        }
-        return;
-    };
+    let w_pack = WeightPack::new(w_pack, || {
+        PackedB::transient(MatRef::row_major(w, d_in), d_out, d_in)
+    });
+    let base = (&dy_packed, w_pack.get());
+    match branch {
+        None => gemm_terms(dx, &[base], accumulate),
+        Some(br) => branch_backward(accumulate, dx, dy, base, br, n, d_in, d_out),
+    }
+    dy_packed.recycle();
+    w_pack.recycle();
+}
+
+/// [`adapted_backward`] with a branch; `base` is the product `dy W`, packed.
+fn branch_backward(
+    accumulate: bool,
+    dx: &mut [f32],
+    dy: &[f32],
+    base: (&PackedA, &PackedB),
+    br: BranchBackward,
+    n: usize,
+    d_in: usize,
+    d_out: usize,
+) {
     let r = br.r;
     assert!(
         br.input.len() == n * d_in && br.xa.len() == n * r,
         "adapted_backward: adapter shape mismatch"
     );
-    if let Some(db) = br.db {
-        // db[D_out, r] += s dy^T · xa
-        let scaled: Vec<f32> = br.xa.iter().map(|&v| v * br.scale).collect();
-        outer_add(db, dy, &scaled, n, d_out, r);
-    }
-    // dxa[N, r] = s dy · B
+    // dxa[N, r] = s dy · B, from the packed dy.
     let mut dxa = vec![0.0f32; n * r];
     let b_pack = PackedB::transient(MatRef::row_major(br.b, r), d_out, r);
-    gemm_terms(&mut dxa, &[(&dy_packed, &b_pack)], false);
+    gemm_terms(&mut dxa, &[(base.0, &b_pack)], false);
     b_pack.recycle();
     dxa.iter_mut().for_each(|v| *v *= br.scale);
-    if let Some(da) = br.da {
-        // da[r, D_in] += dxa^T · x', computed as its transpose x'^T · dxa ([D_in, r]).
-        let mut da_t = vec![0.0f32; d_in * r];
-        outer_add(&mut da_t, br.input, &dxa, n, d_in, r);
-        for (j, row) in da_t.chunks(r).enumerate() {
-            for (q, &v) in row.iter().enumerate() {
-                da[q * d_in + j] += v;
-            }
-        }
-    }
+    let (input, xa, scale) = (br.input, br.xa, br.scale);
+    lora_weight_grads(br.da, br.db, dy, input, xa, &dxa, scale, n, d_in, d_out, r);
+    let dxa_packed = PackedA::from_rows(&dxa, n, r);
+    let a_pack = PackedB::transient(MatRef::row_major(br.a, d_in), r, d_in);
+    let branch = (&dxa_packed, &a_pack);
     match br.dropout {
-        None => {
-            // dx += dy W + dxa A, in one pass over dx.
-            let dxa_packed = PackedA::from_rows(&dxa, n, r);
-            let a_pack = PackedB::transient(MatRef::row_major(br.a, d_in), r, d_in);
-            gemm_terms(
-                dx,
-                &[(&dy_packed, w_pack), (&dxa_packed, &a_pack)],
-                accumulate,
-            );
-            a_pack.recycle();
-            dxa_packed.recycle();
-        }
+        // dx += dy W + dxa A, in one pass over dx.
+        None => gemm_terms(dx, &[base, branch], accumulate),
         Some((p, seed)) => {
             // The branch saw dropout(x): its input gradient goes back through the same mask.
-            gemm_terms(dx, &[(&dy_packed, w_pack)], accumulate);
+            gemm_terms(dx, &[base], accumulate);
             let mut d_drop = vec![0.0f32; n * d_in];
-            up_add(&mut d_drop, &dxa, br.a, n, r, d_in);
+            gemm_terms(&mut d_drop, &[branch], false);
             let mut masked = vec![0.0f32; n * d_in];
             dropout_forward(&mut masked, &d_drop, p, seed);
             add_inplace(dx, &masked);
         }
     }
-    dy_packed.recycle();
-    if let Some(p) = own_w {
-        p.recycle();
+    a_pack.recycle();
+    dxa_packed.recycle();
+}
+
+/// A weight's pack for one product: the frozen weight's own, or one made for this call (and
+/// handed back for reuse after it).
+enum WeightPack<'a> {
+    Given(&'a PackedB),
+    Own(PackedB),
+}
+
+impl<'a> WeightPack<'a> {
+    /// `given`, else `pack()`.
+    fn new(given: Option<&'a PackedB>, pack: impl FnOnce() -> PackedB) -> Self {
+        match given {
+            Some(p) => WeightPack::Given(p),
+            None => WeightPack::Own(pack()),
+        }
+    }
+
+    fn get(&self) -> &PackedB {
+        match self {
+            WeightPack::Given(p) => p,
+            WeightPack::Own(p) => p,
+        }
+    }
+
+    fn recycle(self) {
+        if let WeightPack::Own(p) = self {
+            p.recycle();
+        }
     }
 }
 

@@ -43,45 +43,51 @@ fn softmax_row<T: Float>(row: &mut [T], target: u32, grad_scale: T) -> CeStats {
         row.len()
     );
     let target_logit = row[tgt].as_f64();
-    let (argmax, max, sum) = match as_f32_mut(row) {
-        Some(row) => {
-            let mut out = ExpSum::default();
-            exp_sum_f32(row, &mut out);
-            (out.argmax, T::of(out.max as f64), out.sum)
-        }
-        None => {
-            let (mut argmax, mut max) = (0, T::neg_infinity());
-            for (j, &x) in row.iter().enumerate() {
-                if x > max {
-                    (argmax, max) = (j, x);
-                }
-            }
-            let mut sum = 0.0f64;
-            for x in row.iter_mut() {
-                *x = (*x - max).exp();
-                sum += x.as_f64();
-            }
-            (argmax, max, sum)
-        }
-    };
+    let ExpSum { argmax, max, sum } = exp_sum(row);
     let scale = T::of(grad_scale.as_f64() / sum);
     for x in row.iter_mut() {
         *x *= scale;
     }
     row[tgt] -= grad_scale;
     CeStats {
-        loss_sum: sum.ln() + max.as_f64() - target_logit,
+        loss_sum: sum.ln() + max - target_logit,
         count: 1,
         correct: usize::from(argmax == tgt),
     }
 }
 
-/// What [`exp_sum_f32`] finds in a row of logits.
+/// Replaces a row of logits by `exp(x - max)` and reports the max, its first index and the sum
+/// (16 lanes wide with the polynomial exp in f32).
+fn exp_sum<T: Float>(row: &mut [T]) -> ExpSum {
+    if let Some(row) = as_f32_mut(row) {
+        let mut out = ExpSum::default();
+        exp_sum_f32(row, &mut out);
+        return out;
+    }
+    let (mut argmax, mut max) = (0, T::neg_infinity());
+    for (j, &x) in row.iter().enumerate() {
+        if x > max {
+            (argmax, max) = (j, x);
+        }
+    }
+    let mut sum = 0.0f64;
+    for x in row.iter_mut() {
+        *x = (*x - max).exp();
+        sum += x.as_f64();
+    }
+    ExpSum {
+        argmax,
+        max: max.as_f64(),
+        sum,
+    }
+}
+
+/// What [`exp_sum`] finds in a row of logits.
 #[derive(Default)]
 pub(crate) struct ExpSum {
     /// The first index of the largest logit, and that logit.
     argmax: usize,
-    max: f32,
+    max: f64,
     /// `sum_j exp(x_j - max)`, in f64: a sum of ~100k exps would lose digits in f32.
     sum: f64,
 }
@@ -118,7 +124,11 @@ fn exp_sum_f32_body(row: &mut [f32], out: &mut ExpSum) {
         }
         sum += sums.iter().map(|&s| s as f64).sum::<f64>();
     }
-    *out = ExpSum { argmax, max, sum };
+    *out = ExpSum {
+        argmax,
+        max: max as f64,
+        sum,
+    };
 }
 
 /// The gradient scale of each row of the loss: one for all (`1 / count` for the mean loss), or
@@ -235,16 +245,8 @@ fn target_log_prob<T: Float>(row: &mut [T], target: u32) -> f64 {
         row.len()
     );
     let target_logit = row[tgt].as_f64();
-    if let Some(row) = as_f32_mut(row) {
-        let mut out = ExpSum::default();
-        exp_sum_f32(row, &mut out);
-        return target_logit - out.max as f64 - out.sum.ln();
-    }
-    let max = row
-        .iter()
-        .fold(T::neg_infinity(), |m, &x| if x > m { x } else { m });
-    let sum: f64 = row.iter().map(|&x| (x - max).exp().as_f64()).sum();
-    target_logit - max.as_f64() - sum.ln()
+    let ExpSum { max, sum, .. } = exp_sum(row);
+    target_logit - max - sum.ln()
 }
 
 /// The chunked head shared by the cross-entropy entry points; `row_scale(i)` is row `i`'s

@@ -5,7 +5,8 @@
 //! pure function of a seed and the element index (a counter-based hash), so the recompute in
 //! the backward pass regenerates exactly the mask of the forward, with nothing stored.
 
-use super::low_rank::{down, outer_add, up_add};
+use super::low_rank::outer_add;
+use super::matmul::{matmul_nn, matmul_nt};
 use crate::Float;
 use rayon::prelude::*;
 
@@ -26,22 +27,10 @@ pub fn lora_forward<T: Float>(
     d_out: usize,
     r: usize,
 ) {
-    down(xa, x, &transpose(a, r, d_in), n, d_in, r);
-    // The scale goes into the small transposed copy of B: [r, D_out].
-    let mut b_t = transpose(b, d_out, r);
-    b_t.iter_mut().for_each(|v| *v *= scale);
-    up_add(y, xa, &b_t, n, r, d_out);
-}
-
-/// `x[rows, cols]` transposed: `[cols, rows]`.
-fn transpose<T: Float>(x: &[T], rows: usize, cols: usize) -> Vec<T> {
-    let mut out = vec![T::zero(); x.len()];
-    for (i, row) in x.chunks(cols).enumerate().take(rows) {
-        for (j, &v) in row.iter().enumerate() {
-            out[j * rows + i] = v;
-        }
-    }
-    out
+    matmul_nt(xa, x, a, n, d_in, r, false);
+    // Fold the scale into a copy of the small [N, r] product, not into B.
+    let scaled: Vec<T> = xa.iter().map(|&v| v * scale).collect();
+    matmul_nt(y, &scaled, b, n, r, d_out, true);
 }
 
 /// Backward of [`lora_forward`], accumulating: `db += scale * dy^T · xa`,
@@ -61,25 +50,44 @@ pub fn lora_backward<T: Float>(
     d_out: usize,
     r: usize,
 ) {
+    let mut dxa = vec![T::zero(); n * r]; // [N, r] = scale * dy · b
+    matmul_nn(&mut dxa, dy, b, n, d_out, r, false);
+    dxa.iter_mut().for_each(|v| *v *= scale);
+    lora_weight_grads(da, db, dy, x, xa, &dxa, scale, n, d_in, d_out, r);
+    if let Some(dx) = dx {
+        matmul_nn(dx, &dxa, a, n, r, d_in, true);
+    }
+}
+
+/// The adapter's weight gradients, given the branch's `dxa = scale * dy · b` ([N, r]):
+/// `db += scale * dy^T · xa`, `da += dxa^T · x`, both sums over the token rows
+/// ([`outer_add`]). `None` is not computed.
+pub fn lora_weight_grads<T: Float>(
+    da: Option<&mut [T]>,
+    db: Option<&mut [T]>,
+    dy: &[T],
+    x: &[T],
+    xa: &[T],
+    dxa: &[T],
+    scale: T,
+    n: usize,
+    d_in: usize,
+    d_out: usize,
+    r: usize,
+) {
     if let Some(db) = db {
         let scaled: Vec<T> = xa.iter().map(|&v| v * scale).collect();
         outer_add(db, dy, &scaled, n, d_out, r);
     }
-    let mut dxa = vec![T::zero(); n * r]; // [N, r] = scale * dy · b
-    down(&mut dxa, dy, b, n, d_out, r);
-    dxa.iter_mut().for_each(|v| *v *= scale);
     if let Some(da) = da {
         // da[r, D_in] += dxa^T · x, computed as its transpose x^T · dxa ([D_in, r]).
         let mut da_t = vec![T::zero(); d_in * r];
-        outer_add(&mut da_t, x, &dxa, n, d_in, r);
+        outer_add(&mut da_t, x, dxa, n, d_in, r);
         for (j, row) in da_t.chunks(r).enumerate() {
             for (q, &v) in row.iter().enumerate() {
                 da[q * d_in + j] += v;
             }
         }
-    }
-    if let Some(dx) = dx {
-        up_add(dx, &dxa, a, n, r, d_in);
     }
 }
 

@@ -1,89 +1,19 @@
-//! Matrix products with one small dimension: LoRA's rank `r` (8 to 64 in practice).
+//! The adapter's weight gradients: `c[m, r] += a[n, m]^T · b[n, r]` with LoRA's small rank `r`
+//! (8 to 64 in practice), a sum over the `n` token rows of outer products ([`outer_add`]).
 //!
-//! A general GEMM lays both operands out in tiles before it multiplies; when one side of the
-//! product is only `r` wide, that layout work over the large `[N, D]` activation costs more
-//! than the arithmetic. These three products read the large operand once, in place, and keep
-//! the small one (`r x D`, at most a few hundred KiB) in cache:
-//! - [`down`]: `c[n, r] = a[n, k] · w[k, r]` (into the rank space: `x A^T`, `dy B`);
-//! - [`up_add`]: `c[n, m] += a[n, r] · w[r, m]` (out of it: `xa B^T`, `dxa A`);
-//! - [`outer_add`]: `c[m, r] += a[n, m]^T · b[n, r]` (the adapter's weight gradients).
-//!
-//! They run in f32 (f64 for gradient checks) whatever the matmul precision: the branch is a
-//! few percent of a step's arithmetic, and full precision costs it nothing here. On AVX-512
-//! CPUs the f32 products use 16-lane FMA kernels, with rows split over rayon's pool.
+//! A general GEMM would lay the large `[n, m]` operand out in tiles first, at the cost of a
+//! full pass over it for little arithmetic; this reads it once, in place. It runs in f32 (f64
+//! for gradient checks) whatever the matmul precision; on AVX-512 CPUs with 16-lane FMA
+//! kernels over fixed parts of the rows.
 
 use crate::ops::swiglu::as_f32;
 use crate::Float;
 use rayon::prelude::*;
 
-/// Rows of `c` per rayon task in [`down`] and [`up_add`].
-const ROWS_PER_TASK: usize = 64;
 /// Rows of `c` per rayon task in the generic [`outer_add`] (columns of `a`).
 const COLS_PER_TASK: usize = 16;
 /// Rows of `a` per partial sum in the AVX-512 [`outer_add`].
 const ROWS_PER_PART: usize = 128;
-
-/// `c[n, r] = a[n, k] · w[k, r]`.
-pub fn down<T: Float>(c: &mut [T], a: &[T], w: &[T], n: usize, k: usize, r: usize) {
-    assert!(
-        c.len() == n * r && a.len() == n * k && w.len() == k * r,
-        "low_rank::down: shape mismatch"
-    );
-    #[cfg(target_arch = "x86_64")]
-    if let (Some(a32), Some(w32), true) = (as_f32(a), as_f32(w), avx512::available()) {
-        let c32 = crate::Float::f32_slice_mut(c).expect("c has a's type");
-        let wp = avx512::pad_columns(w32, k, r);
-        c32.par_chunks_mut(ROWS_PER_TASK * r)
-            .zip(a32.par_chunks(ROWS_PER_TASK * k))
-            .for_each(|(c, a)| {
-                // SAFETY: AVX-512 is available; the chunks hold whole rows of c and a.
-                unsafe { avx512::down(c, a, &wp, k, r) }
-            });
-        return;
-    }
-    c.par_chunks_mut(ROWS_PER_TASK * r)
-        .zip(a.par_chunks(ROWS_PER_TASK * k))
-        .for_each(|(c, a)| {
-            for (c_row, a_row) in c.chunks_mut(r).zip(a.chunks(k)) {
-                c_row.fill(T::zero());
-                for (&x, w_row) in a_row.iter().zip(w.chunks(r)) {
-                    for (cv, &wv) in c_row.iter_mut().zip(w_row) {
-                        *cv += x * wv;
-                    }
-                }
-            }
-        });
-}
-
-/// `c[n, m] += a[n, r] · w[r, m]`.
-pub fn up_add<T: Float>(c: &mut [T], a: &[T], w: &[T], n: usize, r: usize, m: usize) {
-    assert!(
-        c.len() == n * m && a.len() == n * r && w.len() == r * m,
-        "low_rank::up_add: shape mismatch"
-    );
-    #[cfg(target_arch = "x86_64")]
-    if let (Some(a32), Some(w32), true) = (as_f32(a), as_f32(w), avx512::available()) {
-        let c32 = crate::Float::f32_slice_mut(c).expect("c has a's type");
-        c32.par_chunks_mut(ROWS_PER_TASK * m)
-            .zip(a32.par_chunks(ROWS_PER_TASK * r))
-            .for_each(|(c, a)| {
-                // SAFETY: AVX-512 is available; the chunks hold whole rows of c and a.
-                unsafe { avx512::up_add(c, a, w32, r, m) }
-            });
-        return;
-    }
-    c.par_chunks_mut(ROWS_PER_TASK * m)
-        .zip(a.par_chunks(ROWS_PER_TASK * r))
-        .for_each(|(c, a)| {
-            for (c_row, a_row) in c.chunks_mut(m).zip(a.chunks(r)) {
-                for (&x, w_row) in a_row.iter().zip(w.chunks(m)) {
-                    for (cv, &wv) in c_row.iter_mut().zip(w_row) {
-                        *cv += x * wv;
-                    }
-                }
-            }
-        });
-}
 
 /// `c[m, r] += a[n, m]^T · b[n, r]`: the sum over rows `i` of the outer products `a_i b_i^T`.
 pub fn outer_add<T: Float>(c: &mut [T], a: &[T], b: &[T], n: usize, m: usize, r: usize) {
@@ -138,14 +68,12 @@ pub fn outer_add<T: Float>(c: &mut [T], a: &[T], b: &[T], n: usize, m: usize, r:
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    //! The f32 kernels: 16-lane vectors along `r` (or along `m` in `up_add`), eight
-    //! independent accumulators so the FMA units stay busy.
+    //! The f32 kernel: 16-lane vectors along `r`, sixteen independent accumulators so the
+    //! FMA units stay busy.
     use std::arch::x86_64::*;
     use std::borrow::Cow;
 
     const LANES: usize = 16;
-    /// Rows of `c` computed together (independent accumulators).
-    const ROWS: usize = 8;
 
     pub(super) fn available() -> bool {
         crate::ops::swiglu::has_avx512()
@@ -163,87 +91,6 @@ mod avx512 {
             o[..cols].copy_from_slice(i);
         }
         Cow::Owned(out)
-    }
-
-    /// The lanes of a vector that hold columns `j..j + 16` of a row `cols` wide.
-    #[inline(always)]
-    fn tail_mask(cols: usize, j: usize) -> __mmask16 {
-        let live = (cols - j).min(LANES);
-        ((1u32 << live) - 1) as __mmask16
-    }
-
-    /// [`super::down`] on whole rows: `c[rows, r] = a[rows, k] · w`, `w` padded to `[k, r16]`.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn down(c: &mut [f32], a: &[f32], wp: &[f32], k: usize, r: usize) {
-        let rows = c.len() / r;
-        let r16 = r.div_ceil(LANES) * LANES;
-        assert!(a.len() == rows * k && wp.len() == k * r16);
-        let mut i0 = 0;
-        while i0 < rows {
-            let nr = (rows - i0).min(ROWS);
-            for j in (0..r).step_by(LANES) {
-                let mut acc = [_mm512_setzero_ps(); ROWS];
-                for p in 0..k {
-                    // SAFETY: p < k and j < r16, so the 16 lanes lie inside row p of wp.
-                    let wv = unsafe { _mm512_loadu_ps(wp.as_ptr().add(p * r16 + j)) };
-                    // SAFETY (both loops): ii < nr, so row i0 + ii < rows and p < k.
-                    let a_at = |ii: usize| unsafe { *a.as_ptr().add((i0 + ii) * k + p) };
-                    if nr == ROWS {
-                        // The common case, a whole block: fully unrolled.
-                        for (ii, acc) in acc.iter_mut().enumerate() {
-                            *acc = _mm512_fmadd_ps(_mm512_set1_ps(a_at(ii)), wv, *acc);
-                        }
-                    } else {
-                        for (ii, acc) in acc.iter_mut().enumerate().take(nr) {
-                            *acc = _mm512_fmadd_ps(_mm512_set1_ps(a_at(ii)), wv, *acc);
-                        }
-                    }
-                }
-                let mask = tail_mask(r, j);
-                for (ii, acc) in acc.iter().enumerate().take(nr) {
-                    let row = &mut c[(i0 + ii) * r..][..r];
-                    // SAFETY: the mask keeps the store inside the row (columns j.. < r).
-                    unsafe { _mm512_mask_storeu_ps(row.as_mut_ptr().add(j), mask, *acc) };
-                }
-            }
-            i0 += nr;
-        }
-    }
-
-    /// [`super::up_add`] on whole rows: `c[rows, m] += a[rows, r] · w[r, m]`.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn up_add(c: &mut [f32], a: &[f32], w: &[f32], r: usize, m: usize) {
-        let rows = c.len() / m;
-        assert!(a.len() == rows * r && w.len() == r * m);
-        let mut i0 = 0;
-        while i0 < rows {
-            let nr = (rows - i0).min(ROWS);
-            for j in (0..m).step_by(LANES) {
-                let mask = tail_mask(m, j);
-                let mut acc = [_mm512_setzero_ps(); ROWS];
-                for (ii, acc) in acc.iter_mut().enumerate().take(nr) {
-                    // SAFETY: the mask keeps the load inside row i0 + ii of c.
-                    *acc =
-                        unsafe { _mm512_maskz_loadu_ps(mask, c.as_ptr().add((i0 + ii) * m + j)) };
-                }
-                for q in 0..r {
-                    // SAFETY: the mask keeps the load inside row q of w.
-                    let wv = unsafe { _mm512_maskz_loadu_ps(mask, w.as_ptr().add(q * m + j)) };
-                    for (ii, acc) in acc.iter_mut().enumerate().take(nr) {
-                        // SAFETY: ii < nr and q < r: inside row i0 + ii of a.
-                        let x = unsafe { *a.as_ptr().add((i0 + ii) * r + q) };
-                        *acc = _mm512_fmadd_ps(_mm512_set1_ps(x), wv, *acc);
-                    }
-                }
-                for (ii, acc) in acc.iter().enumerate().take(nr) {
-                    // SAFETY: as for the load.
-                    unsafe {
-                        _mm512_mask_storeu_ps(c.as_mut_ptr().add((i0 + ii) * m + j), mask, *acc)
-                    };
-                }
-            }
-            i0 += nr;
-        }
     }
 
     /// Rows of `a` per pass of [`outer_rows`]: their lines of each column block stay in L1.
@@ -318,8 +165,8 @@ mod tests {
     use super::*;
     use crate::ops::gradcheck::{max_rel_diff, randv, to_f32};
 
-    /// Shapes with ranks below, at and across the 16-lane vector, rows across the 8-row block
-    /// and the task size, and widths with a partial last vector.
+    /// Shapes (n, m, r) with ranks below, at and across the 16-lane vector, rows across the
+    /// 16-row pass and the 128-row part, and widths with a partial block of 16 columns.
     const SHAPES: [(usize, usize, usize); 5] = [
         (37, 70, 16),
         (70, 33, 5),
@@ -360,41 +207,6 @@ mod tests {
         op32(&mut c32, &to_f32(ins[0]), &to_f32(ins[1]));
         let err = max_rel_diff(&c32, want);
         assert!(err < 1e-5, "{name} f32: {err}");
-    }
-
-    #[test]
-    fn down_matches_naive() {
-        for (n, k, r) in SHAPES {
-            let (a, w) = (randv(n * k, 1), randv(k * r, 2));
-            let want = naive(n, k, r, |i, p| a[i * k + p], |p, j| w[p * r + j]);
-            // c is overwritten: start from garbage.
-            let c0 = randv(n * r, 3);
-            check(
-                "down",
-                &want,
-                &c0,
-                [&a, &w],
-                |c, a, w| down(c, a, w, n, k, r),
-                |c, a, w| down(c, a, w, n, k, r),
-            );
-        }
-    }
-
-    #[test]
-    fn up_add_matches_naive() {
-        for (n, m, r) in SHAPES {
-            let (a, w, c0) = (randv(n * r, 4), randv(r * m, 5), randv(n * m, 6));
-            let prod = naive(n, r, m, |i, q| a[i * r + q], |q, j| w[q * m + j]);
-            let want: Vec<f64> = prod.iter().zip(&c0).map(|(p, c)| p + c).collect();
-            check(
-                "up_add",
-                &want,
-                &c0,
-                [&a, &w],
-                |c, a, w| up_add(c, a, w, n, r, m),
-                |c, a, w| up_add(c, a, w, n, r, m),
-            );
-        }
     }
 
     #[test]

@@ -57,14 +57,11 @@ pub fn pack_rows<T: Float>(x: &[T], m: usize, k: usize) -> Option<PackedA> {
     T::f32_slice(x).map(|x| PackedA::from_rows(x, m, k))
 }
 
-/// An operand: its elements and (row, column) strides.
-type Operand<'a, T> = (&'a [T], usize, usize);
-
 /// `c[m, n] (+)= a · b`, in bf16 when that is the precision and `T` is f32.
 fn product<T: Float>(
     c: &mut [T],
-    a: Operand<T>,
-    b: Operand<T>,
+    a: View<T>,
+    b: View<T>,
     m: usize,
     k: usize,
     n: usize,
@@ -73,9 +70,10 @@ fn product<T: Float>(
     // A product with few rows (decoding one token at a time) is bound by reading the weight:
     // converting it to bf16 tiles would cost more than the f32 product itself.
     if runs_in_bf16(m) {
-        if let (Some(a32), Some(b32)) = (T::f32_slice(a.0), T::f32_slice(b.0)) {
+        if let (Some(a32), Some(b32)) = (T::f32_slice(a.data), T::f32_slice(b.data)) {
             let c32 = T::f32_slice_mut(c).expect("c has the operands' type");
-            let (a_ref, b_ref) = (MatRef::new(a32, a.1, a.2), MatRef::new(b32, b.1, b.2));
+            let a_ref = MatRef::new(a32, a.row_stride, a.col_stride);
+            let b_ref = MatRef::new(b32, b.row_stride, b.col_stride);
             retune_gemm::gemm_bf16(c32, a_ref, b_ref, m, k, n, accumulate);
             return;
         }
@@ -85,8 +83,16 @@ fn product<T: Float>(
     unsafe {
         gemm_strided(
             c,
-            (a.0.as_ptr(), a.1 as isize, a.2 as isize),
-            (b.0.as_ptr(), b.1 as isize, b.2 as isize),
+            (
+                a.data.as_ptr(),
+                a.row_stride as isize,
+                a.col_stride as isize,
+            ),
+            (
+                b.data.as_ptr(),
+                b.row_stride as isize,
+                b.col_stride as isize,
+            ),
             m,
             k,
             n,
@@ -161,7 +167,15 @@ pub fn matmul_nt<T: Float>(
         "matmul_nt: shape mismatch"
     );
     // a[i, p] at i*k + p, b^T[p, j] = b[j, p] at j*k + p.
-    product(c, (a, k, 1), (b, 1, k), m, k, n, accumulate)
+    product(
+        c,
+        View::rows(a, k),
+        View::transposed(b, k),
+        m,
+        k,
+        n,
+        accumulate,
+    )
 }
 
 /// `c[m, n] (+)= a[m, k] · b[k, n]`.
@@ -179,7 +193,7 @@ pub fn matmul_nn<T: Float>(
         "matmul_nn: shape mismatch"
     );
     // a[i, p] at i*k + p, b[p, j] at p*n + j.
-    product(c, (a, k, 1), (b, n, 1), m, k, n, accumulate)
+    product(c, View::rows(a, k), View::rows(b, n), m, k, n, accumulate)
 }
 
 /// A matrix operand read in place: element `(i, j)` is `data[i * row_stride + j *
@@ -237,10 +251,6 @@ pub fn matmul_views<T: Float>(
     assert_eq!(c.len(), m * n, "matmul_views: c must be [m, n]");
     a.check(m, k);
     b.check(k, n);
-    let (a, b) = (
-        (a.data, a.row_stride, a.col_stride),
-        (b.data, b.row_stride, b.col_stride),
-    );
     product(c, a, b, m, k, n, accumulate)
 }
 
@@ -259,7 +269,15 @@ pub fn matmul_tn<T: Float>(
         "matmul_tn: shape mismatch"
     );
     // a^T[i, p] = a[p, i] at p*m + i, b[p, j] at p*n + j.
-    product(c, (a, 1, m), (b, n, 1), m, k, n, accumulate)
+    product(
+        c,
+        View::transposed(a, m),
+        View::rows(b, n),
+        m,
+        k,
+        n,
+        accumulate,
+    )
 }
 
 /// A frozen weight `w[d_out, d_in]` packed once for the two bf16 products that read it, so they
