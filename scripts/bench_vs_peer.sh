@@ -42,7 +42,11 @@ RESULTS=$LOG_DIR/results.txt
 
 run_retune() { # method dtype round
     local out=$LOG_DIR/retune-$1-$2-$3.json
-    "$RETUNE" bench --grads "$1" --dtype "$2" --steps "$STEPS" --json >"$out" 2>"$out.err"
+    # Full fine-tuning with the optimizer in the backward (train.optimizer_in_backward): the
+    # same AdamW update as the peer's, which clips nothing and accumulates nothing.
+    local extra=()
+    [[ $1 == full ]] && extra=(--optimizer-in-backward)
+    "$RETUNE" bench --grads "$1" --dtype "$2" --steps "$STEPS" "${extra[@]}" --json >"$out" 2>"$out.err"
     python3 -c 'import json,sys; r=json.load(open(sys.argv[1]))
 print("retune", sys.argv[2], sys.argv[3], round(r["tokens_per_s"], 2), round(r["peak_rss_bytes"]/2**20))' \
         "$out" "$1" "$2" >>"$RESULTS"

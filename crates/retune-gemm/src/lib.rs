@@ -148,6 +148,12 @@ impl<'a> MatRef<'a> {
         Self::new(data, 1, stored_cols)
     }
 
+    /// The view starting at element `(i, j)` (inside the data).
+    fn block(self, i: usize, j: usize) -> Self {
+        let start = i * self.row_stride + j * self.col_stride;
+        Self::new(&self.data[start..], self.row_stride, self.col_stride)
+    }
+
     /// Element `(i, j)`; the caller has checked the shape with [`MatRef::check`].
     #[inline(always)]
     fn at(&self, i: usize, j: usize) -> f32 {
@@ -228,12 +234,61 @@ pub fn gemm_with(
         gemm_f32(c, a, b, m, k, n, accumulate);
         return;
     }
-    let packed_a = pack::pack_a(a, m, k);
-    let packed_b = pack::pack_b(b, k, n);
-    let term = (packed_a.as_slice(), packed_b.as_slice(), k);
-    run_bf16_terms(kernel, c, &[term], m, n, accumulate);
-    packed_a.recycle();
-    packed_b.recycle();
+    gemm_bf16_bounded(kernel, c, n, a, b, m, k, n, accumulate);
+}
+
+/// Elements of the largest operand one bf16 product packs at once: the size of the packing
+/// buffers kept for reuse. A larger operand (an LM head of 49k rows, 54 MiB in bf16; its 24 MiB
+/// logits gradient) is split, so its packing buffers are reused rather than allocated afresh
+/// per call, and peak memory does not grow by the size of a packed head.
+const MAX_PACK_ELEMS: usize = pack::SPARE_MAX_BYTES / 2;
+
+/// Splits `x` into two parts, the first a multiple of the 32-wide block.
+fn halves(x: usize) -> usize {
+    (x / 2).div_ceil(BLOCK) * BLOCK
+}
+
+/// The bf16 product into `c` with row stride `ldc`, split (recursively, in halves) along the
+/// dimension that shrinks an operand larger than [`MAX_PACK_ELEMS`]: `n` or `k` for `b`, `m`
+/// or `k` for `a`. A split along `k` adds the second part into the first (f32 sums).
+#[allow(clippy::too_many_arguments)]
+fn gemm_bf16_bounded(
+    kernel: Kernel,
+    c: &mut [f32],
+    ldc: usize,
+    a: MatRef,
+    b: MatRef,
+    m: usize,
+    k: usize,
+    n: usize,
+    accumulate: bool,
+) {
+    let (a_big, b_big) = (m * k > MAX_PACK_ELEMS, k * n > MAX_PACK_ELEMS);
+    if b_big && n >= k && n > BLOCK {
+        // The column halves interleave in memory: one after the other, each through `ldc`.
+        let j = halves(n);
+        gemm_bf16_bounded(kernel, c, ldc, a, b, m, k, j, accumulate);
+        let b2 = b.block(0, j);
+        gemm_bf16_bounded(kernel, &mut c[j..], ldc, a, b2, m, k, n - j, accumulate);
+    } else if a_big && m >= k && m > BLOCK {
+        let i = halves(m);
+        let (top, bottom) = c.split_at_mut(i * ldc);
+        gemm_bf16_bounded(kernel, top, ldc, a, b, i, k, n, accumulate);
+        let a2 = a.block(i, 0);
+        gemm_bf16_bounded(kernel, bottom, ldc, a2, b, m - i, k, n, accumulate);
+    } else if (a_big || b_big) && k > BLOCK {
+        let h = halves(k);
+        gemm_bf16_bounded(kernel, c, ldc, a, b, m, h, n, accumulate);
+        let (a2, b2) = (a.block(0, h), b.block(h, 0));
+        gemm_bf16_bounded(kernel, c, ldc, a2, b2, m, k - h, n, true);
+    } else {
+        let packed_a = pack::pack_a(a, m, k);
+        let packed_b = pack::pack_b(b, k, n);
+        let term = (packed_a.as_slice(), packed_b.as_slice(), k);
+        run_bf16_terms(kernel, c, ldc, &[term], m, n, accumulate);
+        packed_a.recycle();
+        packed_b.recycle();
+    }
 }
 
 /// A right operand `b[k, n]` converted once for repeated products (a frozen weight).
@@ -424,7 +479,7 @@ pub fn gemm_terms(c: &mut [f32], terms: &[(&PackedA, &PackedB)], accumulate: boo
         }
     }
     if !bf16_terms.is_empty() {
-        run_bf16_terms(first.kernel, c, &bf16_terms, m, n, accumulate);
+        run_bf16_terms(first.kernel, c, n, &bf16_terms, m, n, accumulate);
     }
 }
 
@@ -457,7 +512,7 @@ pub fn gemm_packed(c: &mut [f32], a: MatRef, b: &PackedB, m: usize, accumulate: 
         PackedData::Bf16(packed_b) => {
             let packed_a = pack::pack_a(a, m, k);
             let term = (packed_a.as_slice(), packed_b.as_slice(), k);
-            run_bf16_terms(b.kernel, c, &[term], m, n, accumulate);
+            run_bf16_terms(b.kernel, c, n, &[term], m, n, accumulate);
             packed_a.recycle();
         }
         PackedData::F32(dense) => gemm_f32(c, a, MatRef::row_major(dense, n), m, k, n, accumulate),
@@ -538,11 +593,16 @@ type Term<'a> = (&'a [u16], &'a [u16], usize);
 fn run_bf16_terms(
     kernel: Kernel,
     c: &mut [f32],
+    ldc: usize,
     terms: &[Term],
     m: usize,
     n: usize,
     accumulate: bool,
 ) {
+    assert!(
+        ldc >= n && c.len() >= (m - 1) * ldc + n,
+        "retune-gemm: c is too small"
+    );
     let (m_blocks, n_blocks) = (m.div_ceil(BLOCK), n.div_ceil(BLOCK));
     for &(packed_a, packed_b, k) in terms {
         let k_tiles = pack::k_tiles(k);
@@ -574,9 +634,9 @@ fn run_bf16_terms(
                 b: packed_b[2 * bj * pair_stride..].as_ptr(),
                 k_tiles,
                 pair_stride,
-                // SAFETY: i0 < m and j0 < n, so the offset is inside c.
-                c: unsafe { out.ptr().add(i0 * n + j0) },
-                ldc: n,
+                // SAFETY: i0 < m and j0 < n, so the offset is inside c (asserted above).
+                c: unsafe { out.ptr().add(i0 * ldc + j0) },
+                ldc,
                 rows: (m - i0).min(BLOCK),
                 cols: (n - j0).min(BLOCK),
                 accumulate: accumulate || term > 0,

@@ -47,7 +47,7 @@ pub fn round_to_bf16(x: f32) -> f32 {
 struct Line([u16; 32]);
 
 /// Largest buffer kept for reuse.
-const SPARE_MAX_BYTES: usize = 16 << 20;
+pub(crate) const SPARE_MAX_BYTES: usize = 16 << 20;
 /// Buffers kept per thread: a shared input, a weight, and a LoRA branch's two operands.
 const SPARES: usize = 4;
 

@@ -196,6 +196,31 @@ fn tn_layout_matches_reference() {
     run_all(Layout::Tn);
 }
 
+/// Operands larger than the packing bound (16 MiB of bf16) are packed in parts: along `n`
+/// (an LM head's forward), along `m` (its weight gradient), along `k` (its input gradient),
+/// each written through the row stride of `c`, and the result still matches the reference.
+#[test]
+fn operands_beyond_the_packing_bound_are_split() {
+    for (m, k, n, layout) in [
+        (40, 300, 30_000, Layout::Nt),
+        (30_000, 300, 40, Layout::Tn),
+        (8, 1_100_000, 8, Layout::Nn),
+    ] {
+        assert!(m * k > 8 << 20 || k * n > 8 << 20, "not beyond the bound");
+        let case = Case::new(m, k, n, layout, 7);
+        let (av, bv) = case.views();
+        let c0 = values(m * n, 3);
+        for kernel in kernels() {
+            for accumulate in [false, true] {
+                let mut c = c0.clone();
+                gemm_with(kernel, &mut c, av, bv, m, k, n, accumulate);
+                check(kernel, &case, &c, accumulate.then_some(&c0[..]))
+                    .unwrap_or_else(|e| panic!("{m}x{k}x{n}, accumulate {accumulate}: {e}"));
+            }
+        }
+    }
+}
+
 #[test]
 fn packed_constructors_match_views() {
     let (m, k, n) = (19, 70, 45);

@@ -328,6 +328,10 @@ pub struct TrainConfig {
     pub adam_beta2: f64,
     /// AdamW epsilon (> 0).
     pub adam_eps: f64,
+    /// Full fine-tuning only: each layer's gradients go into the AdamW moments as soon as its
+    /// backward is done, so a step holds one layer's gradients instead of the model's (the
+    /// same update, bit for bit). Needs `grad_accum = 1` and `max_grad_norm = 0`.
+    pub optimizer_in_backward: bool,
 }
 
 /// `[output]`.
@@ -445,6 +449,7 @@ const SCHEMA: &[(&str, &[(&str, Kind)])] = &[
             ("adam_beta1", Kind::Float),
             ("adam_beta2", Kind::Float),
             ("adam_eps", Kind::Float),
+            ("optimizer_in_backward", Kind::Bool),
         ],
     ),
     ("output", &[("dir", Kind::Path)]),
@@ -1044,6 +1049,7 @@ impl RunConfig {
             adam_beta1: src.f64("train.adam_beta1", 0.9)?,
             adam_beta2: src.f64("train.adam_beta2", 0.999)?,
             adam_eps: src.f64("train.adam_eps", 1e-8)?,
+            optimizer_in_backward: src.bool("train.optimizer_in_backward", false)?,
         };
         let dir = match src.opt_path("output.dir")? {
             Some(d) => d,
@@ -1166,6 +1172,25 @@ impl RunConfig {
                 "train.adam_eps",
                 format!("must be greater than 0, got {}", t.adam_eps),
             );
+        }
+        if t.optimizer_in_backward {
+            // Each layer's gradients are gone once folded in: no global norm to clip by, no
+            // later micro-batch to add to them.
+            let needs = [
+                (m.kind == MethodKind::Full, "method.kind = \"full\""),
+                (
+                    !self.objective.kind.is_preference(),
+                    "a clm or sft objective",
+                ),
+                (t.grad_accum == 1, "train.grad_accum = 1"),
+                (t.max_grad_norm == 0.0, "train.max_grad_norm = 0"),
+            ];
+            if let Some((_, need)) = needs.iter().find(|(ok, _)| !ok) {
+                return fail(
+                    "train.optimizer_in_backward",
+                    format!("needs {need}; set it, or set train.optimizer_in_backward = false"),
+                );
+            }
         }
         Ok(())
     }

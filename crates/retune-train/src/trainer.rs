@@ -12,7 +12,7 @@ use crate::config::{Dtype, MethodKind, RunConfig, TargetModule, Targets};
 use crate::data::{self, Example, FileStats, PreferenceExample, Row};
 use crate::events::{self, EvalRow, Event, EventLog, MetricsLog, RetentionRow, StepRow};
 use crate::nan_guard::check_finite;
-use crate::optim::{clip_grad_norm, AdamW};
+use crate::optim::{clip_grad_norm, full_step_in_backward, AdamW};
 use crate::preference::{
     self, PairBatch, PreferenceFigures, PreferenceObjective, PreferenceTotals, StepScale,
 };
@@ -522,6 +522,33 @@ fn measure_retention(
 }
 
 /// The trainable tensors and their gradients, in one fixed order.
+/// One step of full fine-tuning with the optimizer in the backward (`train.optimizer_in_backward`,
+/// which the configuration allows only with one micro-batch of rows and no clipping): see
+/// [`full_step_in_backward`]. Returns the loss, the tokens and the gradient norm.
+fn step_in_backward(
+    model: &mut Model<f32>,
+    training: &TrainingData,
+    micro: &[Vec<usize>],
+    config: &RunConfig,
+    grads: &mut Grads<f32>,
+    lr: f64,
+    optimizer: &mut AdamW,
+) -> (f64, u64, f64) {
+    let (TrainingData::Rows { train, .. }, [items]) = (training, micro) else {
+        unreachable!("the configuration check allows one micro-batch of rows")
+    };
+    let rows: Vec<&Row> = items.iter().map(|&i| &train[i]).collect();
+    let batch = data::batch_of(&rows);
+    let normaliser = rows.iter().map(|r| r.target_count()).sum();
+    let (stats, norm) = full_step_in_backward(model, &batch, normaliser, grads, optimizer, lr);
+    let tokens = items.len() * config.data.max_seq_len;
+    (
+        stats.loss_sum / normaliser.max(1) as f64,
+        tokens as u64,
+        norm,
+    )
+}
+
 fn trainable<'a>(
     model: &'a mut Model<f32>,
     lora: &'a mut Option<Lora<f32>>,
@@ -720,6 +747,7 @@ fn run_inner(
     let start_step = state.step;
     let mut grads = match &lora {
         Some(l) => Grads::lora(&model, l),
+        None if t.optimizer_in_backward => Grads::streamed(&model),
         None => Grads::full(&model),
     };
     if !opts.quiet {
@@ -789,30 +817,43 @@ fn run_inner(
         let started = Instant::now();
         let lr = schedule.lr(step);
         let micro = step_rows(train_len, t.seed, step, t.batch_size, t.grad_accum);
-        for g in grad_tensors(&mut grads) {
-            g.fill(0.0);
-        }
-        let (loss, tokens, extra) = step_gradients(
-            &model,
-            lora.as_ref(),
-            &training,
-            &micro,
-            config,
-            step,
-            &mut grads,
-        );
-        let grad_norm = {
-            let mut g = grad_tensors(&mut grads);
-            let mut slices: Vec<&mut [f32]> = g.iter_mut().map(|v| v.as_mut_slice()).collect();
-            clip_grad_norm(&mut slices, t.max_grad_norm as f32) as f64
-        };
-        check_finite(step + 1, loss, grad_norm, lr, config.model.dtype)?;
-        {
+        let (loss, tokens, extra, grad_norm) = if t.optimizer_in_backward {
+            let (loss, tokens, norm) = step_in_backward(
+                &mut model,
+                &training,
+                &micro,
+                config,
+                &mut grads,
+                lr,
+                &mut optimizer,
+            );
+            check_finite(step + 1, loss, norm, lr, config.model.dtype)?;
+            (loss, tokens, BTreeMap::new(), norm)
+        } else {
+            for g in grad_tensors(&mut grads) {
+                g.fill(0.0);
+            }
+            let (loss, tokens, extra) = step_gradients(
+                &model,
+                lora.as_ref(),
+                &training,
+                &micro,
+                config,
+                step,
+                &mut grads,
+            );
+            let grad_norm = {
+                let mut g = grad_tensors(&mut grads);
+                let mut slices: Vec<&mut [f32]> = g.iter_mut().map(|v| v.as_mut_slice()).collect();
+                clip_grad_norm(&mut slices, t.max_grad_norm as f32) as f64
+            };
+            check_finite(step + 1, loss, grad_norm, lr, config.model.dtype)?;
             let g = grad_tensors(&mut grads);
             let g: Vec<&[f32]> = g.into_iter().map(|v| v.as_slice()).collect();
             let mut p = trainable(&mut model, &mut lora);
             optimizer.step(&mut p, &g, lr);
-        }
+            (loss, tokens, extra, grad_norm)
+        };
         step += 1;
         state.tokens_seen += tokens;
         let secs = started.elapsed().as_secs_f64();

@@ -241,6 +241,57 @@ fn sft_and_full_fine_tuning_lower_the_loss_and_write_a_loadable_model() {
     assert_eq!(s.trainable_parameters, s.model_parameters);
 }
 
+/// The optimizer in the backward (one layer's gradients at a time) writes the same model, bit
+/// for bit, as the usual step over the whole model's gradients; and it is refused, naming the
+/// key and the fix, where it cannot apply.
+#[test]
+fn optimizer_in_backward_writes_the_same_model_bit_for_bit() {
+    let data = corpus();
+    let sets = [
+        "method.kind=full",
+        "train.max_steps=4",
+        "train.lr=1e-3",
+        "train.weight_decay=0.1",
+        "train.max_grad_norm=0",
+        "train.save_every=0",
+    ];
+    let run = |name: &str, in_backward: bool| {
+        let mut s = sets.to_vec();
+        let flag = format!("train.optimizer_in_backward={in_backward}");
+        s.push(&flag);
+        train(&config(data.path(), &data.path().join(name), &s), &quiet()).unwrap()
+    };
+    let (usual, streamed) = (run("usual", false), run("streamed", true));
+    let weights = |r: &retune_train::trainer::RunSummary| {
+        std::fs::read(r.run_dir.join("model/model.safetensors")).unwrap()
+    };
+    assert_eq!(weights(&usual), weights(&streamed));
+    assert_eq!(usual.final_loss, streamed.final_loss);
+    let first = retune_core::model::Model::<f32>::load(&data.path().join("usual/model")).unwrap();
+    let base = retune_core::model::Model::<f32>::load(&fixture_model()).unwrap();
+    assert_ne!(
+        first.weights.layers[0].q.w, base.weights.layers[0].q.w,
+        "it trained"
+    );
+
+    for (set, need) in [
+        ("method.kind=lora", "method.kind = \"full\""),
+        ("train.max_grad_norm=1.0", "train.max_grad_norm = 0"),
+        ("train.grad_accum=2", "train.grad_accum = 1"),
+    ] {
+        let text = std::fs::read_to_string(data.path().join("run.toml")).unwrap();
+        let path = data.path().join("refused.toml");
+        std::fs::write(&path, text).unwrap();
+        let mut s = sets.to_vec();
+        s.extend(["train.optimizer_in_backward=true", set]);
+        let err = RunConfig::load(&path, &s).unwrap_err().to_string();
+        assert!(
+            err.contains("train.optimizer_in_backward") && err.contains(need),
+            "{set}: {err}"
+        );
+    }
+}
+
 #[test]
 fn resuming_a_folder_without_a_checkpoint_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();

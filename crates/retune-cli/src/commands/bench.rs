@@ -9,6 +9,7 @@ use anyhow::{bail, Result};
 use retune_core::config::LlamaConfig;
 use retune_core::model::{Batch, Grads, Lora, LoraSpec, Model, Target};
 use retune_core::ops::matmul::{set_matmul_precision, MatmulPrecision};
+use retune_train::optim::full_step_in_backward;
 use retune_train::AdamW;
 use serde_json::json;
 use std::time::Instant;
@@ -44,6 +45,10 @@ pub struct Args {
     /// weight (faster, more memory; the LM head is packed either way).
     #[arg(long)]
     pack_layers: bool,
+    /// With --grads full: the optimizer in the backward (each layer's gradients go into the
+    /// AdamW moments as soon as they are final; one layer's gradient buffer instead of all).
+    #[arg(long)]
+    optimizer_in_backward: bool,
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -133,10 +138,14 @@ pub fn run(args: Args) -> Result<Outcome> {
         }
         _ => None,
     };
+    if args.optimizer_in_backward && !full {
+        bail!("--optimizer-in-backward needs --grads full");
+    }
     let mut model = model;
     let mut lora = lora;
     let mut grads = match &lora {
         Some(lora) => Grads::lora(&model, lora),
+        None if args.optimizer_in_backward => Grads::streamed(&model),
         None if full => Grads::full(&model),
         None => Grads::frozen(&model),
     };
@@ -159,19 +168,18 @@ pub fn run(args: Args) -> Result<Outcome> {
     let mut last_loss = f64::NAN;
     for step in 0..args.warmup + args.steps {
         let start = Instant::now();
-        let stats = model.forward_backward(
-            &batch,
-            batch.target_count(),
-            lora.as_ref(),
-            step as u64,
-            &mut grads,
-        );
-        {
+        let (n, lr) = (batch.target_count(), 1e-6);
+        let stats = if args.optimizer_in_backward {
+            full_step_in_backward(&mut model, &batch, n, &mut grads, &mut adamw, lr).0
+        } else {
+            let seed = step as u64;
+            let stats = model.forward_backward(&batch, n, lora.as_ref(), seed, &mut grads);
             let mut g = gradients(&mut grads, full);
             let g_refs: Vec<&[f32]> = g.iter().map(|v| v.as_slice()).collect();
-            adamw.step(&mut trainable(&mut model, &mut lora, full), &g_refs, 1e-6);
+            adamw.step(&mut trainable(&mut model, &mut lora, full), &g_refs, lr);
             g.iter_mut().for_each(|v| v.fill(0.0));
-        }
+            stats
+        };
         let secs = start.elapsed().as_secs_f64();
         last_loss = stats.loss_sum / stats.count as f64;
         if !args.json {
@@ -211,6 +219,7 @@ pub fn run(args: Args) -> Result<Outcome> {
         "final_loss": last_loss,
         "dtype": args.dtype,
         "pack_layers": args.pack_layers,
+        "optimizer_in_backward": args.optimizer_in_backward,
         "gemm_kernel": match precision {
             MatmulPrecision::Bf16 => retune_gemm::best_kernel().name(),
             MatmulPrecision::F32 => "f32 (gemm crate)",

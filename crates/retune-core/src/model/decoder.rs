@@ -42,6 +42,9 @@ struct Dims {
     hd: usize,
 }
 
+/// Receives a layer's finished weight gradients (see [`Model::forward_backward_streamed`]).
+type LayerDone<'a, T> = dyn FnMut(usize, &mut LayerWeights<T>) + 'a;
+
 /// The LM head as the loss closures of [`Model::backward_through`] see it.
 #[derive(Clone, Copy)]
 struct HeadWeight<'a, T> {
@@ -837,7 +840,48 @@ impl<T: Float> Model<T> {
                 dw,
             )
         };
-        self.backward_through(batch, lora, dropout_seed, grads, head)
+        self.backward_through(batch, lora, dropout_seed, grads, head, None)
+    }
+
+    /// [`Model::forward_backward`] of full fine-tuning with the optimizer in the backward:
+    /// `grads` comes from [`Grads::streamed`] (one layer's buffer), and `layer_done(l, g)`
+    /// receives layer `l`'s weight gradients as soon as its backward is done, last layer
+    /// first, and must leave `g` zeroed for the next layer. The gradients outside the layers
+    /// (embedding, final norm, LM head) are in `grads` when this returns.
+    ///
+    /// # Panics
+    /// When `grads` was not built by [`Grads::streamed`] (a caller's bug).
+    pub fn forward_backward_streamed(
+        &self,
+        batch: &Batch,
+        normaliser: usize,
+        grads: &mut Grads<T>,
+        mut layer_done: impl FnMut(usize, &mut LayerWeights<T>),
+    ) -> CeStats {
+        assert!(
+            grads.base.layers.len() == 1 && grads.lora.is_none(),
+            "forward_backward_streamed takes the gradients of Grads::streamed"
+        );
+        let scale = T::one() / T::of(normaliser.max(1) as f64);
+        let head = |h: &[T], w: HeadWeight<T>, d: &Dims, dh: &mut [T], dw: Option<&mut [T]>| {
+            let targets = &batch.targets;
+            let (n, c, v) = (d.n, d.c, d.v);
+            let dh = Some(dh);
+            lm_head_cross_entropy(
+                h,
+                w.w,
+                w.packs,
+                targets,
+                n,
+                c,
+                v,
+                CE_CHUNK_ROWS,
+                scale,
+                dh,
+                dw,
+            )
+        };
+        self.backward_through(batch, None, 0, grads, head, Some(&mut layer_done))
     }
 
     /// Forward and backward of a loss that depends on each target's log-probability, such as a
@@ -873,7 +917,7 @@ impl<T: Float> Model<T> {
             );
             log_probs
         };
-        self.backward_through(batch, lora, dropout_seed, grads, head)
+        self.backward_through(batch, lora, dropout_seed, grads, head, None)
     }
 
     /// `log p(target)` of every position of a batch (0 where `IGNORE`), evaluation forward.
@@ -889,6 +933,8 @@ impl<T: Float> Model<T> {
     /// The training forward, the LM head given by `head`, and the backward through every layer.
     /// `head(h, w_head, dims, dh, dw_head)` sees the final-norm hidden states and must add the
     /// loss gradient into `dh[N, C]` (and into `dw_head` when the head is trained).
+    /// `layer_done`: see [`Model::forward_backward_streamed`]; with it, every layer's
+    /// gradients go to `grads.base.layers[0]`.
     fn backward_through<R>(
         &self,
         batch: &Batch,
@@ -896,6 +942,7 @@ impl<T: Float> Model<T> {
         dropout_seed: u64,
         grads: &mut Grads<T>,
         head: impl FnOnce(&[T], HeadWeight<T>, &Dims, &mut [T], Option<&mut [T]>) -> R,
+        mut layer_done: Option<&mut LayerDone<T>>,
     ) -> R {
         let d = self.dims(batch);
         let rope = self.rope_for(batch);
@@ -949,11 +996,14 @@ impl<T: Float> Model<T> {
                 self.layer_forward(out, acts, x, l, adapter, packs, batch, &rope, &d);
             }
             dx_in.fill(T::zero());
-            let g = &mut grads.layers[l];
+            let g = &mut grads.layers[if layer_done.is_some() { 0 } else { l }];
             let gl = lora_grads.as_mut().map(|g| &mut g.layers[l]);
             self.layer_backward(
                 &mut dx_in, g, gl, scratch, &dx, x, acts, l, adapter, packs, batch, &rope, &d,
             );
+            if let Some(done) = layer_done.as_mut() {
+                done(l, g);
+            }
             std::mem::swap(&mut dx, &mut dx_in);
         }
         if let Some(dembed) = grad_slot(&mut grads.embed) {

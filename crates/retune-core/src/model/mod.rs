@@ -82,6 +82,28 @@ impl<T: Float> Grads<T> {
         }
     }
 
+    /// Gradients for full fine-tuning with the optimizer in the backward
+    /// ([`Model::forward_backward_streamed`]): every base weight outside the layers, and one
+    /// layer's buffer (`base.layers` has one entry) that every layer's backward reuses, so a
+    /// step holds one layer's weight gradients rather than all of them.
+    pub fn streamed(model: &Model<T>) -> Self {
+        let w = &model.weights;
+        let zeros = |v: &Vec<T>| vec![T::zero(); v.len()];
+        let mut layer = w.layers.first().cloned();
+        if let Some(l) = &mut layer {
+            l.tensors_mut().into_iter().for_each(|t| *t = zeros(t));
+        }
+        Grads {
+            base: Weights {
+                embed: zeros(&w.embed),
+                layers: layer.into_iter().collect(),
+                final_norm: zeros(&w.final_norm),
+                lm_head: w.lm_head.as_ref().map(zeros),
+            },
+            lora: None,
+        }
+    }
+
     /// No gradient at all (inputs' gradients still flow: benchmarks of the frozen path).
     pub fn frozen(model: &Model<T>) -> Self {
         Grads {

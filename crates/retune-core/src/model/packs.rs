@@ -127,7 +127,10 @@ impl PackCache {
             let w = T::f32_slice(&lin.w)?;
             g.w.is_empty().then_some((w, lin.d_out, lin.d_in))
         }
-        for (lw, lg) in weights.layers.iter().zip(&grads.layers) {
+        // Streamed gradients (`Grads::streamed`) have one layer's buffer for every layer.
+        let last_grad = grads.layers.len().saturating_sub(1);
+        for (l, lw) in weights.layers.iter().enumerate() {
+            let lg = &grads.layers[l.min(last_grad)];
             for t in Target::ALL {
                 wanted.push(as_f32(t.of(lw), t.of(lg)));
             }

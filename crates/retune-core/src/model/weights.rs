@@ -46,6 +46,23 @@ pub struct LayerWeights<T> {
     pub down: Linear<T>,
 }
 
+impl<T> LayerWeights<T> {
+    /// Mutable access to the layer's tensors, in the order of [`Weights::named`].
+    pub fn tensors_mut(&mut self) -> Vec<&mut Vec<T>> {
+        let mut out: Vec<&mut Vec<T>> = vec![&mut self.attn_norm];
+        for lin in [&mut self.q, &mut self.k, &mut self.v, &mut self.o] {
+            out.push(&mut lin.w);
+            out.extend(&mut lin.b);
+        }
+        out.push(&mut self.mlp_norm);
+        for lin in [&mut self.gate, &mut self.up, &mut self.down] {
+            out.push(&mut lin.w);
+            out.extend(&mut lin.b);
+        }
+        out
+    }
+}
+
 /// All parameters of a Llama-family decoder (or their gradients).
 #[derive(Clone, Debug)]
 pub struct Weights<T> {
@@ -215,20 +232,7 @@ impl<T: Float> Weights<T> {
     pub fn tensors_mut(&mut self) -> Vec<&mut Vec<T>> {
         let mut out: Vec<&mut Vec<T>> = vec![&mut self.embed];
         for l in &mut self.layers {
-            out.push(&mut l.attn_norm);
-            for lin in [&mut l.q, &mut l.k, &mut l.v, &mut l.o] {
-                out.push(&mut lin.w);
-                if let Some(b) = &mut lin.b {
-                    out.push(b);
-                }
-            }
-            out.push(&mut l.mlp_norm);
-            for lin in [&mut l.gate, &mut l.up, &mut l.down] {
-                out.push(&mut lin.w);
-                if let Some(b) = &mut lin.b {
-                    out.push(b);
-                }
-            }
+            out.extend(l.tensors_mut());
         }
         out.push(&mut self.final_norm);
         if let Some(head) = &mut self.lm_head {
