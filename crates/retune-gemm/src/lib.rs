@@ -509,6 +509,14 @@ pub fn gemm_packed(c: &mut [f32], a: MatRef, b: &PackedB, m: usize, accumulate: 
         return;
     }
     match &b.data {
+        // A left operand beyond the packing bound (an LM head's logits gradient, 256 x 49k)
+        // goes in row blocks, as in `gemm_bf16_bounded`.
+        PackedData::Bf16(_) if m * k > MAX_PACK_ELEMS && m > BLOCK => {
+            let i = halves(m);
+            let (top, bottom) = c.split_at_mut(i * n);
+            gemm_packed(top, a, b, i, accumulate);
+            gemm_packed(bottom, a.block(i, 0), b, m - i, accumulate);
+        }
         PackedData::Bf16(packed_b) => {
             let packed_a = pack::pack_a(a, m, k);
             let term = (packed_a.as_slice(), packed_b.as_slice(), k);

@@ -216,6 +216,14 @@ fn operands_beyond_the_packing_bound_are_split() {
                 gemm_with(kernel, &mut c, av, bv, m, k, n, accumulate);
                 check(kernel, &case, &c, accumulate.then_some(&c0[..]))
                     .unwrap_or_else(|e| panic!("{m}x{k}x{n}, accumulate {accumulate}: {e}"));
+                if m * k > 8 << 20 && m > 32 {
+                    // A left operand beyond the bound against a prepacked right one.
+                    let packed = PackedB::with_kernel(kernel, bv, k, n);
+                    let mut c = c0.clone();
+                    gemm_packed(&mut c, av, &packed, m, accumulate);
+                    check(kernel, &case, &c, accumulate.then_some(&c0[..]))
+                        .unwrap_or_else(|e| panic!("{m}x{k}x{n} packed: {e}"));
+                }
             }
         }
     }

@@ -10,7 +10,7 @@
 //! key from `i1` on, which saves close to half the work of the full `T x T` products.
 
 use super::matmul::{matmul_views, View};
-use super::swiglu::{as_f32_mut, exp_f32, max_f32, simd_dispatch};
+use super::swiglu::{as_f32, as_f32_mut, exp_f32, max_f32, simd_dispatch};
 use crate::Float;
 use rayon::prelude::*;
 
@@ -277,11 +277,9 @@ pub fn attention_backward<T: Float>(
                     matmul_views(ds, gob, v_t, rows, hd, i1, false);
                     let prows = p_rows.chunks(t).map(|row| &row[..i1]);
                     for (dsrow, prow) in ds.chunks_exact_mut(i1).zip(prows) {
-                        // The softmax Jacobian's row term D = sum_j P_ij dP_ij; the mask's
-                        // zeros in P zero dS too.
-                        let d = dot(prow, dsrow);
-                        for (x, &p) in dsrow.iter_mut().zip(prow) {
-                            *x = p * (*x - d) * scale;
+                        match (as_f32_mut(dsrow), as_f32(prow), as_f32(&[scale])) {
+                            (Some(ds), Some(p), Some(&[s])) => softmax_grad_row_f32(ds, p, s),
+                            _ => softmax_grad_row(dsrow, prow, scale),
                         }
                     }
                     let dqb = &mut dqblk[..rows * hd];
@@ -306,6 +304,26 @@ pub fn attention_backward<T: Float>(
             }
         },
     );
+}
+
+/// One row of the softmax backward, in place: `dS_j = P_j (dP_j - D) scale` with the
+/// Jacobian's row term `D = sum_j P_j dP_j`; the mask's zeros in P zero dS too.
+#[inline(always)]
+fn softmax_grad_row<T: Float>(ds: &mut [T], p: &[T], scale: T) {
+    let d = dot(p, ds);
+    for (x, &p) in ds.iter_mut().zip(p) {
+        *x = p * (*x - d) * scale;
+    }
+}
+
+simd_dispatch!(
+    /// [`softmax_grad_row`] in f32, built for AVX-512 where the CPU has it (same bits).
+    fn softmax_grad_row_f32 => softmax_grad_row_f32_body(ds: &mut [f32], p: &[f32], scale: f32)
+);
+
+#[inline(always)]
+fn softmax_grad_row_f32_body(ds: &mut [f32], p: &[f32], scale: f32) {
+    softmax_grad_row(ds, p, scale);
 }
 
 /// `a · b` with independent partial sums, so the compiler can vectorise the loop.

@@ -2,6 +2,7 @@
 //!
 //! Row sums are accumulated in f64; per-element work stays in `T`.
 
+use crate::ops::swiglu::{as_f32, as_f32_mut, simd_dispatch};
 use crate::Float;
 use rayon::prelude::*;
 
@@ -56,6 +57,46 @@ fn dot3_f64<T: Float>(dy: &[T], w: &[T], x: &[T]) -> f64 {
     tail + acc.iter().sum::<f64>()
 }
 
+/// One row of the forward: writes `y`, returns `rstd`.
+#[inline(always)]
+fn forward_row<T: Float>(yr: &mut [T], xr: &[T], w: &[T], eps: f64) -> T {
+    let ss = sum_f64(xr, xr, |a, b| a.as_f64() * b.as_f64());
+    let r = T::of(1.0 / (ss / xr.len() as f64 + eps).sqrt());
+    for ((yv, &xv), &wv) in yr.iter_mut().zip(xr).zip(w) {
+        *yv = xv * r * wv;
+    }
+    r
+}
+
+/// One row of the input gradient: `dx += r w dy - r^3 x / C * sum(dy w x)`.
+#[inline(always)]
+fn backward_row<T: Float>(dxr: &mut [T], dyr: &[T], xr: &[T], w: &[T], r: T) {
+    let dot = dot3_f64(dyr, w, xr);
+    let coef = T::of(r.as_f64().powi(3) * dot / xr.len() as f64);
+    for (((d, &g), &wv), &xv) in dxr.iter_mut().zip(dyr).zip(w).zip(xr) {
+        *d += r * wv * g - coef * xv;
+    }
+}
+
+// The rows in f32, built for AVX-512 where the CPU has it (8 f64 lanes per sum instead of 2);
+// the same operations in the same order, so the same bits.
+simd_dispatch!(fn forward_row_f32 => forward_row_f32_body(
+    yr: &mut [f32], rs: &mut f32, xr: &[f32], w: &[f32], eps: f64
+));
+simd_dispatch!(fn backward_row_f32 => backward_row_f32_body(
+    dxr: &mut [f32], dyr: &[f32], xr: &[f32], w: &[f32], r: f32
+));
+
+#[inline(always)]
+fn forward_row_f32_body(yr: &mut [f32], rs: &mut f32, xr: &[f32], w: &[f32], eps: f64) {
+    *rs = forward_row(yr, xr, w, eps);
+}
+
+#[inline(always)]
+fn backward_row_f32_body(dxr: &mut [f32], dyr: &[f32], xr: &[f32], w: &[f32], r: f32) {
+    backward_row(dxr, dyr, xr, w, r);
+}
+
 /// `y[N, C] = x[N, C] * rstd[N] * w[C]`; saves `rstd[N]` for the backward pass.
 pub fn rmsnorm_forward<T: Float>(
     y: &mut [T],
@@ -75,11 +116,10 @@ pub fn rmsnorm_forward<T: Float>(
         .zip(x.par_chunks(c))
         .with_min_len(ROWS_PER_TASK)
         .for_each(|((yr, rs), xr)| {
-            let ss = sum_f64(xr, xr, |a, b| a.as_f64() * b.as_f64());
-            let r = T::of(1.0 / (ss / c as f64 + eps).sqrt());
-            *rs = r;
-            for ((yv, &xv), &wv) in yr.iter_mut().zip(xr).zip(w) {
-                *yv = xv * r * wv;
+            let f32s = (as_f32(xr), as_f32(w), as_f32_mut(std::slice::from_mut(rs)));
+            match (as_f32_mut(yr), f32s) {
+                (Some(y), (Some(x), Some(w), Some([r]))) => forward_row_f32(y, r, x, w, eps),
+                (_, _) => *rs = forward_row(yr, xr, w, eps),
             }
         });
 }
@@ -109,10 +149,17 @@ pub fn rmsnorm_backward<T: Float>(
         .zip(rstd.par_iter())
         .with_min_len(ROWS_PER_TASK)
         .for_each(|(((dxr, dyr), xr), &r)| {
-            let dot = dot3_f64(dyr, w, xr);
-            let coef = T::of(r.as_f64().powi(3) * dot / c as f64);
-            for (((d, &g), &wv), &xv) in dxr.iter_mut().zip(dyr).zip(w).zip(xr) {
-                *d += r * wv * g - coef * xv;
+            let f32s = (
+                as_f32(dyr),
+                as_f32(xr),
+                as_f32(w),
+                as_f32(std::slice::from_ref(&r)),
+            );
+            match (as_f32_mut(dxr), f32s) {
+                (Some(d), (Some(g), Some(x), Some(w), Some(&[r]))) => {
+                    backward_row_f32(d, g, x, w, r)
+                }
+                (_, _) => backward_row(dxr, dyr, xr, w, r),
             }
         });
     if let Some(dw) = dw {
