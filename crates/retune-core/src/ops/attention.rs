@@ -326,7 +326,9 @@ fn softmax_grad_row_f32_body(ds: &mut [f32], p: &[f32], scale: f32) {
     softmax_grad_row(ds, p, scale);
 }
 
-/// `a · b` with independent partial sums, so the compiler can vectorise the loop.
+/// `a · b` with independent partial sums, so the compiler can vectorise the loop (inlined into
+/// the AVX-512 build of [`softmax_grad_row_f32`]).
+#[inline(always)]
 fn dot<T: Float>(a: &[T], b: &[T]) -> T {
     let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
     let tail = ca
