@@ -521,7 +521,6 @@ fn measure_retention(
     }))
 }
 
-/// The trainable tensors and their gradients, in one fixed order.
 /// One step of full fine-tuning with the optimizer in the backward (`train.optimizer_in_backward`,
 /// which the configuration allows only with one micro-batch of rows and no clipping): see
 /// [`full_step_in_backward`]. Returns the loss, the tokens and the gradient norm.
@@ -549,6 +548,7 @@ fn step_in_backward(
     )
 }
 
+/// The trainable tensors and their gradients, in one fixed order.
 fn trainable<'a>(
     model: &'a mut Model<f32>,
     lora: &'a mut Option<Lora<f32>>,
@@ -705,6 +705,9 @@ fn run_inner(
     opts: &TrainOptions,
     events: &mut EventLog,
 ) -> Result<RunSummary, TrainError> {
+    // A configuration built in code has not been through the parser's check, and the
+    // optimizer in the backward relies on it (one micro-batch of rows, no clipping).
+    config.validate()?;
     let Setup {
         mut model,
         tokenizer,

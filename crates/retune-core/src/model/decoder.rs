@@ -824,22 +824,7 @@ impl<T: Float> Model<T> {
         dropout_seed: u64,
         grads: &mut Grads<T>,
     ) -> CeStats {
-        let scale = T::one() / T::of(normaliser.max(1) as f64);
-        let head = |h: &[T], w: HeadWeight<T>, d: &Dims, dh: &mut [T], dw: Option<&mut [T]>| {
-            lm_head_cross_entropy(
-                h,
-                w.w,
-                w.packs,
-                &batch.targets,
-                d.n,
-                d.c,
-                d.v,
-                CE_CHUNK_ROWS,
-                scale,
-                Some(dh),
-                dw,
-            )
-        };
+        let head = mean_cross_entropy(batch, normaliser);
         self.backward_through(batch, lora, dropout_seed, grads, head, None)
     }
 
@@ -862,25 +847,7 @@ impl<T: Float> Model<T> {
             grads.base.layers.len() == 1 && grads.lora.is_none(),
             "forward_backward_streamed takes the gradients of Grads::streamed"
         );
-        let scale = T::one() / T::of(normaliser.max(1) as f64);
-        let head = |h: &[T], w: HeadWeight<T>, d: &Dims, dh: &mut [T], dw: Option<&mut [T]>| {
-            let targets = &batch.targets;
-            let (n, c, v) = (d.n, d.c, d.v);
-            let dh = Some(dh);
-            lm_head_cross_entropy(
-                h,
-                w.w,
-                w.packs,
-                targets,
-                n,
-                c,
-                v,
-                CE_CHUNK_ROWS,
-                scale,
-                dh,
-                dw,
-            )
-        };
+        let head = mean_cross_entropy(batch, normaliser);
         self.backward_through(batch, None, 0, grads, head, Some(&mut layer_done))
     }
 
@@ -1020,6 +987,33 @@ impl<T: Float> Model<T> {
         let mut logits = vec![T::zero(); d.n * d.v];
         crate::ops::cross_entropy::logits_forward(&mut logits, &h, w.head(), d.n, d.c, d.v);
         logits
+    }
+}
+
+/// The LM head of [`Model::forward_backward`]: the cross-entropy over the batch's targets,
+/// divided by `normaliser` target tokens.
+#[allow(clippy::type_complexity)] // the head closure's signature, spelled out once
+fn mean_cross_entropy<T: Float>(
+    batch: &Batch,
+    normaliser: usize,
+) -> impl FnOnce(&[T], HeadWeight<T>, &Dims, &mut [T], Option<&mut [T]>) -> CeStats + '_ {
+    let scale = T::one() / T::of(normaliser.max(1) as f64);
+    move |h, w, d, dh, dw| {
+        let (n, c, v) = (d.n, d.c, d.v);
+        let (targets, chunk) = (&batch.targets, CE_CHUNK_ROWS);
+        lm_head_cross_entropy(
+            h,
+            w.w,
+            w.packs,
+            targets,
+            n,
+            c,
+            v,
+            chunk,
+            scale,
+            Some(dh),
+            dw,
+        )
     }
 }
 
