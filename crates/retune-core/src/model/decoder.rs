@@ -16,7 +16,7 @@ use crate::ops::cross_entropy::{lm_head_cross_entropy, target_log_probs, CeStats
 use crate::ops::embedding::{embedding_backward, embedding_forward};
 use crate::ops::linear::{add_bias, linear_backward_packed, linear_forward_packed};
 use crate::ops::lora::{dropout_forward, lora_backward, lora_forward};
-use crate::ops::matmul::{pack_rows, runs_in_bf16, WeightPacks};
+use crate::ops::matmul::{matmul_nt, pack_rows, runs_in_bf16, WeightPacks};
 use crate::ops::residual::add_inplace;
 use crate::ops::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use crate::ops::rope::{rope_backward, rope_forward, RopeTable};
@@ -90,8 +90,6 @@ pub(crate) struct Workspace<T> {
     scratch: LayerActs<T>,
     /// The input of every layer, then the final residual stream: `L + 1` buffers `[N, C]`.
     residuals: Vec<Vec<T>>,
-    /// A layer's recomputed output (the backward needs only its activations).
-    out: Vec<T>,
 }
 
 /// What the workspace's buffer sizes depend on.
@@ -159,7 +157,6 @@ impl<T: Float> WorkspaceSlot<T> {
             residuals: (0..=key.layers)
                 .map(|_| vec![T::zero(); d.n * d.c])
                 .collect(),
-            out: vec![T::zero(); d.n * d.c],
         })
     }
 
@@ -278,9 +275,10 @@ impl<T: Float> Proj<'_, T> {
 
 /// A projection: base linear layer plus, when adapted, its LoRA branch (saving into `saved`).
 /// `x_packed`: `x` packed for bf16 products (see [`pack_rows`]), which then take the fused
-/// path of [`adapted_forward`].
+/// path of [`adapted_forward`]. `y` `None`: only what the backward needs is computed (the
+/// branch's saved activations), not the output.
 fn proj_forward<T: Float>(
-    y: &mut [T],
+    mut y: Option<&mut [T]>,
     saved: &mut LoraActs<T>,
     x: &[T],
     x_packed: Option<&PackedA>,
@@ -292,7 +290,9 @@ fn proj_forward<T: Float>(
     }
     let (lin, packs) = (p.lin, p.packs);
     let b = lin.b.as_deref();
-    linear_forward_packed(y, x, &lin.w, packs, b, n, lin.d_in, lin.d_out);
+    if let Some(y) = y.as_deref_mut() {
+        linear_forward_packed(y, x, &lin.w, packs, b, n, lin.d_in, lin.d_out);
+    }
     let Some((ad, pair)) = p.branch() else { return };
     let spec = &ad.lora.spec;
     let input = if ad.dropout > 0.0 {
@@ -300,6 +300,11 @@ fn proj_forward<T: Float>(
         &saved.x_drop[..]
     } else {
         x
+    };
+    let Some(y) = y else {
+        // The first product of `lora_forward`, alone.
+        matmul_nt(&mut saved.xa, input, &pair.a, n, lin.d_in, spec.r, false);
+        return;
     };
     lora_forward(
         y,
@@ -317,7 +322,7 @@ fn proj_forward<T: Float>(
 
 /// [`proj_forward`] on the fused bf16 path (`T` is f32).
 fn proj_forward_bf16<T: Float>(
-    y: &mut [T],
+    y: Option<&mut [T]>,
     saved: &mut LoraActs<T>,
     x: &[T],
     x_packed: &PackedA,
@@ -326,7 +331,7 @@ fn proj_forward_bf16<T: Float>(
     let f32s = "the bf16 path runs on f32";
     let lin = p.lin;
     let w = T::f32_slice(&lin.w).expect(f32s);
-    let y32 = T::f32_slice_mut(y).expect(f32s);
+    let (mut y, bias) = (y, lin.b.as_ref());
     let mut dropped = None;
     let branch = match p.branch() {
         None => None,
@@ -354,11 +359,12 @@ fn proj_forward_bf16<T: Float>(
         }
     };
     let w_pack = p.packs.map(|p| &p.forward);
+    let y32 = y.as_deref_mut().map(|y| T::f32_slice_mut(y).expect(f32s));
     adapted_forward(y32, x_packed, w, w_pack, lin.d_out, branch);
     if let Some(p) = dropped {
         p.recycle();
     }
-    if let Some(b) = &lin.b {
+    if let (Some(y), Some(b)) = (y, bias) {
         add_bias(y, b, lin.d_out);
     }
 }
@@ -513,11 +519,13 @@ impl<T: Float> Model<T> {
         }
     }
 
-    /// One decoder layer forward: `out = layer(x)`, filling `acts` for the backward.
+    /// One decoder layer forward: `out = layer(x)`, filling `acts` for the backward. Without
+    /// `out` (a recompute for the backward) the down projection's product is skipped: the
+    /// backward reads its input and the adapter's saved activations, not its output.
     #[allow(clippy::too_many_arguments)]
     fn layer_forward(
         &self,
-        out: &mut [T],
+        out: Option<&mut [T]>,
         acts: &mut LayerActs<T>,
         x: &[T],
         l: usize,
@@ -535,7 +543,7 @@ impl<T: Float> Model<T> {
         rmsnorm_forward(&mut a.ln1, &mut a.rstd1, x, &lw.attn_norm, d.n, d.c, eps);
         // Under bf16 products each input is packed once for every projection that reads it.
         let ln1_packed = pack_rows(&a.ln1, d.n, d.c);
-        let proj = |y: &mut [T], saved, x: &[T], xp: &Option<PackedA>, lin, t| {
+        let proj = |y: Option<&mut [T]>, saved, x: &[T], xp: &Option<PackedA>, lin, t| {
             let p = Proj {
                 lin,
                 packs: pk(t),
@@ -545,9 +553,30 @@ impl<T: Float> Model<T> {
             };
             proj_forward(y, saved, x, xp.as_ref(), &p, d.n)
         };
-        proj(&mut a.q, lq, &a.ln1, &ln1_packed, &lw.q, Target::QProj);
-        proj(&mut a.k, lk, &a.ln1, &ln1_packed, &lw.k, Target::KProj);
-        proj(&mut a.v, lv, &a.ln1, &ln1_packed, &lw.v, Target::VProj);
+        proj(
+            Some(&mut a.q),
+            lq,
+            &a.ln1,
+            &ln1_packed,
+            &lw.q,
+            Target::QProj,
+        );
+        proj(
+            Some(&mut a.k),
+            lk,
+            &a.ln1,
+            &ln1_packed,
+            &lw.k,
+            Target::KProj,
+        );
+        proj(
+            Some(&mut a.v),
+            lv,
+            &a.ln1,
+            &ln1_packed,
+            &lw.v,
+            Target::VProj,
+        );
         recycle(ln1_packed);
         rope_forward(&mut a.q, &batch.positions, rope, d.nh, d.hd);
         rope_forward(&mut a.k, &batch.positions, rope, d.nkv, d.hd);
@@ -566,26 +595,50 @@ impl<T: Float> Model<T> {
             d.hd,
         );
         let att_packed = pack_rows(&a.att, d.n, d.nh * d.hd);
-        proj(&mut a.x1, lo, &a.att, &att_packed, &lw.o, Target::OProj);
+        proj(
+            Some(&mut a.x1),
+            lo,
+            &a.att,
+            &att_packed,
+            &lw.o,
+            Target::OProj,
+        );
         recycle(att_packed);
         add_inplace(&mut a.x1, x);
         rmsnorm_forward(&mut a.ln2, &mut a.rstd2, &a.x1, &lw.mlp_norm, d.n, d.c, eps);
         let ln2_packed = pack_rows(&a.ln2, d.n, d.c);
         proj(
-            &mut a.gate,
+            Some(&mut a.gate),
             lg,
             &a.ln2,
             &ln2_packed,
             &lw.gate,
             Target::GateProj,
         );
-        proj(&mut a.up, lu, &a.ln2, &ln2_packed, &lw.up, Target::UpProj);
+        proj(
+            Some(&mut a.up),
+            lu,
+            &a.ln2,
+            &ln2_packed,
+            &lw.up,
+            Target::UpProj,
+        );
         recycle(ln2_packed);
         swiglu_forward(&mut a.act, &a.gate, &a.up);
         let act_packed = pack_rows(&a.act, d.n, d.f);
-        proj(out, ld, &a.act, &act_packed, &lw.down, Target::DownProj);
+        let mut out = out;
+        proj(
+            out.as_deref_mut(),
+            ld,
+            &a.act,
+            &act_packed,
+            &lw.down,
+            Target::DownProj,
+        );
         recycle(act_packed);
-        add_inplace(out, &a.x1);
+        if let Some(out) = out {
+            add_inplace(out, &a.x1);
+        }
     }
 
     /// One decoder layer backward: the forward read bottom-up. Accumulates into `dx` (the
@@ -753,7 +806,7 @@ impl<T: Float> Model<T> {
         for l in 0..w.layers.len() {
             let (done, rest) = residuals.split_at_mut(l + 1);
             let (x, out) = (&done[l], &mut rest[0]);
-            self.layer_forward(out, acts, x, l, adapter, packs, batch, rope, d);
+            self.layer_forward(Some(out), acts, x, l, adapter, packs, batch, rope, d);
         }
     }
 
@@ -924,7 +977,6 @@ impl<T: Float> Model<T> {
             acts,
             scratch,
             residuals,
-            out,
             ..
         } = &mut *ws;
         self.forward_residuals(residuals, acts, batch, adapter, packs, &rope, &d);
@@ -960,7 +1012,7 @@ impl<T: Float> Model<T> {
         for l in (0..w.layers.len()).rev() {
             let x = &residuals[l];
             if l != last {
-                self.layer_forward(out, acts, x, l, adapter, packs, batch, &rope, &d);
+                self.layer_forward(None, acts, x, l, adapter, packs, batch, &rope, &d);
             }
             dx_in.fill(T::zero());
             let g = &mut grads.layers[if layer_done.is_some() { 0 } else { l }];

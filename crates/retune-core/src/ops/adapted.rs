@@ -35,9 +35,10 @@ pub struct BranchForward<'a> {
 }
 
 /// `y[N, D_out] = x W^T (+ the branch)`, `x` given packed. `w_pack`: the frozen weight's
-/// forward pack, else `w [D_out, D_in]` is packed here.
+/// forward pack, else `w [D_out, D_in]` is packed here. With `y` `None` (a recompute that
+/// needs the branch's saved `x' A^T` but not the output) only that is computed.
 pub fn adapted_forward(
-    y: &mut [f32],
+    y: Option<&mut [f32]>,
     x: &PackedA,
     w: &[f32],
     w_pack: Option<&PackedB>,
@@ -46,9 +47,22 @@ pub fn adapted_forward(
 ) {
     let (n, d_in) = (x.m(), x.k());
     assert!(
-        y.len() == n * d_out && w.len() == d_out * d_in,
+        y.as_ref().is_none_or(|y| y.len() == n * d_out) && w.len() == d_out * d_in,
         "adapted_forward: shape mismatch"
     );
+    let Some(y) = y else {
+        if let Some(br) = branch {
+            assert_eq!(
+                br.xa.len(),
+                n * br.r,
+                "adapted_forward: adapter shape mismatch"
+            );
+            let a_t = PackedB::transient(MatRef::transpose_of(br.a, d_in), d_in, br.r);
+            gemm_terms(br.xa, &[(br.input, &a_t)], false);
+            a_t.recycle();
+        }
+        return;
+    };
     let w_pack = WeightPack::new(w_pack, || {
         PackedB::transient(MatRef::transpose_of(w, d_in), d_in, d_out)
     });
@@ -267,7 +281,7 @@ mod tests {
                 r: R,
                 xa: &mut xa32,
             };
-            adapted_forward(&mut y32, &x_packed, &w32, None, D_OUT, Some(branch));
+            adapted_forward(Some(&mut y32), &x_packed, &w32, None, D_OUT, Some(branch));
             assert!(max_rel_diff(&y32, &y) < bound(), "y, dropout {dropout}");
             assert!(max_rel_diff(&xa32, &xa) < bound(), "xa, dropout {dropout}");
             for accumulate in [false, true] {
