@@ -328,9 +328,9 @@ pub struct TrainConfig {
     pub adam_beta2: f64,
     /// AdamW epsilon (> 0).
     pub adam_eps: f64,
-    /// Full fine-tuning only: each layer's gradients go into the AdamW moments as soon as its
-    /// backward is done, so a step holds one layer's gradients instead of the model's (the
-    /// same update, bit for bit). Needs `grad_accum = 1` and `max_grad_norm = 0`.
+    /// Full fine-tuning only: each layer's AdamW step is taken as soon as its backward is
+    /// done, so a step holds one layer's gradients instead of the model's (the same update,
+    /// bit for bit). Needs `grad_accum = 1` and `max_grad_norm = 0`.
     pub optimizer_in_backward: bool,
 }
 

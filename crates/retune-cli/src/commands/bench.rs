@@ -45,8 +45,8 @@ pub struct Args {
     /// weight (faster, more memory; the LM head is packed either way).
     #[arg(long)]
     pack_layers: bool,
-    /// With --grads full: the optimizer in the backward (each layer's gradients go into the
-    /// AdamW moments as soon as they are final; one layer's gradient buffer instead of all).
+    /// With --grads full: the optimizer in the backward (each layer's AdamW step as soon as
+    /// its gradients are final; one layer's gradient buffer instead of all).
     #[arg(long)]
     optimizer_in_backward: bool,
     /// Print one JSON object on stdout.

@@ -7,7 +7,7 @@
 
 use super::lora::{LayerLora, Lora, LoraPair, Target};
 use super::packs::FrozenPacks;
-use super::weights::{grad_slot, LayerWeights, Linear};
+use super::weights::{grad_slot, LayerWeights, Linear, Weights};
 use super::{Batch, Grads, Model};
 use crate::float::Float;
 use crate::ops::adapted::{adapted_backward, adapted_forward, BranchBackward, BranchForward};
@@ -42,8 +42,19 @@ struct Dims {
     hd: usize,
 }
 
-/// Receives a layer's finished weight gradients (see [`Model::forward_backward_streamed`]).
-type LayerDone<'a, T> = dyn FnMut(usize, &mut LayerWeights<T>) + 'a;
+/// A backward between its steps (see [`Model::backward_through`]): the head's gradient has
+/// gone through the final norm, and the layers are taken from the last down.
+struct BackwardPass<'a, T> {
+    d: Dims,
+    rope: RopeTable<T>,
+    adapter: Option<AdapterPass<'a, T>>,
+    packs: Option<FrozenPacks>,
+    ws: Box<Workspace<T>>,
+    /// Gradient of the output of the next layer down.
+    dx: Vec<T>,
+    /// Working space for the gradient of that layer's input.
+    dx_in: Vec<T>,
+}
 
 /// The LM head as the loss closures of [`Model::backward_through`] see it.
 #[derive(Clone, Copy)]
@@ -878,30 +889,38 @@ impl<T: Float> Model<T> {
         grads: &mut Grads<T>,
     ) -> CeStats {
         let head = mean_cross_entropy(batch, normaliser);
-        self.backward_through(batch, lora, dropout_seed, grads, head, None)
+        self.backward_through(batch, lora, dropout_seed, grads, head)
     }
 
     /// [`Model::forward_backward`] of full fine-tuning with the optimizer in the backward:
-    /// `grads` comes from [`Grads::streamed`] (one layer's buffer), and `layer_done(l, g)`
-    /// receives layer `l`'s weight gradients as soon as its backward is done, last layer
-    /// first, and must leave `g` zeroed for the next layer. The gradients outside the layers
-    /// (embedding, final norm, LM head) are in `grads` when this returns.
+    /// `grads` comes from [`Grads::streamed`] (one layer's buffer), and
+    /// `layer_done(l, weights, g)` receives layer `l`'s weights and weight gradients as soon as
+    /// its backward is done, last layer first. The step reads those weights no more, so the
+    /// callback may move them; it must leave `g` zeroed for the next layer. The gradients
+    /// outside the layers (embedding, final norm, LM head) are in `grads` when this returns.
     ///
     /// # Panics
     /// When `grads` was not built by [`Grads::streamed`] (a caller's bug).
     pub fn forward_backward_streamed(
-        &self,
+        &mut self,
         batch: &Batch,
         normaliser: usize,
         grads: &mut Grads<T>,
-        mut layer_done: impl FnMut(usize, &mut LayerWeights<T>),
+        mut layer_done: impl FnMut(usize, &mut LayerWeights<T>, &mut LayerWeights<T>),
     ) -> CeStats {
         assert!(
             grads.base.layers.len() == 1 && grads.lora.is_none(),
             "forward_backward_streamed takes the gradients of Grads::streamed"
         );
         let head = mean_cross_entropy(batch, normaliser);
-        self.backward_through(batch, None, 0, grads, head, Some(&mut layer_done))
+        let (mut pass, stats) = self.backward_head(batch, None, 0, grads, head);
+        for l in (0..self.weights.layers.len()).rev() {
+            let g = &mut grads.base.layers[0];
+            self.backward_layer(&mut pass, batch, l, g, None);
+            layer_done(l, &mut self.weights.layers[l], g);
+        }
+        self.backward_embedding(pass, batch, &mut grads.base);
+        stats
     }
 
     /// Forward and backward of a loss that depends on each target's log-probability, such as a
@@ -937,7 +956,7 @@ impl<T: Float> Model<T> {
             );
             log_probs
         };
-        self.backward_through(batch, lora, dropout_seed, grads, head, None)
+        self.backward_through(batch, lora, dropout_seed, grads, head)
     }
 
     /// `log p(target)` of every position of a batch (0 where `IGNORE`), evaluation forward.
@@ -953,8 +972,6 @@ impl<T: Float> Model<T> {
     /// The training forward, the LM head given by `head`, and the backward through every layer.
     /// `head(h, w_head, dims, dh, dw_head)` sees the final-norm hidden states and must add the
     /// loss gradient into `dh[N, C]` (and into `dw_head` when the head is trained).
-    /// `layer_done`: see [`Model::forward_backward_streamed`]; with it, every layer's
-    /// gradients go to `grads.base.layers[0]`.
     fn backward_through<R>(
         &self,
         batch: &Batch,
@@ -962,28 +979,39 @@ impl<T: Float> Model<T> {
         dropout_seed: u64,
         grads: &mut Grads<T>,
         head: impl FnOnce(&[T], HeadWeight<T>, &Dims, &mut [T], Option<&mut [T]>) -> R,
-        mut layer_done: Option<&mut LayerDone<T>>,
     ) -> R {
+        let (mut pass, head_out) = self.backward_head(batch, lora, dropout_seed, grads, head);
+        for l in (0..self.weights.layers.len()).rev() {
+            let gl = grads.lora.as_mut().map(|g| &mut g.layers[l]);
+            self.backward_layer(&mut pass, batch, l, &mut grads.base.layers[l], gl);
+        }
+        self.backward_embedding(pass, batch, &mut grads.base);
+        head_out
+    }
+
+    /// The first part of [`Model::backward_through`]: the training forward (keeping each
+    /// layer's input), the head, and the final norm's backward.
+    fn backward_head<'a, R>(
+        &self,
+        batch: &Batch,
+        lora: Option<&'a Lora<T>>,
+        dropout_seed: u64,
+        grads: &mut Grads<T>,
+        head: impl FnOnce(&[T], HeadWeight<T>, &Dims, &mut [T], Option<&mut [T]>) -> R,
+    ) -> (BackwardPass<'a, T>, R) {
         let d = self.dims(batch);
         let rope = self.rope_for(batch);
         let w = &self.weights;
         let adapter = lora.map(|lora| AdapterPass::train(lora, dropout_seed));
-        let adapter = adapter.as_ref();
         let packs = self.packs.frozen(w, &grads.base);
-        let packs = packs.as_ref();
-        let key = WorkspaceKey::new(&d, w.layers.len(), adapter);
-        let mut ws = self.workspace.take(key, adapter);
+        let key = WorkspaceKey::new(&d, w.layers.len(), adapter.as_ref());
+        let mut ws = self.workspace.take(key, adapter.as_ref());
         let Workspace {
-            acts,
-            scratch,
-            residuals,
-            ..
+            acts, residuals, ..
         } = &mut *ws;
-        self.forward_residuals(residuals, acts, batch, adapter, packs, &rope, &d);
-        let Grads {
-            base: grads,
-            lora: lora_grads,
-        } = grads;
+        let (ad, pk) = (adapter.as_ref(), packs.as_ref());
+        self.forward_residuals(residuals, acts, batch, ad, pk, &rope, &d);
+        let grads = &mut grads.base;
         let eps = self.config.rms_norm_eps;
 
         // Final norm and fused LM head + cross-entropy.
@@ -998,38 +1026,69 @@ impl<T: Float> Model<T> {
         };
         let head_w = HeadWeight {
             w: w.head(),
-            packs: packs.and_then(FrozenPacks::head),
+            packs: pk.and_then(FrozenPacks::head),
         };
         let head_out = head(&h, head_w, &d, &mut dh, dhead);
         let mut dx = vec![T::zero(); d.n * d.c];
         let dw = grad_slot(&mut grads.final_norm);
         rmsnorm_backward(&mut dx, dw, &dh, x_last, &w.final_norm, &rstd, d.n, d.c);
+        let dx_in = vec![T::zero(); d.n * d.c];
+        let pass = BackwardPass {
+            d,
+            rope,
+            adapter,
+            packs,
+            ws,
+            dx,
+            dx_in,
+        };
+        (pass, head_out)
+    }
 
-        // Layers in reverse, each recomputed from its saved input; the last layer's
-        // activations are still in `acts` from the forward.
-        let mut dx_in = vec![T::zero(); d.n * d.c];
-        let last = w.layers.len().saturating_sub(1);
-        for l in (0..w.layers.len()).rev() {
-            let x = &residuals[l];
-            if l != last {
-                self.layer_forward(None, acts, x, l, adapter, packs, batch, &rope, &d);
-            }
-            dx_in.fill(T::zero());
-            let g = &mut grads.layers[if layer_done.is_some() { 0 } else { l }];
-            let gl = lora_grads.as_mut().map(|g| &mut g.layers[l]);
-            self.layer_backward(
-                &mut dx_in, g, gl, scratch, &dx, x, acts, l, adapter, packs, batch, &rope, &d,
-            );
-            if let Some(done) = layer_done.as_mut() {
-                done(l, g);
-            }
-            std::mem::swap(&mut dx, &mut dx_in);
+    /// Layer `l`'s part of [`Model::backward_through`], taken from the last layer down: its
+    /// recompute from its saved input (the last layer's activations are still there from the
+    /// forward) and its backward, into `g` and `g_lora`.
+    fn backward_layer(
+        &self,
+        pass: &mut BackwardPass<T>,
+        batch: &Batch,
+        l: usize,
+        g: &mut LayerWeights<T>,
+        g_lora: Option<&mut LayerLora<T>>,
+    ) {
+        let BackwardPass {
+            d,
+            rope,
+            adapter,
+            packs,
+            ws,
+            dx,
+            dx_in,
+        } = pass;
+        let Workspace {
+            acts,
+            scratch,
+            residuals,
+            ..
+        } = &mut **ws;
+        let (adapter, packs) = (adapter.as_ref(), packs.as_ref());
+        let x = &residuals[l];
+        if l + 1 != self.weights.layers.len() {
+            self.layer_forward(None, acts, x, l, adapter, packs, batch, rope, d);
         }
+        dx_in.fill(T::zero());
+        self.layer_backward(
+            dx_in, g, g_lora, scratch, dx, x, acts, l, adapter, packs, batch, rope, d,
+        );
+        std::mem::swap(dx, dx_in);
+    }
+
+    /// The last part of [`Model::backward_through`]: the embedding's gradient.
+    fn backward_embedding(&self, pass: BackwardPass<T>, batch: &Batch, grads: &mut Weights<T>) {
         if let Some(dembed) = grad_slot(&mut grads.embed) {
-            embedding_backward(dembed, &dx, &batch.ids, d.c);
+            embedding_backward(dembed, &pass.dx, &batch.ids, pass.d.c);
         }
-        self.workspace.put(ws);
-        head_out
+        self.workspace.put(pass.ws);
     }
 
     /// Logits `[B*T, V]` of a batch (tests and small evaluations; generation uses the KV cache).
