@@ -85,56 +85,79 @@ fn check_shapes<T>(
     nh / nkv
 }
 
-/// One row of probabilities from one row of raw scores `s[0..=i]` (query `i`): scale, mask,
-/// softmax, written to `p`. With segments, `seg` holds the segment ids of keys `0..=i` and
-/// `own` the query's: other ids are masked (in `s`, which is scratch).
-fn softmax_row<T: Float>(p: &mut [T], s: &mut [T], scale: T, segments: Option<(&[u32], u32)>) {
+/// One row of probabilities from one row of raw scores `s[..len]` (query `len - 1`): scale,
+/// mask, softmax, written to `p[..len]`; `p[len..]` (as long as `s`, the keys of the query's
+/// block) is zeroed. With segments, `seg` holds the segment ids of keys `..len` and `own` the
+/// query's: other ids are masked (in `s`, which is scratch).
+fn softmax_row<T: Float>(
+    p: &mut [T],
+    s: &mut [T],
+    len: usize,
+    scale: T,
+    segments: Option<(&[u32], u32)>,
+) {
     if let Some((seg, own)) = segments {
-        for (x, &id) in s.iter_mut().zip(seg) {
+        for (x, &id) in s[..len].iter_mut().zip(seg) {
             if id != own {
                 *x = T::neg_infinity(); // exp() below turns it into an exact 0
             }
         }
     }
-    // The max is finite: query i always sees itself.
+    // The max is finite: query len - 1 always sees itself.
     if let (Some(p32), Some(s32)) = (as_f32_mut(p), as_f32_mut(s)) {
-        return softmax_f32(p32, s32, scale.as_f64() as f32);
+        softmax_f32(p32, s32, len, scale.as_f64() as f32);
+    } else {
+        let (p, s) = (&mut p[..len], &s[..len]);
+        let max = s.iter().fold(T::neg_infinity(), |m, &x| m.max(x));
+        let mut sum = T::zero();
+        for (p, &x) in p.iter_mut().zip(s.iter()) {
+            *p = ((x - max) * scale).exp();
+            sum += *p;
+        }
+        let inv = T::one() / sum;
+        p.iter_mut().for_each(|x| *x *= inv);
     }
-    let max = s.iter().fold(T::neg_infinity(), |m, &x| m.max(x));
-    let mut sum = T::zero();
-    for (p, &x) in p.iter_mut().zip(s.iter()) {
-        *p = ((x - max) * scale).exp();
-        sum += *p;
-    }
-    let inv = T::one() / sum;
-    p.iter_mut().for_each(|x| *x *= inv);
+    p[len..].fill(T::zero());
 }
 
 simd_dispatch!(
-    /// [`softmax_row`] in f32 with the polynomial exp, in vectorisable blocks: `p =
-    /// softmax(scale * s)` (`scale > 0`, so the max of `s` gives the max of `scale * s`).
-    fn softmax_f32 => softmax_f32_body(p: &mut [f32], s: &mut [f32], scale: f32)
+    /// [`softmax_row`] in f32 with the polynomial exp, in vectorisable blocks: `p[..len] =
+    /// softmax(scale * s[..len])` (`scale > 0`, so the max of `s` gives the max of
+    /// `scale * s`). The exponentials run in whole blocks past `len` as far as `p` and `s`
+    /// reach (a row's last partial block would otherwise take the scalar path, as long as
+    /// the vector blocks for rows of 100 keys); what lands past `len` is not summed, and
+    /// [`softmax_row`] zeroes it.
+    fn softmax_f32 => softmax_f32_body(p: &mut [f32], s: &mut [f32], len: usize, scale: f32)
 );
 
 #[inline(always)]
-fn softmax_f32_body(p: &mut [f32], s: &mut [f32], scale: f32) {
-    let max = max_f32(s);
-    let mut sums = [0.0f32; LANES];
-    let mut blocks = p.chunks_exact_mut(LANES).zip(s.chunks_exact(LANES));
+fn softmax_f32_body(p: &mut [f32], s: &mut [f32], len: usize, scale: f32) {
+    let max = max_f32(&s[..len]);
+    let padded = len.next_multiple_of(LANES).min(p.len().min(s.len()));
+    let mut blocks = p[..padded]
+        .chunks_exact_mut(LANES)
+        .zip(s[..padded].chunks_exact(LANES));
     for (pb, sb) in &mut blocks {
         for l in 0..LANES {
             pb[l] = exp_f32((sb[l] - max) * scale);
+        }
+    }
+    let whole = (padded / LANES * LANES).min(len);
+    for (x, &v) in p[whole..len].iter_mut().zip(&s[whole..len]) {
+        *x = exp_f32((v - max) * scale);
+    }
+    // Sums in the order of the row's length alone: lanes over its whole blocks, then its
+    // remainder in order.
+    let mut sums = [0.0f32; LANES];
+    let full = len / LANES * LANES;
+    for pb in p[..full].chunks_exact(LANES) {
+        for l in 0..LANES {
             sums[l] += pb[l];
         }
     }
-    let whole = s.len() / LANES * LANES;
-    let mut sum = 0.0;
-    for (x, &v) in p[whole..].iter_mut().zip(&s[whole..]) {
-        *x = exp_f32((v - max) * scale);
-        sum += *x;
-    }
+    let sum: f32 = p[full..len].iter().sum();
     let inv = 1.0 / (sum + sums.iter().sum::<f32>());
-    p.iter_mut().for_each(|x| *x *= inv);
+    p[..len].iter_mut().for_each(|x| *x *= inv);
 }
 
 /// `out[N, NH, HD] = softmax(q k^T / sqrt(HD) + mask) v`; saves `probs[B, NH, T, T]` for the
@@ -191,9 +214,7 @@ pub fn attention_forward<T: Float>(
                     let i = i0 + r;
                     let seg = segments.map(|s| (&s[base..=base + i], s[base + i]));
                     // Keys i1.. of this row are never read (here or in the backward).
-                    let (prow, pfuture) = p[i * t..i * t + i1].split_at_mut(i + 1);
-                    softmax_row(prow, &mut srow[..=i], scale, seg);
-                    pfuture.fill(T::zero());
+                    softmax_row(&mut p[i * t..i * t + i1], srow, i + 1, scale, seg);
                 }
                 // The block's probabilities straight from `probs`: rows of stride T.
                 let o = &mut oblk[..rows * hd];
@@ -694,24 +715,35 @@ mod tests {
     }
 
     /// The AVX-512 build of the f32 softmax (where the CPU has it) and the baseline agree
-    /// bitwise, masked (-inf) entries included.
+    /// bitwise, masked (-inf) entries included, and a row computed inside a longer padded
+    /// one (whose extra scores are larger than its max) has the bits of the row alone.
     #[test]
     fn softmax_simd_builds_agree() {
-        for len in [1, 15, 16, 37, 256] {
-            let mut s: Vec<f32> = to_f32(&randv(len, len as u64))
+        for len in [1usize, 15, 16, 37, 256] {
+            let padded = len.next_multiple_of(64);
+            let mut s: Vec<f32> = to_f32(&randv(padded, len as u64))
                 .iter()
                 .map(|x| 30.0 * x)
                 .collect();
             s.iter_mut()
+                .take(len)
                 .step_by(3)
                 .skip(1)
                 .for_each(|x| *x = f32::NEG_INFINITY);
-            let (mut wide, mut base) = (vec![0.0; len], vec![0.0; len]);
-            softmax_f32(&mut wide, &mut s.clone(), 0.125);
-            softmax_f32_body(&mut base, &mut s.clone(), 0.125);
-            assert_eq!(wide, base);
-            let sum: f64 = wide.iter().map(|&p| p as f64).sum();
+            s[len..].iter_mut().for_each(|x| *x += 100.0);
+            let (mut wide, mut base) = (vec![f32::NAN; padded], vec![0.0; len]);
+            softmax_f32(&mut wide, &mut s.clone(), len, 0.125);
+            softmax_f32_body(&mut base, &mut s[..len].to_vec(), len, 0.125);
+            assert_eq!(wide[..len], base);
+            let sum: f64 = base.iter().map(|&p| p as f64).sum();
             assert!((sum - 1.0).abs() < 1e-5);
+            let mut row = vec![f32::NAN; padded];
+            softmax_row(&mut row, &mut s.clone(), len, 0.125, None);
+            assert_eq!(row[..len], base);
+            assert!(
+                row[len..].iter().all(|&p| p == 0.0),
+                "the keys past the row"
+            );
         }
     }
 }
