@@ -4,7 +4,9 @@
 
 use retune_core::config::LlamaConfig;
 use retune_core::model::{set_pack_layer_weights, Batch, Grads, Lora, LoraSpec, Model, Target};
-use retune_core::ops::matmul::{matmul_nt, set_matmul_precision, MatmulPrecision, BF16_MIN_ROWS};
+use retune_core::ops::matmul::{
+    matmul_nt, matmul_tn, matmul_tn_packed, set_matmul_precision, MatmulPrecision, BF16_MIN_ROWS,
+};
 use std::sync::Mutex;
 
 /// The tests here switch the process-wide precision: one at a time.
@@ -20,12 +22,35 @@ fn max_rel(a: &[f32], b: &[f32]) -> f64 {
 }
 
 /// The bf16 path fuses each projection with its LoRA branch; with biases and dropout it takes
-/// the branches that add them, and frozen biases take their own path too.
+/// the branches that add them, and frozen biases take their own path too. Full fine-tuning's
+/// weight gradients take theirs (q, k, v share one pack of their input; gate and up another).
 #[test]
 fn bf16_training_step_tracks_the_f32_step() {
     let _one_at_a_time = PRECISION.lock().unwrap();
     bf16_step_case(false, 0.0);
     bf16_step_case(true, 0.1);
+}
+
+/// bf16 against f32: the loss to ~1e-3 relative, the gradient direction to a few percent; a
+/// wrong product (a transpose, a lost accumulate) is off by O(1).
+fn assert_tracks(what: &str, (loss16, g16): (f64, Vec<f32>), (loss32, g32): (f64, Vec<f32>)) {
+    assert!(
+        (loss16 - loss32).abs() < 2e-3 * loss32,
+        "{what}: {loss16} vs {loss32}"
+    );
+    let rel = max_rel(&g16, &g32);
+    assert!(rel < 5e-2, "{what}: gradient differs by {rel}");
+    let dot: f64 = g16
+        .iter()
+        .zip(&g32)
+        .map(|(a, b)| (*a as f64) * (*b as f64))
+        .sum();
+    let norm = |g: &[f32]| g.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let cosine = dot / (norm(&g16) * norm(&g32));
+    assert!(cosine > 0.999, "{what}: cosine {cosine}");
+    eprintln!(
+        "{what}: loss f32 {loss32} bf16 {loss16}; gradient max rel diff {rel:e}, cosine {cosine}"
+    );
 }
 
 fn bf16_step_case(biases: bool, dropout: f64) {
@@ -68,29 +93,35 @@ fn bf16_step_case(biases: bool, dropout: f64) {
             .collect();
         (s.loss_sum / s.count as f64, grads)
     };
-    let (loss32, g32) = run(MatmulPrecision::F32);
-    let (loss16, g16) = run(MatmulPrecision::Bf16);
+    let case = format!("biases {biases}, dropout {dropout}");
+    let f32_run = run(MatmulPrecision::F32);
+    assert_tracks(&case, run(MatmulPrecision::Bf16), f32_run);
+
+    // Full fine-tuning: every weight's gradient, one tensor at a time.
+    let full = |p| {
+        set_matmul_precision(p);
+        let mut g = Grads::full(&model);
+        let s = model.forward_backward(&batch, batch.target_count(), None, 0, &mut g);
+        let loss = s.loss_sum / s.count as f64;
+        let tensors: Vec<Vec<f32>> = g
+            .base
+            .tensors_mut()
+            .into_iter()
+            .map(|t| t.clone())
+            .collect();
+        (loss, tensors)
+    };
+    let (loss32, g32) = full(MatmulPrecision::F32);
+    let (loss16, g16) = full(MatmulPrecision::Bf16);
     set_matmul_precision(MatmulPrecision::F32);
-    // bf16 inputs carry 8 bits of mantissa: the loss agrees to ~1e-3 relative, the gradient
-    // direction to a few percent; a wrong product (a transpose, a lost accumulate) is off by O(1).
-    assert!(
-        (loss16 - loss32).abs() < 2e-3 * loss32,
-        "{loss16} vs {loss32}"
-    );
-    let rel = max_rel(&g16, &g32);
-    assert!(rel < 5e-2, "adapter gradient differs by {rel}");
-    let dot: f64 = g16
-        .iter()
-        .zip(&g32)
-        .map(|(a, b)| (*a as f64) * (*b as f64))
-        .sum();
-    let norm = |g: &[f32]| g.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    let cosine = dot / (norm(&g16) * norm(&g32));
-    assert!(cosine > 0.999, "cosine {cosine}");
-    eprintln!(
-        "biases {biases}, dropout {dropout}: loss f32 {loss32} bf16 {loss16}; gradient max rel \
-         diff {rel:e}, cosine {cosine}"
-    );
+    let names = model.weights.named();
+    for ((t16, t32), (name, _)) in g16.into_iter().zip(g32).zip(names) {
+        assert_tracks(
+            &format!("{case}, full, {name}"),
+            (loss16, t16),
+            (loss32, t32),
+        );
+    }
 }
 
 #[test]
@@ -169,5 +200,27 @@ fn packed_frozen_weights_case() {
         loss_bits(&model, &batch, &mut full),
         "repacked after a change"
     );
+    set_matmul_precision(MatmulPrecision::F32);
+}
+
+/// A weight gradient from a shared pack of its input has the bits of the product that packs
+/// the input itself, overwriting and accumulating.
+#[test]
+fn shared_input_pack_gives_the_bits_of_matmul_tn() {
+    let _one_at_a_time = PRECISION.lock().unwrap();
+    set_matmul_precision(MatmulPrecision::Bf16);
+    let (m, k, n) = (70, 96, 45); // dW [m, n] = dY[k, m]^T X[k, n]; edges on every side
+    let value = |i: usize, s: usize| ((i * 7919 + s * 104_729) % 2001) as f32 / 1000.0 - 1.0;
+    let dy: Vec<f32> = (0..k * m).map(|i| value(i, 1)).collect();
+    let x: Vec<f32> = (0..k * n).map(|i| value(i, 2)).collect();
+    let c0: Vec<f32> = (0..m * n).map(|i| value(i, 3)).collect();
+    let xb = retune_gemm::PackedB::from_kn(&x, k, n);
+    for accumulate in [false, true] {
+        let (mut want, mut got) = (c0.clone(), c0.clone());
+        matmul_tn(&mut want, &dy, &x, m, k, n, accumulate);
+        matmul_tn_packed(&mut got, &dy, &xb, m, accumulate);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got), bits(&want), "accumulate {accumulate}");
+    }
     set_matmul_precision(MatmulPrecision::F32);
 }

@@ -16,12 +16,15 @@ use crate::ops::cross_entropy::{lm_head_cross_entropy, target_log_probs, CeStats
 use crate::ops::embedding::{embedding_backward, embedding_forward};
 use crate::ops::linear::{add_bias, linear_backward_packed, linear_forward_packed};
 use crate::ops::lora::{dropout_forward, lora_backward, lora_forward};
-use crate::ops::matmul::{matmul_nt, pack_rows, runs_in_bf16, WeightPacks};
+use crate::ops::matmul::{
+    matmul_nt, matmul_precision, matmul_tn_packed, pack_rows, runs_in_bf16, MatmulPrecision,
+    WeightPacks,
+};
 use crate::ops::residual::add_inplace;
 use crate::ops::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use crate::ops::rope::{rope_backward, rope_forward, RopeTable};
 use crate::ops::swiglu::{swiglu_backward_overwrite, swiglu_forward};
-use retune_gemm::PackedA;
+use retune_gemm::{MatRef, PackedA, PackedB};
 use std::sync::Mutex;
 
 /// Rows of the LM head computed at once: 256 rows x 49k vocabulary x 4 bytes = 50 MB.
@@ -266,6 +269,10 @@ struct Proj<'a, T> {
     t: Target,
     layer: usize,
     adapter: Option<&'a AdapterPass<'a, T>>,
+    /// Backward of a trained weight under bf16 products: its input packed as the right
+    /// operand of `dW = dY^T X`, once for the projections that read one input
+    /// ([`input_pack`]).
+    input_pack: Option<&'a PackedB>,
 }
 
 impl<T: Float> Proj<'_, T> {
@@ -480,11 +487,18 @@ fn proj_backward_bf16<T: Float>(
     fn f32_of<T: Float>(v: &[T]) -> &[f32] {
         T::f32_slice(v).expect("the bf16 path runs on f32")
     }
-    // A trained base weight's own gradients take the generic path (it has no pack).
-    let dw = grad_slot(&mut g.w);
+    // A trained base weight's own gradients: from the shared pack of its input when there is
+    // one, else on the generic path.
+    let mut dw = grad_slot(&mut g.w);
     let db = g.b.as_deref_mut().and_then(grad_slot);
-    if dw.is_some() || db.is_some() {
-        linear_backward_packed(None, dw, db, dy, x, &lin.w, None, n, lin.d_in, lin.d_out);
+    if let (Some(dw), Some(xb)) = (dw.as_deref_mut(), p.input_pack) {
+        let dw32 = T::f32_slice_mut(dw).expect("the bf16 path runs on f32");
+        matmul_tn_packed(dw32, f32_of(dy), xb, lin.d_out, true);
+    } else if dw.is_some() {
+        linear_backward_packed(None, dw, None, dy, x, &lin.w, None, n, lin.d_in, lin.d_out);
+    }
+    if db.is_some() {
+        linear_backward_packed(None, None, db, dy, x, &lin.w, None, n, lin.d_in, lin.d_out);
     }
     let branch = p.branch().map(|(ad, pair)| {
         let grads = g_lora.and_then(|g| g.pairs[p.t.index()].as_mut());
@@ -561,6 +575,7 @@ impl<T: Float> Model<T> {
                 t,
                 layer: l,
                 adapter,
+                input_pack: None,
             };
             proj_forward(y, saved, x, xp.as_ref(), &p, d.n)
         };
@@ -672,12 +687,13 @@ impl<T: Float> Model<T> {
         d: &Dims,
     ) {
         let lw = &self.weights.layers[l];
-        let proj = |t: Target| Proj {
+        let proj = |t: Target, input_pack| Proj {
             lin: t.of(lw),
             packs: packs.and_then(|p| p.linear(l, t)),
             t,
             layer: l,
             adapter,
+            input_pack,
         };
         let [lq, lk, lv, lo, lg, lu, ld] = &a.lora;
         // `scratch` has the same shapes as the activations; its buffers hold their gradients.
@@ -698,10 +714,11 @@ impl<T: Float> Model<T> {
             dout,
             &a.act,
             ld,
-            &proj(Target::DownProj),
+            &proj(Target::DownProj, None),
             d.n,
         );
         swiglu_backward_overwrite(&mut s.gate, &mut s.up, &s.act, &a.gate, &a.up);
+        let ln2_pack = input_pack(&a.ln2, d.n, d.c, [&g.gate, &g.up]);
         let gl = g_lora.as_deref_mut();
         proj_backward(
             false,
@@ -711,7 +728,7 @@ impl<T: Float> Model<T> {
             &s.gate,
             &a.ln2,
             lg,
-            &proj(Target::GateProj),
+            &proj(Target::GateProj, ln2_pack.as_ref()),
             d.n,
         );
         let gl = g_lora.as_deref_mut();
@@ -723,7 +740,7 @@ impl<T: Float> Model<T> {
             &s.up,
             &a.ln2,
             lu,
-            &proj(Target::UpProj),
+            &proj(Target::UpProj, ln2_pack.as_ref()),
             d.n,
         );
         let dw = grad_slot(&mut g.mlp_norm);
@@ -747,7 +764,7 @@ impl<T: Float> Model<T> {
             &s.x1,
             &a.att,
             lo,
-            &proj(Target::OProj),
+            &proj(Target::OProj, None),
             d.n,
         );
         attention_backward(
@@ -756,6 +773,7 @@ impl<T: Float> Model<T> {
         );
         rope_backward(&mut s.q, &batch.positions, rope, d.nh, d.hd);
         rope_backward(&mut s.k, &batch.positions, rope, d.nkv, d.hd);
+        let ln1_pack = input_pack(&a.ln1, d.n, d.c, [&g.q, &g.k, &g.v]);
         let gl = g_lora.as_deref_mut();
         proj_backward(
             false,
@@ -765,7 +783,7 @@ impl<T: Float> Model<T> {
             &s.q,
             &a.ln1,
             lq,
-            &proj(Target::QProj),
+            &proj(Target::QProj, ln1_pack.as_ref()),
             d.n,
         );
         let gl = g_lora.as_deref_mut();
@@ -777,7 +795,7 @@ impl<T: Float> Model<T> {
             &s.k,
             &a.ln1,
             lk,
-            &proj(Target::KProj),
+            &proj(Target::KProj, ln1_pack.as_ref()),
             d.n,
         );
         let gl = g_lora;
@@ -789,9 +807,13 @@ impl<T: Float> Model<T> {
             &s.v,
             &a.ln1,
             lv,
-            &proj(Target::VProj),
+            &proj(Target::VProj, ln1_pack.as_ref()),
             d.n,
         );
+        ln1_pack
+            .into_iter()
+            .chain(ln2_pack)
+            .for_each(PackedB::recycle);
         let dw = grad_slot(&mut g.attn_norm);
         rmsnorm_backward(dx, dw, &s.ln1, x, &lw.attn_norm, &a.rstd1, d.n, d.c);
         add_inplace(dx, &s.x1);
@@ -1126,6 +1148,23 @@ fn mean_cross_entropy<T: Float>(
             dw,
         )
     }
+}
+
+/// Under bf16 products, `x[N, D_in]` packed as the right operand of `dW = dY^T X` for the
+/// projections that read it, when more than one of them is trained (full fine-tuning): one
+/// pack of `x` instead of one per product.
+fn input_pack<T: Float, const P: usize>(
+    x: &[T],
+    n: usize,
+    d_in: usize,
+    readers: [&Linear<T>; P],
+) -> Option<PackedB> {
+    let trained = readers.iter().filter(|g| !g.w.is_empty()).count();
+    if trained < 2 || matmul_precision() != MatmulPrecision::Bf16 {
+        return None;
+    }
+    let x = T::f32_slice(x)?;
+    Some(PackedB::transient(MatRef::row_major(x, d_in), n, d_in))
 }
 
 /// Hands a packed input's buffer back for the next products.
