@@ -196,9 +196,10 @@ fn tn_layout_matches_reference() {
     run_all(Layout::Tn);
 }
 
-/// Operands larger than the packing bound (8 MiB of bf16; these are beyond twice that) are packed in parts: along `n`
-/// (an LM head's forward), along `m` (its weight gradient), along `k` (its input gradient),
-/// each written through the row stride of `c`, and the result still matches the reference.
+/// Operands larger than the packing bound (8 MiB of bf16; these are beyond twice that) are
+/// packed in parts: along `n` (an LM head's forward), along `m` (its weight gradient), along
+/// `k` (its input gradient), each written through the row stride of `c`, and the result still
+/// matches the reference.
 #[test]
 fn operands_beyond_the_packing_bound_are_split() {
     for (m, k, n, layout) in [
