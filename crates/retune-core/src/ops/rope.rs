@@ -4,6 +4,7 @@
 //! `out1 = x1 cos - x2 sin`, `out2 = x2 cos + x1 sin`. The backward is the transpose rotation.
 
 use crate::config::RopeScaling;
+use crate::ops::swiglu::{as_f32, as_f32_mut, simd_dispatch};
 use crate::Float;
 use rayon::prelude::*;
 use std::f64::consts::PI;
@@ -119,16 +120,43 @@ fn rotate<T: Float>(
             );
             let cos = &table.cos[pos * half..(pos + 1) * half];
             let sin = &table.sin[pos * half..(pos + 1) * half];
-            for head in row.chunks_exact_mut(head_dim) {
-                let (x1, x2) = head.split_at_mut(half);
-                for (((a, b), &c), &s) in x1.iter_mut().zip(x2).zip(cos).zip(sin) {
-                    let s = sign * s;
-                    let (u, v) = (*a, *b);
-                    *a = u * c - v * s;
-                    *b = v * c + u * s;
+            match (as_f32_mut(row), as_f32(cos), as_f32(sin), as_f32(&[sign])) {
+                (Some(row), Some(cos), Some(sin), Some(&[sign])) => {
+                    rotate_row_f32(row, cos, sin, head_dim, sign)
                 }
+                _ => rotate_row(row, cos, sin, head_dim, sign),
             }
         });
+}
+
+/// Every head of one token's row by the angles of its position.
+#[inline(always)]
+fn rotate_row<T: Float>(row: &mut [T], cos: &[T], sin: &[T], head_dim: usize, sign: T) {
+    for head in row.chunks_exact_mut(head_dim) {
+        let (x1, x2) = head.split_at_mut(head_dim / 2);
+        for (((a, b), &c), &s) in x1.iter_mut().zip(x2).zip(cos).zip(sin) {
+            let s = sign * s;
+            let (u, v) = (*a, *b);
+            *a = u * c - v * s;
+            *b = v * c + u * s;
+        }
+    }
+}
+
+simd_dispatch!(
+    /// [`rotate_row`] in f32, built for AVX-512 where the CPU has it (same bits).
+    fn rotate_row_f32 => rotate_row_f32_body(
+        row: &mut [f32],
+        cos: &[f32],
+        sin: &[f32],
+        head_dim: usize,
+        sign: f32
+    )
+);
+
+#[inline(always)]
+fn rotate_row_f32_body(row: &mut [f32], cos: &[f32], sin: &[f32], head_dim: usize, sign: f32) {
+    rotate_row(row, cos, sin, head_dim, sign);
 }
 
 /// In place: `x[N, NH, HD]` rotated by the angles of `positions[N]` (Hugging Face rotate-half).
@@ -237,5 +265,20 @@ mod tests {
         assert!((angle - 0.0005248461609929547).abs() < 1e-17);
         // Without scaling, i = 32 keeps 1/sqrt(500000).
         assert!((inv_freqs(128, 500000.0, None)[32] - 0.001414213562373095).abs() < 1e-18);
+    }
+
+    /// The AVX-512 build of the f32 rotation (where the CPU has it) has the baseline's bits.
+    #[test]
+    fn rotate_row_simd_build_agrees() {
+        let hd = 64;
+        let row = to_f32(&randv(3 * hd, 5));
+        let (cos, sin) = (to_f32(&randv(hd / 2, 6)), to_f32(&randv(hd / 2, 7)));
+        for sign in [1.0f32, -1.0] {
+            let (mut wide, mut base) = (row.clone(), row.clone());
+            rotate_row_f32(&mut wide, &cos, &sin, hd, sign);
+            rotate_row(&mut base, &cos, &sin, hd, sign);
+            assert_eq!(wide, base);
+            assert_ne!(wide, row, "rotated");
+        }
     }
 }
