@@ -58,8 +58,14 @@ thread_local! {
     static SPARE: std::cell::RefCell<Vec<Vec<Line>>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// A 64-byte aligned bf16 buffer.
-pub(crate) struct Packed(Vec<Line>);
+/// A 64-byte aligned bf16 buffer: the first `len` lines of `lines`.
+pub(crate) struct Packed {
+    /// Only ever grows in length: a spare that served a larger product keeps its tail (that
+    /// product's values), so a buffer passed between products of different sizes is zeroed
+    /// once rather than on every growth (that zeroing was 1.5% of a LoRA step).
+    lines: Vec<Line>,
+    len: usize,
+}
 
 impl Packed {
     /// `len` u16 (a multiple of 32) of unspecified values (zeros or an earlier product's): the
@@ -78,17 +84,22 @@ impl Packed {
                 Some(spare.swap_remove(best))
             })
             .unwrap_or_default();
-        lines.resize(lines_needed, Line([0; 32]));
-        Packed(lines)
+        if lines.len() < lines_needed {
+            lines.resize(lines_needed, Line([0; 32]));
+        }
+        Packed {
+            lines,
+            len: lines_needed,
+        }
     }
 
     /// Hands the buffer back for the next product on this thread: a fresh allocation costs
     /// page faults on every call, as much as a tenth of a product's time.
     pub(crate) fn recycle(self) {
-        if self.0.capacity() * 64 <= SPARE_MAX_BYTES {
+        if self.lines.capacity() * 64 <= SPARE_MAX_BYTES {
             SPARE.with(|spare| {
                 let mut spare = spare.borrow_mut();
-                spare.push(self.0);
+                spare.push(self.lines);
                 if spare.len() > SPARES {
                     // Keep the largest: a small buffer is cheap to allocate again.
                     let smallest = (0..spare.len())
@@ -102,20 +113,21 @@ impl Packed {
 
     /// Gives back spare capacity (a reused buffer can be larger than needed).
     pub(crate) fn shrink_to_fit(&mut self) {
-        self.0.shrink_to_fit();
+        self.lines.truncate(self.len);
+        self.lines.shrink_to_fit();
     }
 
     pub(crate) fn as_slice(&self) -> &[u16] {
         // SAFETY: Line is exactly 32 u16 without padding (repr C, size 64), so the lines form
         // one contiguous run of u16 valid for reads as long as self is borrowed.
-        unsafe { std::slice::from_raw_parts(self.0.as_ptr() as *const u16, self.0.len() * 32) }
+        let lines = &self.lines[..self.len];
+        unsafe { std::slice::from_raw_parts(lines.as_ptr() as *const u16, lines.len() * 32) }
     }
 
     fn as_mut_slice(&mut self) -> &mut [u16] {
         // SAFETY: as in as_slice, borrowed mutably.
-        unsafe {
-            std::slice::from_raw_parts_mut(self.0.as_mut_ptr() as *mut u16, self.0.len() * 32)
-        }
+        let lines = &mut self.lines[..self.len];
+        unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr() as *mut u16, lines.len() * 32) }
     }
 }
 
@@ -386,7 +398,10 @@ mod tests {
     /// Fills this thread's spare buffers with garbage, so a packing that skips an element
     /// shows up.
     fn dirty_spare_buffers() {
-        let dirty = || Packed(vec![Line([0xffff; 32]); 4096]);
+        let dirty = || Packed {
+            lines: vec![Line([0xffff; 32]); 4096],
+            len: 4096,
+        };
         let (first, second) = (dirty(), dirty());
         first.recycle();
         second.recycle();

@@ -666,7 +666,15 @@ impl<T: Float> Model<T> {
         );
         recycle(ln2_packed);
         swiglu_forward(&mut a.act, &a.gate, &a.up);
-        let act_packed = pack_rows(&a.act, d.n, d.f);
+        // Without an output (a recompute), the down projection is needed only for its adapter's
+        // `x' A^T`, and an unadapted one not at all: no pack of its input.
+        let down_adapted =
+            adapter.is_some_and(|ad| ad.lora.layers[l].pairs[Target::DownProj.index()].is_some());
+        let act_packed = if out.is_some() || down_adapted {
+            pack_rows(&a.act, d.n, d.f)
+        } else {
+            None
+        };
         let mut out = out;
         proj(
             out.as_deref_mut(),
