@@ -16,10 +16,7 @@ use crate::ops::cross_entropy::{lm_head_cross_entropy, target_log_probs, CeStats
 use crate::ops::embedding::{embedding_backward, embedding_forward};
 use crate::ops::linear::{add_bias, linear_backward_packed, linear_forward_packed};
 use crate::ops::lora::{dropout_forward, lora_backward, lora_forward};
-use crate::ops::matmul::{
-    matmul_nt, matmul_precision, matmul_tn_packed, pack_rows, runs_in_bf16, MatmulPrecision,
-    WeightPacks,
-};
+use crate::ops::matmul::{matmul_nt, matmul_tn_packed, pack_rows, runs_in_bf16, WeightPacks};
 use crate::ops::residual::add_inplace;
 use crate::ops::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use crate::ops::rope::{rope_backward, rope_forward, RopeTable};
@@ -225,6 +222,11 @@ impl<'a, T: Float> AdapterPass<'a, T> {
         }
     }
 
+    /// The LoRA pair of one target in one layer, when that target is adapted.
+    fn pair(&self, layer: usize, t: Target) -> Option<&LoraPair<T>> {
+        self.lora.layers[layer].pairs[t.index()].as_ref()
+    }
+
     /// The dropout mask seed of one target in one layer: distinct for every branch.
     fn mask_seed(&self, layer: usize, t: Target) -> u64 {
         self.seed ^ ((layer as u64) << 8 | t.index() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
@@ -294,10 +296,7 @@ impl<T: Float> Proj<'_, T> {
     /// The adapter and this projection's LoRA pair, when it is adapted.
     fn branch(&self) -> Option<(&AdapterPass<'_, T>, &LoraPair<T>)> {
         let ad = self.adapter?;
-        Some((
-            ad,
-            ad.lora.layers[self.layer].pairs[self.t.index()].as_ref()?,
-        ))
+        Some((ad, ad.pair(self.layer, self.t)?))
     }
 
     /// The seed of this projection's dropout mask.
@@ -668,8 +667,7 @@ impl<T: Float> Model<T> {
         swiglu_forward(&mut a.act, &a.gate, &a.up);
         // Without an output (a recompute), the down projection is needed only for its adapter's
         // `x' A^T`, and an unadapted one not at all: no pack of its input.
-        let down_adapted =
-            adapter.is_some_and(|ad| ad.lora.layers[l].pairs[Target::DownProj.index()].is_some());
+        let down_adapted = adapter.is_some_and(|ad| ad.pair(l, Target::DownProj).is_some());
         let act_packed = if out.is_some() || down_adapted {
             pack_rows(&a.act, d.n, d.f)
         } else {
@@ -1173,9 +1171,9 @@ fn mean_cross_entropy<T: Float>(
     }
 }
 
-/// Under bf16 products, `x[N, D_in]` packed as the right operand of `dW = dY^T X` for the
-/// projections that read it, when more than one of them is trained (full fine-tuning): one
-/// pack of `x` instead of one per product.
+/// When the backward of `n` rows takes the bf16 path ([`proj_backward`]'s test), `x[N, D_in]`
+/// packed as the right operand of `dW = dY^T X` for the projections that read it, when more
+/// than one of them is trained (full fine-tuning): one pack of `x` instead of one per product.
 fn input_pack<T: Float, const P: usize>(
     x: &[T],
     n: usize,
@@ -1183,7 +1181,7 @@ fn input_pack<T: Float, const P: usize>(
     readers: [&Linear<T>; P],
 ) -> Option<PackedB> {
     let trained = readers.iter().filter(|g| !g.w.is_empty()).count();
-    if trained < 2 || matmul_precision() != MatmulPrecision::Bf16 {
+    if trained < 2 || !runs_in_bf16(n) {
         return None;
     }
     let x = T::f32_slice(x)?;
