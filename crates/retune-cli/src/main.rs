@@ -7,6 +7,7 @@
 mod commands;
 
 use clap::{Parser, Subcommand};
+use retune_core::threads::KeepAwake;
 use std::process::ExitCode;
 
 /// Fine-tune pre-trained language models (Llama, Qwen, Mistral, SmolLM) on your own data and
@@ -81,17 +82,21 @@ fn main() -> ExitCode {
 /// Stack of the pool's threads, which run the whole command: the main thread's usual size.
 const POOL_STACK_BYTES: usize = 8 << 20;
 
-/// Runs `f` on a thread of the global rayon pool. A training step has many short parallel
-/// sections (several per layer); started from the main thread, each one hands its work to the
-/// pool and puts the main thread to sleep until it is done, and those wake-ups measured 3% of a
-/// bf16 LoRA step. Started from a pool thread, a section runs there and only the other
-/// threads join in.
+/// Runs `f` on a thread of the global rayon pool, with the other threads kept polling for work
+/// ([`KeepAwake`]). A training step has many short parallel sections (several per layer);
+/// started from the main thread, each one hands its work to the pool and puts the main thread
+/// to sleep until it is done, and those wake-ups measured 3% of a bf16 LoRA step. Started from
+/// a pool thread, a section runs there and only the other threads join in; kept awake, they
+/// join at once (bf16 LoRA step: +6%, the second core idle 3% of the time instead of 12%).
 fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     // Fails only when the pool exists already; it then keeps its own stack size.
     let _ = rayon::ThreadPoolBuilder::new()
         .stack_size(POOL_STACK_BYTES)
         .build_global();
-    rayon::scope(|_| f())
+    rayon::scope(|_| {
+        let _awake = KeepAwake::start();
+        f()
+    })
 }
 
 /// Calls the command's library function.

@@ -8,6 +8,7 @@
 //! - [`load`]: Hugging Face folders (safetensors, sharded or not) and GGUF files.
 //! - [`eval`]: loss and perplexity over documents, windowed.
 //! - [`tokenizer`]: tokenizers from `tokenizer.json` or GGUF metadata, and chat templates.
+//! - [`threads`]: keeping rayon's threads awake between a step's parallel sections.
 //!
 //! Nothing here knows about the command line; errors are typed ([`Error`]).
 #![deny(missing_docs)]
@@ -19,6 +20,7 @@ pub mod float;
 pub mod load;
 pub mod model;
 pub mod ops;
+pub mod threads;
 pub mod tokenizer;
 
 pub use config::LlamaConfig;

@@ -575,6 +575,7 @@ fn split(blocks: usize, most: usize) -> (usize, usize) {
     let runs = blocks.div_ceil(most);
     (runs, blocks.div_ceil(runs))
 }
+
 /// bf16 elements of one packed tile (16 x 32).
 const TILE_LEN: usize = pack::TILE_MN * pack::TILE_K;
 
@@ -666,6 +667,6 @@ fn run_bf16_terms(
     if work < PAR_THRESHOLD {
         (0..tasks).for_each(task);
     } else {
-        (0..tasks).into_par_iter().for_each(task);
+        (0..tasks).into_par_iter().with_max_len(1).for_each(task);
     }
 }

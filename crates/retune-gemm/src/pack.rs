@@ -153,6 +153,10 @@ fn pack_a_with(a: MatRef, m: usize, k: usize, allow_simd: bool) -> Packed {
     }
     let simd = allow_simd && (a.col_stride == 1 || a.row_stride == 1);
     let transposed_simd = simd && a.col_stride != 1;
+    if simd && !transposed_simd && kt > PIECE_TILES && m * k >= PAR_PACK {
+        pack_a_rows_in_pieces(a, m, k, out.as_mut_slice());
+        return out;
+    }
     let pack_row_tile = |mt: usize, dst: &mut [u16]| {
         let rows = m.saturating_sub(mt * TILE_MN).min(TILE_MN);
         // The SIMD paths write every element of a full tile (k padding included); anything
@@ -247,6 +251,7 @@ fn pack_a_with(a: MatRef, m: usize, k: usize, allow_simd: bool) -> Packed {
     if m * k >= PAR_PACK {
         out.as_mut_slice()
             .par_chunks_mut(group_len)
+            .with_max_len(1)
             .enumerate()
             .for_each(pack_group);
     } else {
@@ -256,6 +261,53 @@ fn pack_a_with(a: MatRef, m: usize, k: usize, allow_simd: bool) -> Packed {
             .for_each(pack_group);
     }
     out
+}
+
+/// k tiles per task of [`pack_a_rows_in_pieces`].
+const PIECE_TILES: usize = 64;
+
+/// The AVX512 [`pack_a`] of a row-major `a` with a long `k`, each row tile split along k into
+/// tasks of [`PIECE_TILES`] tiles. Tasks of whole row tiles would leave a thread idle when
+/// there are few rows: an LM head's logits gradient (`64 x 49152` per part) is four row tiles.
+fn pack_a_rows_in_pieces(a: MatRef, m: usize, k: usize, out: &mut [u16]) {
+    let tile_len = TILE_MN * TILE_K;
+    let kt = k_tiles(k);
+    out.par_chunks_mut(kt * tile_len)
+        .enumerate()
+        .for_each(|(mt, row_tile)| {
+            let rows = m.saturating_sub(mt * TILE_MN).min(TILE_MN);
+            row_tile
+                .par_chunks_mut(PIECE_TILES * tile_len)
+                .with_max_len(1)
+                .enumerate()
+                .for_each(|(j, piece)| {
+                    // The SIMD path writes every column of the rows it packs (k padding
+                    // included), but not the rows past the matrix's last.
+                    if rows < TILE_MN {
+                        piece.fill(0);
+                    }
+                    if rows == 0 {
+                        return;
+                    }
+                    let (p0, tiles) = (j * PIECE_TILES * TILE_K, piece.len() / tile_len);
+                    let k_piece = k.min(p0 + tiles * TILE_K) - p0;
+                    let start = mt * TILE_MN * a.row_stride + p0;
+                    // SAFETY: the view was bounds-checked for m x k, so rows r < rows, columns
+                    // p0..p0 + k_piece from row mt * 16 are inside a.data; the piece is
+                    // `tiles` aligned tiles, as many as k_piece needs; col stride 1.
+                    unsafe {
+                        avx512::pack_a_tile(
+                            a.data[start..].as_ptr(),
+                            a.row_stride,
+                            1,
+                            rows,
+                            k_piece,
+                            0..tiles,
+                            piece,
+                        )
+                    };
+                });
+        });
 }
 
 /// Packs the `k x n` view `b` (see the module doc).
@@ -320,6 +372,7 @@ fn pack_b_with(b: MatRef, k: usize, n: usize, allow_simd: bool) -> Packed {
     if k * n >= PAR_PACK {
         out.as_mut_slice()
             .par_chunks_mut(strip_len)
+            .with_max_len(1)
             .enumerate()
             .for_each(pack_strip);
     } else {
@@ -414,7 +467,17 @@ mod tests {
         if !avx512::available() {
             return;
         }
-        for (rows, cols) in [(1, 1), (3, 35), (17, 64), (40, 33), (70, 100)] {
+        // (17, 2100) and (33, 4165): row-major A is packed in k pieces (more than 64 k tiles).
+        let shapes = [
+            (1, 1),
+            (3, 35),
+            (17, 64),
+            (40, 33),
+            (70, 100),
+            (17, 2100),
+            (33, 4165),
+        ];
+        for (rows, cols) in shapes {
             let data: Vec<f32> = (0..rows * cols)
                 .map(|x| (x as f32 * 0.37).sin() * 3.0 + 1e-3)
                 .collect();

@@ -9,6 +9,7 @@ use anyhow::{bail, Result};
 use retune_core::config::LlamaConfig;
 use retune_core::model::{Batch, Grads, Lora, LoraSpec, Model, Target};
 use retune_core::ops::matmul::{set_matmul_precision, MatmulPrecision};
+use retune_core::threads::KeepAwake;
 use retune_train::optim::full_step_in_backward;
 use retune_train::AdamW;
 use serde_json::json;
@@ -165,9 +166,12 @@ pub fn run(args: Args) -> Result<Outcome> {
     let batch = Batch::from_rows(&rows)?;
     let tokens = args.batch * args.seq;
     let mut times = Vec::new();
+    // Seconds the other pool threads found no work, over the measured steps.
+    let mut idle = 0.0;
     let mut last_loss = f64::NAN;
     for step in 0..args.warmup + args.steps {
         let start = Instant::now();
+        let idle_before = KeepAwake::idle_seconds();
         let (n, lr) = (batch.target_count(), 1e-6);
         let stats = if args.optimizer_in_backward {
             full_step_in_backward(&mut model, &batch, n, &mut grads, &mut adamw, lr).0
@@ -193,6 +197,7 @@ pub fn run(args: Args) -> Result<Outcome> {
         }
         if step >= args.warmup {
             times.push(secs);
+            idle += KeepAwake::idle_seconds() - idle_before;
         }
     }
     times.sort_by(f64::total_cmp);
@@ -206,6 +211,10 @@ pub fn run(args: Args) -> Result<Outcome> {
     ) * tok_s
         / 1e9;
     let rss = peak_rss_bytes().unwrap_or(0);
+    // The share of the other threads' time the steps left idle (their serial part); 0 when
+    // they were not kept polling (`KeepAwake` needs the pool thread `retune` runs commands on).
+    let others = rayon::current_num_threads().saturating_sub(1).max(1) as f64;
+    let idle_share = idle / (times.iter().sum::<f64>() * others);
     let report = json!({
         "shape": args.shape,
         "grads": args.grads,
@@ -213,6 +222,7 @@ pub fn run(args: Args) -> Result<Outcome> {
         "seq": args.seq,
         "threads": rayon::current_num_threads(),
         "step_seconds_median": median,
+        "pool_idle_share": idle_share,
         "tokens_per_s": tok_s,
         "gflops_per_s": gflops,
         "peak_rss_bytes": rss,
@@ -229,7 +239,7 @@ pub fn run(args: Args) -> Result<Outcome> {
         print_json(&report)?;
     } else {
         println!(
-            "{} ({} grads, {}), batch {}x{}: {:.0} tok/s, {:.3} s/step, {:.1} GFLOP/s, peak RSS {:.2} GiB",
+            "{} ({} grads, {}), batch {}x{}: {:.0} tok/s, {:.3} s/step, {:.1} GFLOP/s, peak RSS {:.2} GiB, other threads idle {:.1}%",
             args.shape,
             args.grads,
             args.dtype,
@@ -238,7 +248,8 @@ pub fn run(args: Args) -> Result<Outcome> {
             tok_s,
             median,
             gflops,
-            rss as f64 / (1u64 << 30) as f64
+            rss as f64 / (1u64 << 30) as f64,
+            idle_share * 100.0
         );
     }
     Ok(Outcome::Success)

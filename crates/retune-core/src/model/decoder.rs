@@ -17,7 +17,7 @@ use crate::ops::embedding::{embedding_backward, embedding_forward};
 use crate::ops::linear::{add_bias, linear_backward_packed, linear_forward_packed};
 use crate::ops::lora::{dropout_forward, lora_backward, lora_forward};
 use crate::ops::matmul::{matmul_nt, matmul_tn_packed, pack_rows, runs_in_bf16, WeightPacks};
-use crate::ops::residual::add_inplace;
+use crate::ops::residual::{add_inplace, copy_par, zero_par};
 use crate::ops::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use crate::ops::rope::{rope_backward, rope_forward, RopeTable};
 use crate::ops::swiglu::{swiglu_backward_overwrite, swiglu_forward};
@@ -688,8 +688,8 @@ impl<T: Float> Model<T> {
         }
     }
 
-    /// One decoder layer backward: the forward read bottom-up. Accumulates into `dx` (the
-    /// gradient of the layer input) and into `g`.
+    /// One decoder layer backward: the forward read bottom-up. Writes `dx` (the gradient of
+    /// the layer input) and accumulates into `g`.
     #[allow(clippy::too_many_arguments)]
     fn layer_backward(
         &self,
@@ -722,10 +722,10 @@ impl<T: Float> Model<T> {
         // backward, or the SwiGLU's; those of q, k and v are sums from the start.
         let s = scratch;
         for buf in [&mut s.q, &mut s.k, &mut s.v] {
-            buf.fill(T::zero());
+            zero_par(buf);
         }
         // MLP block: out = x1 + down(swiglu(gate(ln2), up(ln2))).
-        s.x1.copy_from_slice(dout);
+        copy_par(&mut s.x1, dout);
         let gl = g_lora.as_deref_mut();
         proj_backward(
             false,
@@ -835,9 +835,11 @@ impl<T: Float> Model<T> {
             .into_iter()
             .chain(ln2_pack)
             .for_each(PackedB::recycle);
+        // dx = x1's gradient (the residual path) + the norm's input gradient: the same sum,
+        // bit for bit, as adding the residual after the norm's backward into zeros.
+        copy_par(dx, &s.x1);
         let dw = grad_slot(&mut g.attn_norm);
         rmsnorm_backward(dx, dw, &s.ln1, x, &lw.attn_norm, &a.rstd1, d.n, d.c);
-        add_inplace(dx, &s.x1);
     }
 
     /// Runs embedding and every layer, keeping each layer's input: fills `residuals` (`L + 1`
@@ -1119,7 +1121,6 @@ impl<T: Float> Model<T> {
         if l + 1 != self.weights.layers.len() {
             self.layer_forward(None, acts, x, l, adapter, packs, batch, rope, d);
         }
-        dx_in.fill(T::zero());
         self.layer_backward(
             dx_in, g, g_lora, scratch, dx, x, acts, l, adapter, packs, batch, rope, d,
         );

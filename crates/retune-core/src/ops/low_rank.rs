@@ -14,6 +14,8 @@ use rayon::prelude::*;
 const COLS_PER_TASK: usize = 16;
 /// Rows of `a` per partial sum in the AVX-512 [`outer_add`].
 const ROWS_PER_PART: usize = 128;
+/// Rows of `c` per rayon task when the AVX-512 [`outer_add`] sums its parts.
+const SUM_ROWS_PER_TASK: usize = 128;
 
 /// `c[m, r] += a[n, m]^T · b[n, r]`: the sum over rows `i` of the outer products `a_i b_i^T`.
 pub fn outer_add<T: Float>(c: &mut [T], a: &[T], b: &[T], n: usize, m: usize, r: usize) {
@@ -31,6 +33,7 @@ pub fn outer_add<T: Float>(c: &mut [T], a: &[T], b: &[T], n: usize, m: usize, r:
         // by n alone and added in order, so the result does not depend on the thread count.
         let parts: Vec<Vec<f32>> = (0..n.div_ceil(ROWS_PER_PART))
             .into_par_iter()
+            .with_max_len(1)
             .map(|part| {
                 let rows = part * ROWS_PER_PART..((part + 1) * ROWS_PER_PART).min(n);
                 let mut acc = vec![0.0f32; m * r16];
@@ -43,13 +46,21 @@ pub fn outer_add<T: Float>(c: &mut [T], a: &[T], b: &[T], n: usize, m: usize, r:
                 acc
             })
             .collect();
-        for part in &parts {
-            for (c_row, p_row) in c32.chunks_mut(r).zip(part.chunks(r16)) {
-                for (cv, &pv) in c_row.iter_mut().zip(p_row) {
-                    *cv += pv;
+        // Blocks of rows of c in parallel, each summing the parts in order: the same bits as
+        // one thread, which left the others waiting.
+        c32.par_chunks_mut(SUM_ROWS_PER_TASK * r)
+            .enumerate()
+            .for_each(|(task, c_rows)| {
+                let row0 = task * SUM_ROWS_PER_TASK;
+                for part in &parts {
+                    let p_rows = part[row0 * r16..].chunks(r16);
+                    for (c_row, p_row) in c_rows.chunks_mut(r).zip(p_rows) {
+                        for (cv, &pv) in c_row.iter_mut().zip(p_row) {
+                            *cv += pv;
+                        }
+                    }
                 }
-            }
-        }
+            });
         return;
     }
     c.par_chunks_mut(COLS_PER_TASK * r)
@@ -167,8 +178,9 @@ mod tests {
 
     /// Shapes (n, m, r) with ranks below, at and across the 16-lane vector, rows across the
     /// 16-row pass and the 128-row part, and widths with a partial block of 16 columns.
-    const SHAPES: [(usize, usize, usize); 5] = [
+    const SHAPES: [(usize, usize, usize); 6] = [
         (37, 70, 16),
+        (300, 200, 16), // several parts and several row blocks to sum them in
         (70, 33, 5),
         (130, 48, 20),
         (9, 576, 33),
