@@ -4,6 +4,8 @@ use super::matmul::{matmul_nn, matmul_nt, matmul_packed, matmul_tn, WeightPacks}
 use super::swiglu::{as_f32_mut, exp_f32, max_f32, simd_dispatch};
 use crate::Float;
 use rayon::prelude::*;
+use std::any::Any;
+use std::sync::Mutex;
 
 /// Target id of a position that takes no loss (prompt tokens, padding).
 pub const IGNORE: u32 = u32::MAX;
@@ -214,7 +216,7 @@ pub fn target_log_probs<T: Float>(
         "cross-entropy: shape mismatch"
     );
     let rows = chunk_rows.max(1).min(n.max(1));
-    let mut logits = vec![T::zero(); rows * v];
+    let mut logits = take_logits::<T>(rows * v);
     let mut out = vec![0.0; n];
     for start in (0..n).step_by(rows) {
         let r = rows.min(n - start);
@@ -230,6 +232,7 @@ pub fn target_log_probs<T: Float>(
             .zip(tc)
             .for_each(|((o, row), &tgt)| *o = target_log_prob(row, tgt));
     }
+    keep_logits(logits);
     out
 }
 
@@ -273,7 +276,7 @@ fn head_loss<T: Float>(
         assert_eq!(dh.len(), n * c, "cross-entropy: dh must be [N, C]");
     }
     let rows = chunk_rows.min(n);
-    let mut logits = vec![T::zero(); rows * v];
+    let mut logits = take_logits::<T>(rows * v);
     let mut stats = CeStats::default();
     if v == 0 {
         return stats;
@@ -307,7 +310,28 @@ fn head_loss<T: Float>(
             matmul_tn(dw, lg, hc, v, r, c, true);
         }
     }
+    keep_logits(logits);
     stats
+}
+
+/// The logits buffer of the last [`head_loss`], kept for the next. A new `[chunk_rows, V]`
+/// buffer (96 MiB for a trained SmolLM2 head's 512-row chunks) is fresh pages on every step,
+/// which the kernel faults in and zeroes (1% of a full fine-tuning step); the head's product
+/// overwrites every element anyway.
+static SPARE_LOGITS: Mutex<Option<Box<dyn Any + Send>>> = Mutex::new(None);
+
+/// A buffer of `len` elements of unspecified values: the kept one when it has that length.
+fn take_logits<T: Float>(len: usize) -> Vec<T> {
+    let kept = SPARE_LOGITS.lock().unwrap_or_else(|e| e.into_inner()).take();
+    match kept.and_then(|b| b.downcast::<Vec<T>>().ok()) {
+        Some(buf) if buf.len() == len => *buf,
+        _ => vec![T::zero(); len],
+    }
+}
+
+/// Keeps `buf` for the next [`take_logits`].
+fn keep_logits<T: Float>(buf: Vec<T>) {
+    *SPARE_LOGITS.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(buf));
 }
 
 /// `logits[r, V] = h[r, C] · w[V, C]^T`, from the packs when given.
