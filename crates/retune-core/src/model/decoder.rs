@@ -17,7 +17,7 @@ use crate::ops::embedding::{embedding_backward, embedding_forward};
 use crate::ops::linear::{add_bias, linear_backward_packed, linear_forward_packed};
 use crate::ops::lora::{dropout_forward, lora_backward, lora_forward};
 use crate::ops::matmul::{matmul_nt, matmul_tn_packed, pack_rows, runs_in_bf16, WeightPacks};
-use crate::ops::residual::{add_inplace, copy_par, zero_par};
+use crate::ops::residual::{add_inplace, zero_par};
 use crate::ops::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use crate::ops::rope::{rope_backward, rope_forward, RopeTable};
 use crate::ops::swiglu::{swiglu_backward_overwrite, swiglu_forward};
@@ -65,10 +65,8 @@ struct BackwardPass<'a, T> {
     adapter: Option<AdapterPass<'a, T>>,
     packs: Option<FrozenPacks>,
     ws: Box<Workspace<T>>,
-    /// Gradient of the output of the next layer down.
+    /// Gradient of the output of the next layer down (made its input's gradient in place).
     dx: Vec<T>,
-    /// Working space for the gradient of that layer's input.
-    dx_in: Vec<T>,
 }
 
 /// The LM head as the loss closures of [`Model::backward_through`] see it.
@@ -688,8 +686,9 @@ impl<T: Float> Model<T> {
         }
     }
 
-    /// One decoder layer backward: the forward read bottom-up. Writes `dx` (the gradient of
-    /// the layer input) and accumulates into `g`.
+    /// One decoder layer backward: the forward read bottom-up. Turns `dx`, the gradient of
+    /// the layer's output, into that of its input (both residual sums accumulate into it in
+    /// place), and accumulates into `g`.
     #[allow(clippy::too_many_arguments)]
     fn layer_backward(
         &self,
@@ -697,7 +696,6 @@ impl<T: Float> Model<T> {
         g: &mut LayerWeights<T>,
         mut g_lora: Option<&mut LayerLora<T>>,
         scratch: &mut LayerActs<T>,
-        dout: &[T],
         x: &[T],
         a: &LayerActs<T>,
         l: usize,
@@ -724,15 +722,15 @@ impl<T: Float> Model<T> {
         for buf in [&mut s.q, &mut s.k, &mut s.v] {
             zero_par(buf);
         }
-        // MLP block: out = x1 + down(swiglu(gate(ln2), up(ln2))).
-        copy_par(&mut s.x1, dout);
+        // MLP block: out = x1 + down(swiglu(gate(ln2), up(ln2))). x1's gradient is dout plus
+        // the norm's input gradient: accumulated into dx once the down projection has read it.
         let gl = g_lora.as_deref_mut();
         proj_backward(
             false,
             &mut s.act,
             &mut g.down,
             gl,
-            dout,
+            dx,
             &a.act,
             ld,
             &proj(Target::DownProj, None),
@@ -765,16 +763,7 @@ impl<T: Float> Model<T> {
             d.n,
         );
         let dw = grad_slot(&mut g.mlp_norm);
-        rmsnorm_backward(
-            &mut s.x1,
-            dw,
-            &s.ln2,
-            &a.x1,
-            &lw.mlp_norm,
-            &a.rstd2,
-            d.n,
-            d.c,
-        );
+        rmsnorm_backward(dx, dw, &s.ln2, &a.x1, &lw.mlp_norm, &a.rstd2, d.n, d.c);
         // Attention block: x1 = x + o(attention(rope(q(ln1)), rope(k(ln1)), v(ln1))).
         let gl = g_lora.as_deref_mut();
         proj_backward(
@@ -782,7 +771,7 @@ impl<T: Float> Model<T> {
             &mut s.att,
             &mut g.o,
             gl,
-            &s.x1,
+            dx,
             &a.att,
             lo,
             &proj(Target::OProj, None),
@@ -835,9 +824,7 @@ impl<T: Float> Model<T> {
             .into_iter()
             .chain(ln2_pack)
             .for_each(PackedB::recycle);
-        // dx = x1's gradient (the residual path) + the norm's input gradient: the same sum,
-        // bit for bit, as adding the residual after the norm's backward into zeros.
-        copy_par(dx, &s.x1);
+        // The input's gradient: x1's (the residual path) plus the norm's input gradient.
         let dw = grad_slot(&mut g.attn_norm);
         rmsnorm_backward(dx, dw, &s.ln1, x, &lw.attn_norm, &a.rstd1, d.n, d.c);
     }
@@ -1077,7 +1064,6 @@ impl<T: Float> Model<T> {
         let mut dx = vec![T::zero(); d.n * d.c];
         let dw = grad_slot(&mut grads.final_norm);
         rmsnorm_backward(&mut dx, dw, &dh, x_last, &w.final_norm, &rstd, d.n, d.c);
-        let dx_in = vec![T::zero(); d.n * d.c];
         let pass = BackwardPass {
             d,
             rope,
@@ -1085,7 +1071,6 @@ impl<T: Float> Model<T> {
             packs,
             ws,
             dx,
-            dx_in,
         };
         (pass, head_out)
     }
@@ -1108,7 +1093,6 @@ impl<T: Float> Model<T> {
             packs,
             ws,
             dx,
-            dx_in,
         } = pass;
         let Workspace {
             acts,
@@ -1122,9 +1106,8 @@ impl<T: Float> Model<T> {
             self.layer_forward(None, acts, x, l, adapter, packs, batch, rope, d);
         }
         self.layer_backward(
-            dx_in, g, g_lora, scratch, dx, x, acts, l, adapter, packs, batch, rope, d,
+            dx, g, g_lora, scratch, x, acts, l, adapter, packs, batch, rope, d,
         );
-        std::mem::swap(dx, dx_in);
     }
 
     /// The last part of [`Model::backward_through`]: the embedding's gradient.

@@ -322,7 +322,10 @@ static SPARE_LOGITS: Mutex<Option<Box<dyn Any + Send>>> = Mutex::new(None);
 
 /// A buffer of `len` elements of unspecified values: the kept one when it has that length.
 fn take_logits<T: Float>(len: usize) -> Vec<T> {
-    let kept = SPARE_LOGITS.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let kept = SPARE_LOGITS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
     match kept.and_then(|b| b.downcast::<Vec<T>>().ok()) {
         Some(buf) if buf.len() == len => *buf,
         _ => vec![T::zero(); len],

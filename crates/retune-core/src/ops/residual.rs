@@ -23,16 +23,8 @@ pub fn residual_forward<T: Float>(out: &mut [T], a: &[T], b: &[T]) {
         });
 }
 
-/// `dst = src`, on every thread: a layer's activation buffers are megabytes, and a copy on
-/// one thread leaves the others waiting.
-pub fn copy_par<T: Float>(dst: &mut [T], src: &[T]) {
-    assert_eq!(dst.len(), src.len(), "copy_par: shape mismatch");
-    dst.par_chunks_mut(CHUNK)
-        .zip(src.par_chunks(CHUNK))
-        .for_each(|(d, s)| d.copy_from_slice(s));
-}
-
-/// `buf = 0`, on every thread (see [`copy_par`]).
+/// `buf = 0`, on every thread: a layer's activation buffers are megabytes, and zeroing them
+/// on one thread leaves the others waiting.
 pub fn zero_par<T: Float>(buf: &mut [T]) {
     buf.par_chunks_mut(CHUNK).for_each(|b| b.fill(T::zero()));
 }
