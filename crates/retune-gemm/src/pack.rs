@@ -310,6 +310,9 @@ fn pack_a_rows_in_pieces(a: MatRef, m: usize, k: usize, out: &mut [u16]) {
         });
 }
 
+/// Strips per task when a row-major `b` is packed (64 columns: 256 bytes of each row).
+const STRIPS_PER_TASK: usize = 4;
+
 /// Packs the `k x n` view `b` (see the module doc).
 pub(crate) fn pack_b(b: MatRef, k: usize, n: usize) -> Packed {
     pack_b_with(b, k, n, avx512::available())
@@ -369,6 +372,38 @@ fn pack_b_with(b: MatRef, k: usize, n: usize, allow_simd: bool) -> Packed {
             }
         }
     };
+    if simd && b.col_stride == 1 && b.row_stride != 1 {
+        // Row-major: groups of strips, each row pair read across the group's columns.
+        let group = |(g, dst): (usize, &mut [u16])| {
+            let col0 = g * STRIPS_PER_TASK * TILE_MN;
+            // SAFETY: the view was bounds-checked for k x n, so rows p < k, columns
+            // col0..n are inside b.data; dst is whole aligned strips; col stride 1.
+            unsafe {
+                avx512::pack_b_strips_by_rows(
+                    b.data[col0.min(b.data.len())..].as_ptr(),
+                    b.row_stride,
+                    n.saturating_sub(col0),
+                    k,
+                    strip_len,
+                    dst,
+                )
+            };
+        };
+        let group_len = STRIPS_PER_TASK * strip_len;
+        if k * n >= PAR_PACK {
+            out.as_mut_slice()
+                .par_chunks_mut(group_len)
+                .with_max_len(1)
+                .enumerate()
+                .for_each(group);
+        } else {
+            out.as_mut_slice()
+                .chunks_mut(group_len)
+                .enumerate()
+                .for_each(group);
+        }
+        return out;
+    }
     if k * n >= PAR_PACK {
         out.as_mut_slice()
             .par_chunks_mut(strip_len)
