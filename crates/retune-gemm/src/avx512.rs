@@ -220,16 +220,16 @@ pub(crate) unsafe fn pack_b_strips_by_rows(
     }
 }
 
-/// [`crate::pack::pack_b`] for one 16-column strip of `cols` columns starting at `b` (element
-/// `(p, c)` at `b + p * rs + c * cs`), into `dst` (`k_tiles * 16` k pairs).
+/// [`crate::pack::pack_b`] for one 16-column strip of `cols` columns starting at `b` whose k
+/// values are contiguous (element `(p, c)` at `b + p + c * cs`: a transposed weight), into
+/// `dst` (`k_tiles * 16` k pairs). A row-major `b` goes through [`pack_b_strips_by_rows`].
 ///
 /// # Safety
 /// Every `(p, c)` with `p < k`, `c < cols` inside the source; `dst` of `k_tiles * 512` u16,
-/// 64-byte aligned; either `cs == 1` or `rs == 1`; the AVX512 features available.
+/// 64-byte aligned; the AVX512 features available.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-pub(crate) unsafe fn pack_b_strip(
+pub(crate) unsafe fn pack_b_strip_of_columns(
     b: *const f32,
-    rs: usize,
     cs: usize,
     cols: usize,
     k: usize,
@@ -237,44 +237,23 @@ pub(crate) unsafe fn pack_b_strip(
 ) {
     let k_tiles = k.div_ceil(TILE_K);
     debug_assert!(dst.len() >= k_tiles * TILE_LEN);
-    if rs == 1 {
-        // A column's k values are contiguous: 32 of them are its 16 pairs of a k tile. A
-        // 16x16 transpose of (column, pair) turns 16 columns into the tile's 16 pair rows.
-        for t in 0..k_tiles {
-            let p0 = t * TILE_K;
-            let columns: [__m512i; 16] = std::array::from_fn(|c| {
-                if c < cols {
-                    // SAFETY: column c, rows p0..min(k, p0 + 32) are inside the source.
-                    unsafe { convert_32_reg(b.wrapping_add(c * cs + p0), (k - p0).min(TILE_K)) }
-                } else {
-                    _mm512_setzero_si512()
-                }
-            });
-            for (q, row) in transpose_16x16(&columns).iter().enumerate() {
-                // SAFETY: pair row q of tile t is 64 bytes inside dst.
-                unsafe {
-                    _mm512_storeu_si512(
-                        dst.as_mut_ptr().add((t * TILE_MN + q) * 32) as *mut _,
-                        *row,
-                    )
-                };
-            }
-        }
-    } else {
-        let interleave = interleave_index();
-        let mask = lanes(cols);
-        let row = |p: usize| {
-            if p < k {
-                // SAFETY: columns c < cols of row p are inside the source (masked load).
-                unsafe { _mm512_maskz_loadu_ps(mask, b.wrapping_add(p * rs)) }
+    // 32 of a column's k values are its 16 pairs of a k tile. A 16x16 transpose of (column,
+    // pair) turns 16 columns into the tile's 16 pair rows.
+    for t in 0..k_tiles {
+        let p0 = t * TILE_K;
+        let columns: [__m512i; 16] = std::array::from_fn(|c| {
+            if c < cols {
+                // SAFETY: column c, rows p0..min(k, p0 + 32) are inside the source.
+                unsafe { convert_32_reg(b.wrapping_add(c * cs + p0), (k - p0).min(TILE_K)) }
             } else {
-                _mm512_setzero_ps()
+                _mm512_setzero_si512()
             }
-        };
-        for q in 0..k_tiles * TILE_K / 2 {
-            let pairs = convert_pairs(row(2 * q), row(2 * q + 1), interleave);
-            // SAFETY: k pair q of the strip is 32 u16 at 32 q, inside dst.
-            unsafe { _mm512_storeu_si512(dst.as_mut_ptr().add(q * 32) as *mut _, pairs) };
+        });
+        for (q, row) in transpose_16x16(&columns).iter().enumerate() {
+            // SAFETY: pair row q of tile t is 64 bytes inside dst.
+            unsafe {
+                _mm512_storeu_si512(dst.as_mut_ptr().add((t * TILE_MN + q) * 32) as *mut _, *row)
+            };
         }
     }
 }

@@ -329,6 +329,8 @@ fn pack_b_with(b: MatRef, k: usize, n: usize, allow_simd: bool) -> Packed {
         return out;
     }
     let simd = allow_simd && (b.col_stride == 1 || b.row_stride == 1);
+    // Row-major (k along rows): strips in groups, see below; else k runs along memory.
+    let by_rows = simd && b.col_stride == 1 && b.row_stride != 1;
     let pack_strip = |(s, dst): (usize, &mut [u16])| {
         let cols = n.saturating_sub(s * TILE_MN).min(TILE_MN);
         // As in pack_a: the SIMD paths write every element (padding columns included).
@@ -341,11 +343,11 @@ fn pack_b_with(b: MatRef, k: usize, n: usize, allow_simd: bool) -> Packed {
         if simd {
             let start = s * TILE_MN * b.col_stride;
             // SAFETY: the view was bounds-checked for k x n, so rows p < k, columns c < cols
-            // from `start` are inside b.data; dst is this strip's aligned chunk; one stride is 1.
+            // from `start` are inside b.data; dst is this strip's aligned chunk; the row stride
+            // is 1 (`by_rows` took the others).
             unsafe {
-                avx512::pack_b_strip(
+                avx512::pack_b_strip_of_columns(
                     b.data[start..].as_ptr(),
-                    b.row_stride,
                     b.col_stride,
                     cols,
                     k,
@@ -372,8 +374,8 @@ fn pack_b_with(b: MatRef, k: usize, n: usize, allow_simd: bool) -> Packed {
             }
         }
     };
-    if simd && b.col_stride == 1 && b.row_stride != 1 {
-        // Row-major: groups of strips, each row pair read across the group's columns.
+    if by_rows {
+        // Groups of strips, each row pair read across the group's columns.
         let group = |(g, dst): (usize, &mut [u16])| {
             let col0 = g * STRIPS_PER_TASK * TILE_MN;
             // SAFETY: the view was bounds-checked for k x n, so rows p < k, columns

@@ -20,6 +20,7 @@ pub(crate) unsafe fn pack_a_tile(
     _cs: usize,
     _rows: usize,
     _k: usize,
+    _tiles: std::ops::Range<usize>,
     _dst: &mut [u16],
 ) {
     unreachable!("no SIMD bf16 kernel on this architecture")
@@ -27,12 +28,24 @@ pub(crate) unsafe fn pack_a_tile(
 
 /// # Safety
 /// Never called: [`available`] is false.
-pub(crate) unsafe fn pack_b_strip(
+pub(crate) unsafe fn pack_b_strip_of_columns(
     _b: *const f32,
-    _rs: usize,
     _cs: usize,
     _cols: usize,
     _k: usize,
+    _dst: &mut [u16],
+) {
+    unreachable!("no SIMD bf16 kernel on this architecture")
+}
+
+/// # Safety
+/// Never called: [`available`] is false.
+pub(crate) unsafe fn pack_b_strips_by_rows(
+    _b: *const f32,
+    _rs: usize,
+    _cols: usize,
+    _k: usize,
+    _strip_len: usize,
     _dst: &mut [u16],
 ) {
     unreachable!("no SIMD bf16 kernel on this architecture")
