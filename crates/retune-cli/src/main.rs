@@ -87,7 +87,7 @@ const POOL_STACK_BYTES: usize = 8 << 20;
 /// started from the main thread, each one hands its work to the pool and puts the main thread
 /// to sleep until it is done, and those wake-ups measured 3% of a bf16 LoRA step. Started from
 /// a pool thread, a section runs there and only the other threads join in; kept awake, they
-/// join at once (bf16 LoRA step: +6%, the second core idle 3% of the time instead of 12%).
+/// join at once instead of after a wake-up (bf16 LoRA step: +6%).
 fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     // Fails only when the pool exists already; it then keeps its own stack size.
     let _ = rayon::ThreadPoolBuilder::new()
