@@ -153,36 +153,18 @@ fn pack_a_with(a: MatRef, m: usize, k: usize, allow_simd: bool) -> Packed {
     }
     let simd = allow_simd && (a.col_stride == 1 || a.row_stride == 1);
     let transposed_simd = simd && a.col_stride != 1;
-    if simd && !transposed_simd && kt > PIECE_TILES && m * k >= PAR_PACK {
-        pack_a_rows_in_pieces(a, m, k, out.as_mut_slice());
+    if simd && !transposed_simd {
+        pack_a_rows(a, m, k, out.as_mut_slice());
         return out;
     }
     let pack_row_tile = |mt: usize, dst: &mut [u16]| {
         let rows = m.saturating_sub(mt * TILE_MN).min(TILE_MN);
-        // The SIMD paths write every element of a full tile (k padding included); anything
-        // else writes only the valid elements, so the padding is zeroed first.
-        let full = simd && (rows == TILE_MN || transposed_simd);
-        if !full || rows == 0 {
+        // The SIMD path writes every element of a tile (k padding included); the scalar ones
+        // write only the valid elements, so the padding is zeroed first.
+        if !transposed_simd || rows == 0 {
             dst.fill(0);
         }
         if rows == 0 || transposed_simd {
-            return;
-        }
-        if simd {
-            let start = mt * TILE_MN * a.row_stride;
-            // SAFETY: the view was bounds-checked for m x k, so rows r < rows, columns p < k
-            // from `start` are inside a.data; dst is this tile's aligned chunk; col stride 1.
-            unsafe {
-                avx512::pack_a_tile(
-                    a.data[start..].as_ptr(),
-                    a.row_stride,
-                    1,
-                    rows,
-                    k,
-                    0..kt,
-                    dst,
-                )
-            };
             return;
         }
         let at = |r: usize, p: usize| a.at(mt * TILE_MN + r, p);
@@ -263,51 +245,63 @@ fn pack_a_with(a: MatRef, m: usize, k: usize, allow_simd: bool) -> Packed {
     out
 }
 
-/// k tiles per task of [`pack_a_rows_in_pieces`].
+/// Most k tiles per task of [`pack_a_rows`].
 const PIECE_TILES: usize = 64;
 
-/// The AVX512 [`pack_a`] of a row-major `a` with a long `k`, each row tile split along k into
-/// tasks of [`PIECE_TILES`] tiles. Tasks of whole row tiles would leave a thread idle when
-/// there are few rows: an LM head's logits gradient (`64 x 49152` per part) is four row tiles.
-fn pack_a_rows_in_pieces(a: MatRef, m: usize, k: usize, out: &mut [u16]) {
+/// The AVX512 [`pack_a`] of a row-major `a`: one task per row tile, split along k into pieces
+/// of at most [`PIECE_TILES`] tiles. Tasks of whole row tiles would leave a thread idle when
+/// there are few rows and a long k: an LM head's logits gradient (`64 x 49152` per part) is
+/// four row tiles.
+fn pack_a_rows(a: MatRef, m: usize, k: usize, out: &mut [u16]) {
     let tile_len = TILE_MN * TILE_K;
     let kt = k_tiles(k);
-    out.par_chunks_mut(kt * tile_len)
-        .enumerate()
-        .for_each(|(mt, row_tile)| {
-            let rows = m.saturating_sub(mt * TILE_MN).min(TILE_MN);
-            row_tile
-                .par_chunks_mut(PIECE_TILES * tile_len)
-                .with_max_len(1)
-                .enumerate()
-                .for_each(|(j, piece)| {
-                    // The SIMD path writes every column of the rows it packs (k padding
-                    // included), but not the rows past the matrix's last.
-                    if rows < TILE_MN {
-                        piece.fill(0);
-                    }
-                    if rows == 0 {
-                        return;
-                    }
-                    let (p0, tiles) = (j * PIECE_TILES * TILE_K, piece.len() / tile_len);
-                    let k_piece = k.min(p0 + tiles * TILE_K) - p0;
-                    let start = mt * TILE_MN * a.row_stride + p0;
-                    // SAFETY: the view was bounds-checked for m x k, so rows r < rows, columns
-                    // p0..p0 + k_piece from row mt * 16 are inside a.data; the piece is
-                    // `tiles` aligned tiles, as many as k_piece needs; col stride 1.
-                    unsafe {
-                        avx512::pack_a_tile(
-                            a.data[start..].as_ptr(),
-                            a.row_stride,
-                            1,
-                            rows,
-                            k_piece,
-                            0..tiles,
-                            piece,
-                        )
-                    };
-                });
-        });
+    let pack_piece = |mt: usize, j: usize, piece: &mut [u16]| {
+        let rows = m.saturating_sub(mt * TILE_MN).min(TILE_MN);
+        // The SIMD path writes every column of the rows it packs (k padding included), but
+        // not the rows past the matrix's last.
+        if rows < TILE_MN {
+            piece.fill(0);
+        }
+        if rows == 0 {
+            return;
+        }
+        let (p0, tiles) = (j * PIECE_TILES * TILE_K, piece.len() / tile_len);
+        let k_piece = k.min(p0 + tiles * TILE_K) - p0;
+        let start = mt * TILE_MN * a.row_stride + p0;
+        // SAFETY: the view was bounds-checked for m x k, so rows r < rows, columns
+        // p0..p0 + k_piece from row mt * 16 are inside a.data; the piece is `tiles` aligned
+        // tiles, as many as k_piece needs; col stride 1.
+        unsafe {
+            avx512::pack_a_tile(
+                a.data[start..].as_ptr(),
+                a.row_stride,
+                1,
+                rows,
+                k_piece,
+                0..tiles,
+                piece,
+            )
+        };
+    };
+    let (row_tile_len, piece_len) = (kt * tile_len, PIECE_TILES * tile_len);
+    if m * k >= PAR_PACK {
+        out.par_chunks_mut(row_tile_len)
+            .with_max_len(1)
+            .enumerate()
+            .for_each(|(mt, row_tile)| {
+                row_tile
+                    .par_chunks_mut(piece_len)
+                    .with_max_len(1)
+                    .enumerate()
+                    .for_each(|(j, piece)| pack_piece(mt, j, piece));
+            });
+    } else {
+        for (mt, row_tile) in out.chunks_mut(row_tile_len).enumerate() {
+            for (j, piece) in row_tile.chunks_mut(piece_len).enumerate() {
+                pack_piece(mt, j, piece);
+            }
+        }
+    }
 }
 
 /// Strips per task when a row-major `b` is packed (64 columns: 256 bytes of each row).
