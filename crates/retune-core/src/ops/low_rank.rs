@@ -104,16 +104,39 @@ mod avx512 {
         Cow::Owned(out)
     }
 
-    /// Rows of `a` per pass of [`outer_rows`]: their lines of each column block stay in L1.
+    /// Rows of `a` per pass of [`column_blocks`]: their lines of each column block stay in L1.
     const OUTER_ROWS: usize = 16;
-    /// Columns of `a` per block of [`outer_rows`]: one accumulator each, all in registers.
+    /// Columns of `a` per block of [`column_blocks`]: one accumulator each, all in registers.
     const OUTER_COLS: usize = 16;
 
-    /// `acc[m, r16] += a[rows, m]^T · b[rows, r16]`, walking `a` row chunk by row chunk.
+    /// `acc[m, r16] += a[rows, m]^T · b[rows, r16]`, walking `a` row chunk by row chunk: by
+    /// [`sweeps`] for ranks up to 32, else by [`column_blocks`].
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn outer_rows(acc: &mut [f32], a: &[f32], b: &[f32], m: usize, r16: usize) {
         let rows = b.len() / r16;
         assert!(acc.len() == m * r16 && a.len() == rows * m && r16.is_multiple_of(LANES));
+        match r16 / LANES {
+            // SAFETY: the shapes were asserted above.
+            1 => unsafe { sweeps::<1, 8>(acc, a, b, m, rows) },
+            2 => unsafe { sweeps::<2, 4>(acc, a, b, m, rows) },
+            // SAFETY: as above.
+            _ => unsafe { column_blocks(acc, a, b, m, r16) },
+        }
+    }
+
+    /// [`outer_rows`] for any `r16`: blocks of 16 columns of `a` down 16 rows at a time.
+    ///
+    /// # Safety
+    /// AVX-512; `acc` is `[m, r16]`, `a` `[rows, m]`, `b` `[rows, r16]`, `r16` a multiple of 16.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn column_blocks(
+        acc: &mut [f32],
+        a: &[f32],
+        b: &[f32],
+        m: usize,
+        r16: usize,
+    ) {
+        let rows = b.len() / r16;
         for i0 in (0..rows).step_by(OUTER_ROWS) {
             let nr = OUTER_ROWS.min(rows - i0);
             for j in (0..r16).step_by(LANES) {
@@ -126,6 +149,113 @@ mod avx512 {
                 for o in o0..m {
                     // SAFETY: as above, one column.
                     unsafe { outer_block::<1>(acc, a, b, m, r16, i0, nr, o, j) };
+                }
+            }
+        }
+    }
+
+    /// Rows of `a` per [`sweep`]: their `b` vectors stay in registers.
+    const SWEEP_ROWS: usize = 8;
+
+    /// [`outer_rows`] for `r16 = JV * 16` (LoRA's usual ranks), in sweeps of [`SWEEP_ROWS`]
+    /// rows: each sweep reads its rows of `a` in memory order (a few sequential streams the
+    /// prefetchers follow) and adds them into `acc`, `COLS` rows of `acc` at a time (`COLS *
+    /// JV` independent sums: an FMA's result is needed four cycles later, so one chain would
+    /// leave the units idle). Every element sums the rows in order, as the column-block walk
+    /// below does, so both give the same bits; this one measured 0.6 points less of a bf16
+    /// LoRA step (6.8% to 6.2%), the column-block walk reading 16 rows 64 bytes at a time.
+    ///
+    /// # Safety
+    /// AVX-512; `acc` is `[m, r16]`, `a` `[rows, m]`, `b` `[rows, r16]`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn sweeps<const JV: usize, const COLS: usize>(
+        acc: &mut [f32],
+        a: &[f32],
+        b: &[f32],
+        m: usize,
+        rows: usize,
+    ) {
+        let mut i0 = 0;
+        while i0 + SWEEP_ROWS <= rows {
+            // SAFETY: rows i0..i0 + SWEEP_ROWS exist (caller's shapes).
+            unsafe { sweep::<JV, SWEEP_ROWS, COLS>(acc, a, b, m, i0) };
+            i0 += SWEEP_ROWS;
+        }
+        for i in i0..rows {
+            // SAFETY: row i exists.
+            unsafe { sweep::<JV, 1, COLS>(acc, a, b, m, i) };
+        }
+    }
+
+    /// `acc[o, :] += sum_{i0 <= i < i0 + ROWS} a[i, o] b[i, :]` for every `o < m`.
+    ///
+    /// # Safety
+    /// AVX-512; rows `i0..i0 + ROWS` exist in `a` (`m` wide) and `b` (`JV * 16` wide), and
+    /// `acc` is `[m, JV * 16]`.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn sweep<const JV: usize, const ROWS: usize, const COLS: usize>(
+        acc: &mut [f32],
+        a: &[f32],
+        b: &[f32],
+        m: usize,
+        i0: usize,
+    ) {
+        let r16 = JV * LANES;
+        let mut bv = [[_mm512_setzero_ps(); JV]; ROWS];
+        for (rr, row) in bv.iter_mut().enumerate() {
+            for (jv, v) in row.iter_mut().enumerate() {
+                // SAFETY (caller): row i0 + rr of b, lanes jv * 16..(jv + 1) * 16.
+                *v = unsafe { _mm512_loadu_ps(b.as_ptr().add((i0 + rr) * r16 + jv * LANES)) };
+            }
+        }
+        // SAFETY (caller): rows i0..i0 + ROWS of a.
+        let a0 = unsafe { a.as_ptr().add(i0 * m) };
+        let mut o = 0;
+        while o + COLS <= m {
+            // SAFETY: columns o..o + COLS < m.
+            unsafe { sweep_cols::<JV, ROWS, COLS>(acc, a0, &bv, m, o) };
+            o += COLS;
+        }
+        // SAFETY: the last columns, one at a time.
+        (o..m).for_each(|o| unsafe { sweep_cols::<JV, ROWS, 1>(acc, a0, &bv, m, o) });
+    }
+
+    /// `acc[o + c, :] += sum_rr a0[rr * m + o + c] bv[rr]` for `c < COLS`, the sums
+    /// interleaved so their FMAs overlap.
+    ///
+    /// # Safety
+    /// AVX-512; `a0` points at `ROWS` rows of `m` elements, `o + COLS <= m`, and `acc` is
+    /// `[m, JV * 16]`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn sweep_cols<const JV: usize, const ROWS: usize, const COLS: usize>(
+        acc: &mut [f32],
+        a0: *const f32,
+        bv: &[[__m512; JV]; ROWS],
+        m: usize,
+        o: usize,
+    ) {
+        let r16 = JV * LANES;
+        let mut s = [[_mm512_setzero_ps(); JV]; COLS];
+        let dst = acc.as_mut_ptr();
+        // SAFETY (caller): every pointer below is inside acc or the rows of a.
+        unsafe {
+            for (c, sc) in s.iter_mut().enumerate() {
+                for (jv, v) in sc.iter_mut().enumerate() {
+                    *v = _mm512_loadu_ps(dst.add((o + c) * r16 + jv * LANES));
+                }
+            }
+            for (rr, row) in bv.iter().enumerate() {
+                for (c, sc) in s.iter_mut().enumerate() {
+                    let x = _mm512_set1_ps(*a0.add(rr * m + o + c));
+                    for (v, &b) in sc.iter_mut().zip(row) {
+                        *v = _mm512_fmadd_ps(x, b, *v);
+                    }
+                }
+            }
+            for (c, sc) in s.iter().enumerate() {
+                for (jv, v) in sc.iter().enumerate() {
+                    _mm512_storeu_ps(dst.add((o + c) * r16 + jv * LANES), *v);
                 }
             }
         }
@@ -219,6 +349,36 @@ mod tests {
         op32(&mut c32, &to_f32(ins[0]), &to_f32(ins[1]));
         let err = max_rel_diff(&c32, want);
         assert!(err < 1e-5, "{name} f32: {err}");
+    }
+
+    /// The row sweeps sum every element's rows in the order the column blocks do: same bits.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn row_sweeps_give_the_column_blocks_bits() {
+        if !avx512::available() {
+            return;
+        }
+        // Rows across the 8-row sweep, widths across the 8- and 4-column groups.
+        for (rows, m, r16) in [(37, 70, 16), (128, 576, 16), (21, 45, 32), (8, 4, 32)] {
+            let a = to_f32(&randv(rows * m, 11));
+            let b = to_f32(&randv(rows * r16, 12));
+            let start = to_f32(&randv(m * r16, 13));
+            let (mut sweeps, mut blocks) = (start.clone(), start);
+            // SAFETY: AVX-512 is available; acc [m, r16], a [rows, m], b [rows, r16].
+            unsafe {
+                match r16 {
+                    16 => avx512::sweeps::<1, 8>(&mut sweeps, &a, &b, m, rows),
+                    _ => avx512::sweeps::<2, 4>(&mut sweeps, &a, &b, m, rows),
+                }
+                avx512::column_blocks(&mut blocks, &a, &b, m, r16);
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&sweeps),
+                bits(&blocks),
+                "rows {rows}, m {m}, r16 {r16}"
+            );
+        }
     }
 
     #[test]
