@@ -175,28 +175,30 @@ pub(crate) unsafe fn pack_a_tile(
     }
 }
 
-/// [`crate::pack::pack_b`] of a row-major `b` (row stride `rs`) for consecutive 16-column
-/// strips of `strip_len` u16 each, filling `dst`, with `cols` valid columns from `b` on. Each
-/// row pair is read across all the strips at once: one strip at a time read 64 bytes per row,
-/// a stride of a whole row between reads that the prefetchers do not follow.
+/// [`crate::pack::pack_b`] of a row-major `b` (row stride `rs`, `cols` valid columns) for the
+/// k pairs `pairs` of all `strips` 16-column strips of `strip_len` u16 each at `dst`. Each row
+/// pair is read whole, across all the strips: the rows stream through in memory order.
 ///
 /// # Safety
-/// Every `(p, c)` with `p < k`, `c < cols` inside the source; `dst` a whole number of strips
-/// of `k_tiles * 512` u16 each, 64-byte aligned; the AVX512 features available.
+/// Every `(p, c)` with `p < k`, `c < cols` inside the source; `dst` valid for `strips` strips
+/// of `strip_len >= k_tiles * 512` u16 each, 64-byte aligned, of which only pairs `pairs`
+/// (within `0..k_tiles * 16`) are written, by no one else meanwhile; the AVX512 features
+/// available.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-pub(crate) unsafe fn pack_b_strips_by_rows(
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn pack_b_pairs_by_rows(
     b: *const f32,
     rs: usize,
     cols: usize,
     k: usize,
+    strips: usize,
     strip_len: usize,
-    dst: &mut [u16],
+    pairs: std::ops::Range<usize>,
+    dst: *mut u16,
 ) {
-    let k_tiles = k.div_ceil(TILE_K);
-    debug_assert!(strip_len >= k_tiles * TILE_LEN && dst.len().is_multiple_of(strip_len));
+    debug_assert!(strip_len >= k.div_ceil(TILE_K) * TILE_LEN && pairs.end * 32 <= strip_len);
     let interleave = interleave_index();
-    let strips = dst.len() / strip_len;
-    for q in 0..k_tiles * TILE_K / 2 {
+    for q in pairs {
         for s in 0..strips {
             let mask = lanes(cols.saturating_sub(s * TILE_MN).min(TILE_MN));
             let row = |p: usize| {
@@ -210,19 +212,14 @@ pub(crate) unsafe fn pack_b_strips_by_rows(
             };
             let pairs = convert_pairs(row(2 * q), row(2 * q + 1), interleave);
             // SAFETY: k pair q of strip s is 32 u16 at s * strip_len + 32 q, inside dst.
-            unsafe {
-                _mm512_storeu_si512(
-                    dst.as_mut_ptr().add(s * strip_len + q * 32) as *mut _,
-                    pairs,
-                )
-            };
+            unsafe { _mm512_storeu_si512(dst.add(s * strip_len + q * 32) as *mut _, pairs) };
         }
     }
 }
 
 /// [`crate::pack::pack_b`] for one 16-column strip of `cols` columns starting at `b` whose k
 /// values are contiguous (element `(p, c)` at `b + p + c * cs`: a transposed weight), into
-/// `dst` (`k_tiles * 16` k pairs). A row-major `b` goes through [`pack_b_strips_by_rows`].
+/// `dst` (`k_tiles * 16` k pairs). A row-major `b` goes through [`pack_b_pairs_by_rows`].
 ///
 /// # Safety
 /// Every `(p, c)` with `p < k`, `c < cols` inside the source; `dst` of `k_tiles * 512` u16,

@@ -579,17 +579,18 @@ fn split(blocks: usize, most: usize) -> (usize, usize) {
 /// bf16 elements of one packed tile (16 x 32).
 const TILE_LEN: usize = pack::TILE_MN * pack::TILE_K;
 
-/// A raw pointer to `c` shared by the tasks, which write disjoint blocks.
+/// A raw pointer to an output shared by tasks that write disjoint parts of it (blocks of `c`,
+/// k pairs of packed strips).
 #[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: tasks write disjoint rectangles of c (see run_bf16), so no element is shared.
-unsafe impl Send for SharedOut {}
+pub(crate) struct SharedOut<T>(pub(crate) *mut T);
+// SAFETY: the tasks sharing it write disjoint elements (see its uses), so none is shared.
+unsafe impl<T> Send for SharedOut<T> {}
 // SAFETY: as above.
-unsafe impl Sync for SharedOut {}
+unsafe impl<T> Sync for SharedOut<T> {}
 
-impl SharedOut {
+impl<T> SharedOut<T> {
     /// A method, so closures capture the whole (Sync) wrapper rather than its raw pointer.
-    fn ptr(self) -> *mut f32 {
+    pub(crate) fn ptr(self) -> *mut T {
         self.0
     }
 }

@@ -40,13 +40,16 @@ pub(crate) unsafe fn pack_b_strip_of_columns(
 
 /// # Safety
 /// Never called: [`available`] is false.
-pub(crate) unsafe fn pack_b_strips_by_rows(
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn pack_b_pairs_by_rows(
     _b: *const f32,
     _rs: usize,
     _cols: usize,
     _k: usize,
+    _strips: usize,
     _strip_len: usize,
-    _dst: &mut [u16],
+    _pairs: std::ops::Range<usize>,
+    _dst: *mut u16,
 ) {
     unreachable!("no SIMD bf16 kernel on this architecture")
 }
