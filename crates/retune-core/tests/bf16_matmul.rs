@@ -224,3 +224,46 @@ fn shared_input_pack_gives_the_bits_of_matmul_tn() {
     }
     set_matmul_precision(MatmulPrecision::F32);
 }
+
+/// Every base gradient of one full fine-tuning step, as bits.
+fn grad_bits(model: &Model<f32>, batch: &Batch) -> Vec<u32> {
+    let mut g = Grads::full(model);
+    model.forward_backward(batch, batch.target_count(), None, 0, &mut g);
+    let tensors = g.base.tensors_mut();
+    tensors
+        .iter()
+        .flat_map(|t| t.iter().map(|x| x.to_bits()))
+        .collect()
+}
+
+/// A recompute packs each weight for its input gradient too and holds that pack for the
+/// layer's backward: the gradients equal those of a fresh model (which packs from scratch), so
+/// a pack held by an earlier step never serves a changed weight.
+#[test]
+fn held_backward_packs_follow_weight_changes() {
+    let _one_at_a_time = PRECISION.lock().unwrap();
+    set_matmul_precision(MatmulPrecision::Bf16);
+    let mut cfg = LlamaConfig::smollm2_135m();
+    cfg.num_hidden_layers = 3;
+    cfg.vocab_size = 512;
+    let mut model = Model::<f32>::random(cfg, 5, 0.05).unwrap();
+    let rows: Vec<Vec<u32>> = (0..2)
+        .map(|b| (0..64).map(|i| ((i * 29 + b * 7) % 512) as u32).collect())
+        .collect();
+    let batch = Batch::from_rows(&rows).unwrap();
+    let first = grad_bits(&model, &batch);
+    assert_eq!(
+        first,
+        grad_bits(&model, &batch),
+        "a second step, packs held"
+    );
+    assert_eq!(first, grad_bits(&model.clone(), &batch), "a fresh model");
+    // Change weights of recomputed layers (0 and 1) and of the last (not recomputed) one.
+    model.weights.layers[0].q.w[3] += 0.5;
+    model.weights.layers[1].gate.w[10] -= 0.5;
+    model.weights.layers[2].v.w[7] += 0.25;
+    let changed = grad_bits(&model, &batch);
+    assert_ne!(changed, first, "the change moves the gradients");
+    assert_eq!(changed, grad_bits(&model.clone(), &batch), "no stale pack");
+    set_matmul_precision(MatmulPrecision::F32);
+}

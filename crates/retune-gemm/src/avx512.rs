@@ -255,6 +255,66 @@ pub(crate) unsafe fn pack_b_strip_of_columns(
     }
 }
 
+/// Both packs of the 16 rows `16 s..` (`rows` of them valid) of a linear layer's weight
+/// `w[n, k]` (row-major, starting at `w`): strip `s` of the forward pack (`w^T` as the right
+/// operand, as [`pack_b_strip_of_columns`] writes it) into `forward`, and k pairs `8 s..8 s + 8`
+/// of every strip of the backward pack (`w` as the right operand, as [`pack_b_pairs_by_rows`]
+/// writes it; strips of `backward_strip_len` u16 at `backward`). Each element is read once.
+///
+/// # Safety
+/// Rows `r < rows`, columns `< k` of `w` inside the source; `forward` of `k_tiles * 512` u16
+/// and `backward` valid for `2 * k_tiles` strips of `backward_strip_len` u16 (holding pair
+/// `8 s + 7`), both 64-byte aligned, the pairs written by no one else meanwhile; the AVX512
+/// features available.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub(crate) unsafe fn pack_weight_rows_both(
+    w: *const f32,
+    rows: usize,
+    k: usize,
+    s: usize,
+    forward: &mut [u16],
+    backward: *mut u16,
+    backward_strip_len: usize,
+) {
+    let k_tiles = k.div_ceil(TILE_K);
+    debug_assert!(forward.len() >= k_tiles * TILE_LEN && (8 * s + 8) * 32 <= backward_strip_len);
+    // Words 16 h.. of two converted rows, interleaved: the k pair of backward strip 2 t + h.
+    let halves: [__m512i; 2] = std::array::from_fn(|h| {
+        let idx: [i16; 32] = std::array::from_fn(|i| ((i % 2) * 32 + 16 * h + i / 2) as i16);
+        // SAFETY: reads 64 bytes from a 64-byte array.
+        unsafe { _mm512_loadu_si512(idx.as_ptr() as *const _) }
+    });
+    for t in 0..k_tiles {
+        let p0 = t * TILE_K;
+        let rows_bf16: [__m512i; 16] = std::array::from_fn(|r| {
+            if r < rows {
+                // SAFETY: row r, columns p0..min(k, p0 + 32) are inside the source.
+                unsafe { convert_32_reg(w.wrapping_add(r * k + p0), (k - p0).min(TILE_K)) }
+            } else {
+                _mm512_setzero_si512()
+            }
+        });
+        for (q, row) in transpose_16x16(&rows_bf16).iter().enumerate() {
+            // SAFETY: pair row q of tile t is 64 bytes inside forward.
+            unsafe {
+                _mm512_storeu_si512(
+                    forward.as_mut_ptr().add((t * TILE_MN + q) * 32) as *mut _,
+                    *row,
+                )
+            };
+        }
+        for j in 0..TILE_MN / 2 {
+            let (x, y) = (rows_bf16[2 * j], rows_bf16[2 * j + 1]);
+            for (h, idx) in halves.iter().enumerate() {
+                let pair = _mm512_permutex2var_epi16(x, *idx, y);
+                let at = (2 * t + h) * backward_strip_len + (8 * s + j) * 32;
+                // SAFETY: pair 8 s + j of backward strip 2 t + h is 64 bytes inside backward.
+                unsafe { _mm512_storeu_si512(backward.add(at) as *mut _, pair) };
+            }
+        }
+    }
+}
+
 /// Computes the given blocks on the calling thread.
 ///
 /// # Safety

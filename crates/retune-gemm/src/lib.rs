@@ -388,6 +388,42 @@ impl PackedB {
     pub fn recycle(self) {
         self.data.recycle();
     }
+
+    /// Packs a linear layer's weight `w[n, k]` for both of its products in one read of `w`:
+    /// returns the pack for the forward `x · w^T` (as [`PackedB::transient`] of
+    /// `MatRef::transpose_of(w, k)`) and puts the one for the input gradient `dy · w` (as
+    /// `transient` of `MatRef::row_major(w, k)`) into `backward`, reusing the buffer it holds.
+    /// A layer recomputed for its backward reads each weight once instead of twice.
+    pub fn transient_both_of_nk(
+        w: &[f32],
+        n: usize,
+        k: usize,
+        backward: &mut Option<PackedB>,
+    ) -> PackedB {
+        assert_eq!(w.len(), n * k, "retune-gemm: weight is not {n}x{k}");
+        let kernel = best_kernel();
+        let spare = backward.take().and_then(|b| match b.data {
+            PackedData::Bf16(p) => Some(p),
+            PackedData::F32(_) => None,
+        });
+        if !kernel.is_bf16() {
+            *backward = Some(Self::with_kernel(kernel, MatRef::row_major(w, k), n, k));
+            return Self::with_kernel(kernel, MatRef::transpose_of(w, k), k, n);
+        }
+        let (forward, back) = pack::pack_b_both_of_nk(w, n, k, spare);
+        *backward = Some(PackedB {
+            kernel,
+            k: n,
+            n: k,
+            data: PackedData::Bf16(back),
+        });
+        PackedB {
+            kernel,
+            k,
+            n,
+            data: PackedData::Bf16(forward),
+        }
+    }
 }
 
 /// A left operand `a[m, k]` converted once for several products with the same `a` (the input

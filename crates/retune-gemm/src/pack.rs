@@ -93,6 +93,27 @@ impl Packed {
         }
     }
 
+    /// `len` u16 (a multiple of 32) of unspecified values in `spare`'s buffer when it holds
+    /// that many, else as [`Packed::for_overwrite`].
+    pub(crate) fn reuse(spare: Option<Packed>, len: usize) -> Self {
+        match spare {
+            Some(mut p) if p.lines.capacity() * 32 >= len => {
+                let lines_needed = len / 32;
+                if p.lines.len() < lines_needed {
+                    p.lines.resize(lines_needed, Line([0; 32]));
+                }
+                p.len = lines_needed;
+                p
+            }
+            other => {
+                if let Some(p) = other {
+                    p.recycle();
+                }
+                Self::for_overwrite(len)
+            }
+        }
+    }
+
     /// Hands the buffer back for the next product on this thread: a fresh allocation costs
     /// page faults on every call, as much as a tenth of a product's time.
     pub(crate) fn recycle(self) {
@@ -413,6 +434,60 @@ fn pack_b_with(b: MatRef, k: usize, n: usize, allow_simd: bool) -> Packed {
     out
 }
 
+/// Both packs of a linear layer's weight `w[n, k]` (row-major), as [`pack_b`] makes them: of
+/// `w^T` (`k x n`, the forward's right operand) and of `w` (`n x k`, the input gradient's), in
+/// one read of `w`. The second goes into `backward`'s buffer when it is large enough.
+pub(crate) fn pack_b_both_of_nk(
+    w: &[f32],
+    n: usize,
+    k: usize,
+    backward: Option<Packed>,
+) -> (Packed, Packed) {
+    let (transposed, rows) = (MatRef::transpose_of(w, k), MatRef::row_major(w, k));
+    if !avx512::available() || n == 0 || k == 0 {
+        if let Some(spare) = backward {
+            spare.recycle();
+        }
+        return (pack_b(transposed, k, n), pack_b(rows, n, k));
+    }
+    let strip_len = k_tiles(k) * TILE_K / 2 * TILE_MN * 2;
+    let backward_strip_len = k_tiles(n) * TILE_K / 2 * TILE_MN * 2;
+    let backward_strips = k.div_ceil(BLOCK) * (BLOCK / TILE_MN);
+    let mut forward = Packed::for_overwrite(n.div_ceil(BLOCK) * (BLOCK / TILE_MN) * strip_len);
+    let mut backward = Packed::reuse(backward, backward_strips * backward_strip_len);
+    let dst = SharedOut(backward.as_mut_slice().as_mut_ptr());
+    // Strip s of the forward pack: rows 16 s.. of w, also k pairs 8 s.. of the backward's.
+    let strip = |(s, forward_strip): (usize, &mut [u16])| {
+        let rows = n.saturating_sub(s * TILE_MN).min(TILE_MN);
+        // SAFETY: w is n x k, so rows 16 s + r, r < rows, are inside it (the pointer is not
+        // read when rows is 0); forward_strip is strip s's aligned chunk; the backward pack
+        // holds every strip's pairs 8 s..8 s + 8 (the forward has as many strips as the
+        // backward has k pairs / 8), which only this task writes.
+        unsafe {
+            avx512::pack_weight_rows_both(
+                w.as_ptr().wrapping_add(s * TILE_MN * k),
+                rows,
+                k,
+                s,
+                forward_strip,
+                dst.ptr(),
+                backward_strip_len,
+            )
+        };
+    };
+    let chunks = forward.as_mut_slice();
+    if k * n >= PAR_PACK {
+        chunks
+            .par_chunks_mut(strip_len)
+            .with_max_len(1)
+            .enumerate()
+            .for_each(strip);
+    } else {
+        chunks.chunks_mut(strip_len).enumerate().for_each(strip);
+    }
+    (forward, backward)
+}
+
 /// One kernel call: a block of up to 32x32 of `c`.
 pub(crate) struct BlockArgs {
     /// Packed A at the block's first m tile, at the first k tile of the pass.
@@ -487,6 +562,54 @@ mod tests {
         let (first, second) = (dirty(), dirty());
         first.recycle();
         second.recycle();
+    }
+
+    /// Both packs of a weight from one read equal the scalar packs of its two views, with the
+    /// backward's buffer reused dirty (larger or smaller than needed) or made afresh.
+    #[test]
+    fn both_packs_of_a_weight_match_scalar() {
+        // (n, k): partial strips and tiles, zero strips past n, parallel tasks (> PAR_PACK).
+        let shapes = [
+            (1, 1),
+            (5, 40),
+            (16, 32),
+            (33, 70),
+            (70, 33),
+            (200, 300),
+            (576, 192),
+        ];
+        for (n, k) in shapes {
+            let w: Vec<f32> = (0..n * k)
+                .map(|x| (x as f32 * 0.37).sin() * 3.0 + 1e-3)
+                .collect();
+            let want_forward = pack_b_with(MatRef::transpose_of(&w, k), k, n, false);
+            let want_backward = pack_b_with(MatRef::row_major(&w, k), n, k, false);
+            let spares = [
+                None,
+                Some(Packed {
+                    lines: vec![Line([0xffff; 32]); 8],
+                    len: 8,
+                }),
+                Some(Packed {
+                    lines: vec![Line([0xffff; 32]); 8192],
+                    len: 8192,
+                }),
+            ];
+            for spare in spares {
+                dirty_spare_buffers();
+                let (forward, backward) = pack_b_both_of_nk(&w, n, k, spare);
+                assert_eq!(
+                    forward.as_slice(),
+                    want_forward.as_slice(),
+                    "forward {n}x{k}"
+                );
+                assert_eq!(
+                    backward.as_slice(),
+                    want_backward.as_slice(),
+                    "backward {n}x{k}"
+                );
+            }
+        }
     }
 
     /// The AVX512 packing paths produce the same bits as the scalar ones, for both stride

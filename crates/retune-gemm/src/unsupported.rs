@@ -28,6 +28,20 @@ pub(crate) unsafe fn pack_a_tile(
 
 /// # Safety
 /// Never called: [`available`] is false.
+pub(crate) unsafe fn pack_weight_rows_both(
+    _w: *const f32,
+    _rows: usize,
+    _k: usize,
+    _s: usize,
+    _forward: &mut [u16],
+    _backward: *mut u16,
+    _backward_strip_len: usize,
+) {
+    unreachable!("no SIMD bf16 kernel on this architecture")
+}
+
+/// # Safety
+/// Never called: [`available`] is false.
 pub(crate) unsafe fn pack_b_strip_of_columns(
     _b: *const f32,
     _cs: usize,

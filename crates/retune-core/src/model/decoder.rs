@@ -96,11 +96,17 @@ struct LayerActs<T> {
     lora: [LoraActs<T>; 7], // per adapted target, indexed by Target::index
 }
 
-/// What one LoRA branch saves: its (dropped-out) input and `x A^T`.
+/// What one projection saves for its backward: its LoRA branch's (dropped-out) input and
+/// `x A^T`, and, under bf16 products, its weight's pack for the input gradient when the
+/// layer's recompute made it (in the same read of the weight as the forward pack).
 #[derive(Default)]
 struct LoraActs<T> {
     x_drop: Vec<T>, // [N, D_in], only when dropout > 0
     xa: Vec<T>,     // [N, r]
+    w_backward: Option<PackedB>,
+    /// The layer whose weight `w_backward` holds in this backward pass (`None`: no valid pack;
+    /// the buffer is reused from layer to layer).
+    w_backward_layer: Option<usize>,
 }
 
 /// The buffers of one training forward/backward, kept in the model between calls: a step
@@ -270,6 +276,7 @@ impl<T: Float> LayerActs<T> {
                 LoraActs {
                     x_drop,
                     xa: z(n * spec.r),
+                    ..LoraActs::default()
                 }
             }),
         }
@@ -288,6 +295,9 @@ struct Proj<'a, T> {
     /// operand of `dW = dY^T X`, once for the projections that read one input
     /// ([`input_pack`]).
     input_pack: Option<&'a PackedB>,
+    /// A recompute for the backward: the weight's backward pack is made with its forward pack
+    /// and held in the projection's [`LoraActs`].
+    hold_backward_pack: bool,
 }
 
 impl<T: Float> Proj<'_, T> {
@@ -390,7 +400,11 @@ fn proj_forward_bf16<T: Float>(
     };
     let w_pack = p.packs.map(|p| &p.forward);
     let y32 = y.as_deref_mut().map(|y| T::f32_slice_mut(y).expect(f32s));
-    adapted_forward(y32, x_packed, w, w_pack, lin.d_out, branch);
+    // Only a product that packs the weight here can make its backward pack too.
+    let hold = p.hold_backward_pack && w_pack.is_none() && y32.is_some();
+    saved.w_backward_layer = hold.then_some(p.layer);
+    let hold_backward = hold.then_some(&mut saved.w_backward);
+    adapted_forward(y32, x_packed, w, w_pack, hold_backward, lin.d_out, branch);
     if let Some(p) = dropped {
         p.recycle();
     }
@@ -532,7 +546,11 @@ fn proj_backward_bf16<T: Float>(
             dropout,
         }
     });
-    let w_pack = p.packs.and_then(|p| p.backward.as_ref());
+    let held = saved
+        .w_backward
+        .as_ref()
+        .filter(|_| saved.w_backward_layer == Some(p.layer));
+    let w_pack = p.packs.and_then(|p| p.backward.as_ref()).or(held);
     let dx32 = T::f32_slice_mut(dx).expect("the bf16 path runs on f32");
     let (dy32, w) = (f32_of(dy), f32_of(&lin.w));
     adapted_backward(
@@ -575,6 +593,7 @@ impl<T: Float> Model<T> {
         let eps = self.config.rms_norm_eps;
         let lw = &self.weights.layers[l];
         let pk = |t: Target| packs.and_then(|p| p.linear(l, t));
+        let recompute = out.is_none();
         let a = acts;
         let [lq, lk, lv, lo, lg, lu, ld] = &mut a.lora;
         rmsnorm_forward(&mut a.ln1, &mut a.rstd1, x, &lw.attn_norm, d.n, d.c, eps);
@@ -588,6 +607,7 @@ impl<T: Float> Model<T> {
                 layer: l,
                 adapter,
                 input_pack: None,
+                hold_backward_pack: recompute,
             };
             proj_forward(y, saved, x, xp.as_ref(), &p, d.n)
         };
@@ -713,6 +733,7 @@ impl<T: Float> Model<T> {
             layer: l,
             adapter,
             input_pack,
+            hold_backward_pack: false,
         };
         let [lq, lk, lv, lo, lg, lu, ld] = &a.lora;
         // `scratch` has the same shapes as the activations; its buffers hold their gradients.

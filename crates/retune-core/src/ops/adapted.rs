@@ -35,13 +35,16 @@ pub struct BranchForward<'a> {
 }
 
 /// `y[N, D_out] = x W^T (+ the branch)`, `x` given packed. `w_pack`: the frozen weight's
-/// forward pack, else `w [D_out, D_in]` is packed here. With `y` `None` (a recompute that
-/// needs the branch's saved `x' A^T` but not the output) only that is computed.
+/// forward pack, else `w [D_out, D_in]` is packed here; then, with `hold_backward` (a layer
+/// recomputed for its backward), its pack for [`adapted_backward`] is made in the same read of
+/// `w` and put there. With `y` `None` (a recompute that needs the branch's saved `x' A^T` but
+/// not the output) only that is computed.
 pub fn adapted_forward(
     y: Option<&mut [f32]>,
     x: &PackedA,
     w: &[f32],
     w_pack: Option<&PackedB>,
+    hold_backward: Option<&mut Option<PackedB>>,
     d_out: usize,
     branch: Option<BranchForward>,
 ) {
@@ -63,8 +66,9 @@ pub fn adapted_forward(
         }
         return;
     };
-    let w_pack = WeightPack::new(w_pack, || {
-        PackedB::transient(MatRef::transpose_of(w, d_in), d_in, d_out)
+    let w_pack = WeightPack::new(w_pack, || match hold_backward {
+        Some(backward) => PackedB::transient_both_of_nk(w, d_out, d_in, backward),
+        None => PackedB::transient(MatRef::transpose_of(w, d_in), d_in, d_out),
     });
     match branch {
         None => gemm_terms(y, &[(x, w_pack.get())], false),
@@ -111,8 +115,9 @@ pub struct BranchBackward<'a> {
 }
 
 /// `dx[N, D_in] (+)= dy W (+ the branch's input gradient)` (added to `dx` when `accumulate`,
-/// else written over it), and accumulates the branch's weight gradients. `w_pack`: the frozen
-/// weight's backward pack, else `w` is packed here.
+/// else written over it), and accumulates the branch's weight gradients. `w_pack`: the
+/// weight's backward pack (a frozen weight's, or one [`adapted_forward`] held), else `w` is
+/// packed here.
 pub fn adapted_backward(
     accumulate: bool,
     dx: &mut [f32],
@@ -281,7 +286,15 @@ mod tests {
                 r: R,
                 xa: &mut xa32,
             };
-            adapted_forward(Some(&mut y32), &x_packed, &w32, None, D_OUT, Some(branch));
+            adapted_forward(
+                Some(&mut y32),
+                &x_packed,
+                &w32,
+                None,
+                None,
+                D_OUT,
+                Some(branch),
+            );
             assert!(max_rel_diff(&y32, &y) < bound(), "y, dropout {dropout}");
             assert!(max_rel_diff(&xa32, &xa) < bound(), "xa, dropout {dropout}");
             for accumulate in [false, true] {
@@ -323,5 +336,50 @@ mod tests {
                 assert!(max_rel_diff(&db32, &db) < bound(), "db, dropout {dropout}");
             }
         }
+    }
+
+    /// A forward that holds the weight's backward pack (made in the same read of the weight)
+    /// gives the same output, and the backward from that pack the same input gradient, bit
+    /// for bit, as packing each product's operand on its own.
+    #[test]
+    fn held_backward_pack_gives_the_same_bits() {
+        let (d_in, d_out) = (70, 33); // partial tiles and strips on both sides
+        let (x, w, dy) = (
+            to_f32(&randv(N * d_in, 1)),
+            to_f32(&randv(d_out * d_in, 2)),
+            to_f32(&randv(N * d_out, 3)),
+        );
+        let x_packed = PackedA::from_rows(&x, N, d_in);
+        let (mut y_own, mut y_held) = (vec![0.0f32; N * d_out], vec![0.0f32; N * d_out]);
+        adapted_forward(Some(&mut y_own), &x_packed, &w, None, None, d_out, None);
+        let mut held = None;
+        let hold = Some(&mut held);
+        adapted_forward(Some(&mut y_held), &x_packed, &w, None, hold, d_out, None);
+        assert_eq!(y_held, y_own);
+        let held = held.expect("the forward holds the backward pack");
+        let (mut dx_own, mut dx_held) = (vec![0.0f32; N * d_in], vec![0.0f32; N * d_in]);
+        adapted_backward(false, &mut dx_own, &dy, &w, None, N, d_in, d_out, None);
+        adapted_backward(
+            false,
+            &mut dx_held,
+            &dy,
+            &w,
+            Some(&held),
+            N,
+            d_in,
+            d_out,
+            None,
+        );
+        assert_eq!(dx_held, dx_own);
+        // And the product is dy · w (up to bf16 rounding of the operands).
+        let want: Vec<f64> = (0..N * d_in)
+            .map(|e| {
+                let (i, j) = (e / d_in, e % d_in);
+                (0..d_out)
+                    .map(|o| dy[i * d_out + o] as f64 * w[o * d_in + j] as f64)
+                    .sum()
+            })
+            .collect();
+        assert!(max_rel_diff(&dx_held, &want) < bound());
     }
 }
