@@ -1136,7 +1136,14 @@ impl<T: Float> Model<T> {
         if let Some(dembed) = grad_slot(&mut grads.embed) {
             embedding_backward(dembed, &pass.dx, &batch.ids, pass.d.c);
         }
-        self.workspace.put(pass.ws);
+        let mut ws = pass.ws;
+        // The next pass's recomputes make the held backward packs again; freed here, they
+        // stay out of that pass's peak (its LM head, before any layer's backward).
+        for saved in &mut ws.acts.lora {
+            saved.w_backward = None;
+            saved.w_backward_layer = None;
+        }
+        self.workspace.put(ws);
     }
 
     /// Logits `[B*T, V]` of a batch (tests and small evaluations; generation uses the KV cache).
