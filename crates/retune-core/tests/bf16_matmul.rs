@@ -169,16 +169,22 @@ fn packed_frozen_weights_match_unpacked_and_follow_changes() {
     set_pack_layer_weights(false);
 }
 
-fn packed_frozen_weights_case() {
-    set_matmul_precision(MatmulPrecision::Bf16);
+/// The SmolLM2-135M layer shape with `layers` layers and a 512-token vocabulary, and a batch
+/// of 2 x 64 tokens for it.
+fn small_model(layers: usize, seed: u64) -> (Model<f32>, Batch) {
     let mut cfg = LlamaConfig::smollm2_135m();
-    cfg.num_hidden_layers = 2;
+    cfg.num_hidden_layers = layers;
     cfg.vocab_size = 512;
-    let mut model = Model::<f32>::random(cfg, 3, 0.05).unwrap();
+    let model = Model::<f32>::random(cfg, seed, 0.05).unwrap();
     let rows: Vec<Vec<u32>> = (0..2)
         .map(|b| (0..64).map(|i| ((i * 37 + b * 11) % 512) as u32).collect())
         .collect();
-    let batch = Batch::from_rows(&rows).unwrap();
+    (model, Batch::from_rows(&rows).unwrap())
+}
+
+fn packed_frozen_weights_case() {
+    set_matmul_precision(MatmulPrecision::Bf16);
+    let (mut model, batch) = small_model(2, 3);
     // Frozen grads: every weight packed once and reused. Full grads: nothing packed, every
     // product packs its weight per call. Same kernel, same rounding: the same bits.
     let mut frozen = Grads::frozen(&model);
@@ -243,14 +249,7 @@ fn grad_bits(model: &Model<f32>, batch: &Batch) -> Vec<u32> {
 fn held_backward_packs_follow_weight_changes() {
     let _one_at_a_time = PRECISION.lock().unwrap();
     set_matmul_precision(MatmulPrecision::Bf16);
-    let mut cfg = LlamaConfig::smollm2_135m();
-    cfg.num_hidden_layers = 3;
-    cfg.vocab_size = 512;
-    let mut model = Model::<f32>::random(cfg, 5, 0.05).unwrap();
-    let rows: Vec<Vec<u32>> = (0..2)
-        .map(|b| (0..64).map(|i| ((i * 29 + b * 7) % 512) as u32).collect())
-        .collect();
-    let batch = Batch::from_rows(&rows).unwrap();
+    let (mut model, batch) = small_model(3, 5);
     let first = grad_bits(&model, &batch);
     assert_eq!(
         first,

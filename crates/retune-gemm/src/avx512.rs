@@ -234,25 +234,45 @@ pub(crate) unsafe fn pack_b_strip_of_columns(
 ) {
     let k_tiles = k.div_ceil(TILE_K);
     debug_assert!(dst.len() >= k_tiles * TILE_LEN);
-    // 32 of a column's k values are its 16 pairs of a k tile. A 16x16 transpose of (column,
-    // pair) turns 16 columns into the tile's 16 pair rows.
     for t in 0..k_tiles {
-        let p0 = t * TILE_K;
-        let columns: [__m512i; 16] = std::array::from_fn(|c| {
-            if c < cols {
-                // SAFETY: column c, rows p0..min(k, p0 + 32) are inside the source.
-                unsafe { convert_32_reg(b.wrapping_add(c * cs + p0), (k - p0).min(TILE_K)) }
-            } else {
-                _mm512_setzero_si512()
-            }
-        });
-        for (q, row) in transpose_16x16(&columns).iter().enumerate() {
-            // SAFETY: pair row q of tile t is 64 bytes inside dst.
-            unsafe {
-                _mm512_storeu_si512(dst.as_mut_ptr().add((t * TILE_MN + q) * 32) as *mut _, *row)
-            };
-        }
+        // SAFETY: forwarded from this function's contract.
+        unsafe { strip_tile(b, cs, cols, k, t, dst) };
     }
+}
+
+/// k tile `t` of a strip of [`pack_b_strip_of_columns`], stored into `dst`; returns the
+/// strip's 16 columns' converted k values (zeros past `cols`). 32 of a column's k values are
+/// its 16 pairs of the tile: a 16x16 transpose of (column, pair) turns 16 columns into the
+/// tile's 16 pair rows.
+///
+/// # Safety
+/// As [`pack_b_strip_of_columns`], with `t < k_tiles`.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+#[inline]
+unsafe fn strip_tile(
+    b: *const f32,
+    cs: usize,
+    cols: usize,
+    k: usize,
+    t: usize,
+    dst: &mut [u16],
+) -> [__m512i; 16] {
+    let p0 = t * TILE_K;
+    let columns: [__m512i; 16] = std::array::from_fn(|c| {
+        if c < cols {
+            // SAFETY: column c, rows p0..min(k, p0 + 32) are inside the source.
+            unsafe { convert_32_reg(b.wrapping_add(c * cs + p0), (k - p0).min(TILE_K)) }
+        } else {
+            _mm512_setzero_si512()
+        }
+    });
+    for (q, row) in transpose_16x16(&columns).iter().enumerate() {
+        // SAFETY: pair row q of tile t is 64 bytes inside dst.
+        unsafe {
+            _mm512_storeu_si512(dst.as_mut_ptr().add((t * TILE_MN + q) * 32) as *mut _, *row)
+        };
+    }
+    columns
 }
 
 /// Both packs of the 16 rows `16 s..` (`rows` of them valid) of a linear layer's weight
@@ -285,24 +305,9 @@ pub(crate) unsafe fn pack_weight_rows_both(
         unsafe { _mm512_loadu_si512(idx.as_ptr() as *const _) }
     });
     for t in 0..k_tiles {
-        let p0 = t * TILE_K;
-        let rows_bf16: [__m512i; 16] = std::array::from_fn(|r| {
-            if r < rows {
-                // SAFETY: row r, columns p0..min(k, p0 + 32) are inside the source.
-                unsafe { convert_32_reg(w.wrapping_add(r * k + p0), (k - p0).min(TILE_K)) }
-            } else {
-                _mm512_setzero_si512()
-            }
-        });
-        for (q, row) in transpose_16x16(&rows_bf16).iter().enumerate() {
-            // SAFETY: pair row q of tile t is 64 bytes inside forward.
-            unsafe {
-                _mm512_storeu_si512(
-                    forward.as_mut_ptr().add((t * TILE_MN + q) * 32) as *mut _,
-                    *row,
-                )
-            };
-        }
+        // The forward strip's tile: the weight's rows are the columns of w^T (stride k).
+        // SAFETY: forwarded from this function's contract.
+        let rows_bf16 = unsafe { strip_tile(w, k, rows, k, t, forward) };
         for j in 0..TILE_MN / 2 {
             let (x, y) = (rows_bf16[2 * j], rows_bf16[2 * j + 1]);
             for (h, idx) in halves.iter().enumerate() {

@@ -564,6 +564,13 @@ mod tests {
         second.recycle();
     }
 
+    /// Values of both signs and varied magnitudes, none subnormal.
+    fn test_values(len: usize) -> Vec<f32> {
+        (0..len)
+            .map(|x| (x as f32 * 0.37).sin() * 3.0 + 1e-3)
+            .collect()
+    }
+
     /// Both packs of a weight from one read equal the scalar packs of its two views, with the
     /// backward's buffer reused dirty (larger or smaller than needed) or made afresh.
     #[test]
@@ -579,9 +586,7 @@ mod tests {
             (576, 192),
         ];
         for (n, k) in shapes {
-            let w: Vec<f32> = (0..n * k)
-                .map(|x| (x as f32 * 0.37).sin() * 3.0 + 1e-3)
-                .collect();
+            let w = test_values(n * k);
             let want_forward = pack_b_with(MatRef::transpose_of(&w, k), k, n, false);
             let want_backward = pack_b_with(MatRef::row_major(&w, k), n, k, false);
             let spares = [
@@ -632,9 +637,7 @@ mod tests {
             (200, 300),
         ];
         for (rows, cols) in shapes {
-            let data: Vec<f32> = (0..rows * cols)
-                .map(|x| (x as f32 * 0.37).sin() * 3.0 + 1e-3)
-                .collect();
+            let data = test_values(rows * cols);
             for view in [
                 MatRef::row_major(&data, cols),
                 MatRef::transpose_of(&data, cols),
