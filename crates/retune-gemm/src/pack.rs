@@ -75,7 +75,7 @@ impl Packed {
         let lines_needed = len / 32;
         // The smallest spare that holds the product's buffer (growing a smaller one would copy
         // its old contents), else a new allocation.
-        let mut lines = SPARE
+        let lines = SPARE
             .with(|spare| {
                 let mut spare = spare.borrow_mut();
                 let best = (0..spare.len())
@@ -84,6 +84,12 @@ impl Packed {
                 Some(spare.swap_remove(best))
             })
             .unwrap_or_default();
+        Self::fitted(lines, len)
+    }
+
+    /// The first `len` u16 of `lines`, grown to hold them (a buffer only ever grows).
+    fn fitted(mut lines: Vec<Line>, len: usize) -> Self {
+        let lines_needed = len / 32;
         if lines.len() < lines_needed {
             lines.resize(lines_needed, Line([0; 32]));
         }
@@ -97,14 +103,7 @@ impl Packed {
     /// that many, else as [`Packed::for_overwrite`].
     pub(crate) fn reuse(spare: Option<Packed>, len: usize) -> Self {
         match spare {
-            Some(mut p) if p.lines.capacity() * 32 >= len => {
-                let lines_needed = len / 32;
-                if p.lines.len() < lines_needed {
-                    p.lines.resize(lines_needed, Line([0; 32]));
-                }
-                p.len = lines_needed;
-                p
-            }
+            Some(p) if p.lines.capacity() * 32 >= len => Self::fitted(p.lines, len),
             other => {
                 if let Some(p) = other {
                     p.recycle();
@@ -328,6 +327,16 @@ fn pack_a_rows(a: MatRef, m: usize, k: usize, out: &mut [u16]) {
 /// k pairs per task when a row-major `b` is packed: one k tile, 32 whole rows.
 const PAIRS_PER_TASK: usize = TILE_K / 2;
 
+/// u16 elements of one packed B strip for inner size `k` (its k pairs of 16 columns).
+fn strip_len(k: usize) -> usize {
+    k_tiles(k) * TILE_K / 2 * TILE_MN * 2
+}
+
+/// Packed B strips for `n` columns (padded to a whole 32-column block).
+fn strips(n: usize) -> usize {
+    n.div_ceil(BLOCK) * (BLOCK / TILE_MN)
+}
+
 /// Packs the `k x n` view `b` (see the module doc).
 pub(crate) fn pack_b(b: MatRef, k: usize, n: usize) -> Packed {
     pack_b_with(b, k, n, avx512::available())
@@ -336,9 +345,7 @@ pub(crate) fn pack_b(b: MatRef, k: usize, n: usize) -> Packed {
 /// [`pack_b`], with or without the AVX512 conversion.
 fn pack_b_with(b: MatRef, k: usize, n: usize, allow_simd: bool) -> Packed {
     let kt = k_tiles(k);
-    let pairs = kt * TILE_K / 2;
-    let strip_len = pairs * TILE_MN * 2;
-    let strips = n.div_ceil(BLOCK) * (BLOCK / TILE_MN);
+    let (strip_len, strips) = (strip_len(k), strips(n));
     let mut out = Packed::for_overwrite(strips * strip_len);
     if out.as_slice().is_empty() {
         return out;
@@ -450,11 +457,10 @@ pub(crate) fn pack_b_both_of_nk(
         }
         return (pack_b(transposed, k, n), pack_b(rows, n, k));
     }
-    let strip_len = k_tiles(k) * TILE_K / 2 * TILE_MN * 2;
-    let backward_strip_len = k_tiles(n) * TILE_K / 2 * TILE_MN * 2;
-    let backward_strips = k.div_ceil(BLOCK) * (BLOCK / TILE_MN);
-    let mut forward = Packed::for_overwrite(n.div_ceil(BLOCK) * (BLOCK / TILE_MN) * strip_len);
-    let mut backward = Packed::reuse(backward, backward_strips * backward_strip_len);
+    // The forward pack is k x n, the backward one n x k.
+    let (strip_len, backward_strip_len) = (strip_len(k), strip_len(n));
+    let mut forward = Packed::for_overwrite(strips(n) * strip_len);
+    let mut backward = Packed::reuse(backward, strips(k) * backward_strip_len);
     let dst = SharedOut(backward.as_mut_slice().as_mut_ptr());
     // Strip s of the forward pack: rows 16 s.. of w, also k pairs 8 s.. of the backward's.
     let strip = |(s, forward_strip): (usize, &mut [u16])| {
