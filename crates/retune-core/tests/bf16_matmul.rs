@@ -3,7 +3,7 @@
 //! process-wide, and the other tests of the crate compare f32 results with tight bounds.
 
 use retune_core::config::LlamaConfig;
-use retune_core::model::{set_pack_layer_weights, Batch, Grads, Lora, LoraSpec, Model, Target};
+use retune_core::model::{Batch, Grads, Lora, LoraSpec, Model, Target};
 use retune_core::ops::matmul::{
     matmul_nt, matmul_tn, matmul_tn_packed, set_matmul_precision, MatmulPrecision, BF16_MIN_ROWS,
 };
@@ -160,13 +160,70 @@ fn loss_bits(model: &Model<f32>, batch: &Batch, grads: &mut Grads<f32>) -> u64 {
 }
 
 #[test]
-fn packed_frozen_weights_match_unpacked_and_follow_changes() {
+fn packed_frozen_head_matches_unpacked_and_follows_changes() {
     let _one_at_a_time = PRECISION.lock().unwrap();
-    for pack_layers in [false, true] {
-        set_pack_layer_weights(pack_layers);
-        packed_frozen_weights_case();
+    packed_frozen_head_case();
+}
+
+/// Loss, adapter gradients and evaluation loss of one LoRA step, as bits.
+fn lora_step_bits(model: &Model<f32>, lora: &Lora<f32>, batch: &Batch) -> Vec<u64> {
+    let mut g = Grads::lora(model, lora);
+    let s = model.forward_backward(batch, batch.target_count(), Some(lora), 0, &mut g);
+    let eval = model.loss(batch, Some(lora));
+    let mut bits = vec![s.loss_sum.to_bits(), eval.loss_sum.to_bits()];
+    let g_lora = g.lora.as_mut().expect("LoRA gradients");
+    for t in g_lora.tensors_mut() {
+        bits.extend(t.iter().map(|x| x.to_bits() as u64));
     }
-    set_pack_layer_weights(false);
+    bits
+}
+
+/// A base held as bf16 packs gives the bits of the f32 base (whose products pack each weight
+/// per call), in a training step and an evaluation, also in a clone; generation asks for the
+/// model loaded again.
+#[test]
+fn base_held_as_packs_gives_the_bits_of_the_f32_base() {
+    let _one_at_a_time = PRECISION.lock().unwrap();
+    set_matmul_precision(MatmulPrecision::F32);
+    let (mut model, batch) = small_model(3, 9);
+    assert!(!model.pack_frozen_base(), "f32 products keep the f32 base");
+    set_matmul_precision(MatmulPrecision::Bf16);
+    let spec = LoraSpec {
+        r: 8,
+        alpha: 16.0,
+        dropout: 0.0,
+        targets: Target::ALL.to_vec(),
+        rslora: false,
+    };
+    let mut lora = Lora::init(spec, &model.weights, 4).unwrap();
+    // B non-zero, so the branch reaches the loss and the input gradients.
+    for t in lora.tensors_mut() {
+        for (i, v) in t.iter_mut().enumerate() {
+            *v += ((i * 7919 % 101) as f32 - 50.0) * 1e-3;
+        }
+    }
+    let want = lora_step_bits(&model, &lora, &batch);
+    assert!(model.pack_frozen_base() && model.base_is_packed());
+    assert!(!model.pack_frozen_base(), "packed once");
+    let released = model
+        .weights
+        .layers
+        .iter()
+        .all(|l| Target::ALL.iter().all(|t| t.of(l).w.is_empty()));
+    assert!(
+        released,
+        "the f32 values of every linear layer are released"
+    );
+    assert_eq!(lora_step_bits(&model, &lora, &batch), want, "packed base");
+    assert_eq!(
+        lora_step_bits(&model.clone(), &lora, &batch),
+        want,
+        "its clone"
+    );
+    let mut cache = model.new_cache(8);
+    let err = model.forward_cached(&[1, 2], &mut cache).unwrap_err();
+    assert!(err.to_string().contains("loaded again"), "{err}");
+    set_matmul_precision(MatmulPrecision::F32);
 }
 
 /// The SmolLM2-135M layer shape with `layers` layers and a 512-token vocabulary, and a batch
@@ -182,10 +239,10 @@ fn small_model(layers: usize, seed: u64) -> (Model<f32>, Batch) {
     (model, Batch::from_rows(&rows).unwrap())
 }
 
-fn packed_frozen_weights_case() {
+fn packed_frozen_head_case() {
     set_matmul_precision(MatmulPrecision::Bf16);
     let (mut model, batch) = small_model(2, 3);
-    // Frozen grads: every weight packed once and reused. Full grads: nothing packed, every
+    // Frozen grads: the head packed once and reused. Full grads: nothing packed, every
     // product packs its weight per call. Same kernel, same rounding: the same bits.
     let mut frozen = Grads::frozen(&model);
     let mut full = Grads::full(&model);

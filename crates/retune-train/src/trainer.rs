@@ -219,13 +219,19 @@ fn setup(config: &RunConfig, quiet: bool) -> Result<Setup, TrainError> {
         Dtype::Bf16 => MatmulPrecision::Bf16,
     });
     let path = &config.model.path;
-    let model = Model::<f32>::load(path)?;
+    let mut model = Model::<f32>::load(path)?;
     let tokenizer = Tokenizer::load(path)?;
     tokenizer.check_vocab(model.config.vocab_size, path)?;
     let lora = match config.method.kind {
         MethodKind::Lora => Some(init_adapter(config, &model)?),
         MethodKind::Full => None,
     };
+    if lora.is_some() {
+        // The base is frozen: under bf16 it is held as bf16 packs, made once, instead of
+        // being packed for every product (no more memory; the same bits for products of at
+        // least `BF16_MIN_ROWS` rows, which every training batch has).
+        model.pack_frozen_base();
+    }
     let d = &config.data;
     let pad = tokenizer.eos_ids.first().copied().unwrap_or(0);
     let (data, stats) = match PreferenceObjective::from_config(config) {

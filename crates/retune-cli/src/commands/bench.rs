@@ -42,10 +42,11 @@ pub struct Args {
     /// AMX tiles where the CPU has them; weights, gradients and AdamW state stay f32).
     #[arg(long, default_value = "f32")]
     dtype: String,
-    /// With --dtype bf16 and frozen base weights: also keep bf16 packs of every layer's
-    /// weight (faster, more memory; the LM head is packed either way).
+    /// With --dtype bf16 and a frozen base: keep its f32 weights and pack each weight for
+    /// every product, instead of holding the base as bf16 packs as `retune train` does (for
+    /// comparison: slower, same results).
     #[arg(long)]
-    pack_layers: bool,
+    keep_f32_base: bool,
     /// With --grads full: the optimizer in the backward (each layer's AdamW step as soon as
     /// its gradients are final; one layer's gradient buffer instead of all).
     #[arg(long)]
@@ -121,7 +122,6 @@ pub fn run(args: Args) -> Result<Outcome> {
         other => bail!("unknown --dtype `{other}`; use f32 or bf16"),
     };
     set_matmul_precision(precision);
-    retune_core::model::set_pack_layer_weights(args.pack_layers);
     if args.batch == 0 || args.seq < 2 || args.steps == 0 {
         bail!("--batch, --steps must be positive and --seq at least 2");
     }
@@ -143,6 +143,8 @@ pub fn run(args: Args) -> Result<Outcome> {
         bail!("--optimizer-in-backward needs --grads full");
     }
     let mut model = model;
+    // As `retune train` does: a frozen base under bf16 is held as packs.
+    let base_packed = !full && !args.keep_f32_base && model.pack_frozen_base();
     let mut lora = lora;
     let mut grads = match &lora {
         Some(lora) => Grads::lora(&model, lora),
@@ -228,7 +230,7 @@ pub fn run(args: Args) -> Result<Outcome> {
         "peak_rss_bytes": rss,
         "final_loss": last_loss,
         "dtype": args.dtype,
-        "pack_layers": args.pack_layers,
+        "base_packed": base_packed,
         "optimizer_in_backward": args.optimizer_in_backward,
         "gemm_kernel": match precision {
             MatmulPrecision::Bf16 => retune_gemm::best_kernel().name(),

@@ -65,6 +65,13 @@ impl<T: Float> Model<T> {
     pub fn forward_cached(&self, tokens: &[u32], cache: &mut KvCache<T>) -> Result<Vec<T>> {
         let cfg = &self.config;
         let (m, p0) = (tokens.len(), cache.len);
+        if self.base_is_packed() {
+            return Err(Error::Invalid(
+                "this model holds its base weights as bf16 packs for training \
+                 (Model::pack_frozen_base); generate from the model loaded again"
+                    .into(),
+            ));
+        }
         if m == 0 {
             return Err(Error::Invalid("no tokens to feed".into()));
         }

@@ -275,6 +275,11 @@ impl<T: Float> Lora<T> {
             for t in Target::ALL {
                 if let Some(p) = &lora.pairs[t.index()] {
                     let lin = t.of_mut(layer);
+                    assert!(
+                        !lin.w.is_empty(),
+                        "merge_into: the base weights are held as bf16 packs \
+                         (Model::pack_frozen_base); merge into the model loaded again"
+                    );
                     // delta[D_out, D_in] = s * B[D_out, r] · A[r, D_in], added in place.
                     let sb: Vec<T> = p.b.iter().map(|&v| v * s).collect();
                     crate::ops::matmul::matmul_nn(

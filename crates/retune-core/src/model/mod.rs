@@ -13,7 +13,6 @@ mod packs;
 pub mod weights;
 
 pub use lora::{Lora, LoraSpec, Target};
-pub use packs::set_pack_layer_weights;
 pub use weights::{LayerWeights, Linear, Weights};
 
 use crate::config::LlamaConfig;

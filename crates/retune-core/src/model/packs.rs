@@ -1,33 +1,31 @@
 //! bf16 packs of a model's frozen weights, built once and reused by every training step.
 //!
 //! Under bf16 precision each product with a weight converts it to bf16 and lays it out for the
-//! kernel; for a frozen weight (LoRA's base model) that work is the same on every call. The
-//! cache keeps both packs of a frozen LM head ([`WeightPacks`]; converting the 49k-row head
-//! costs more than its memory-bound product) and, when [`set_pack_layer_weights`] asks for
-//! it, the forward pack of every frozen linear layer; each with a fingerprint of the f32 values it was made from. `Model::weights` is a public
-//! field that anything may change (merging an adapter, a test's finite differences), so every
-//! use re-fingerprints the weights and repacks the ones that changed: one read of the f32
-//! weights, far cheaper than the conversions it saves. Trained weights (non-empty gradient)
-//! are never packed: they change after every optimizer step.
+//! kernel; for a frozen weight (LoRA's base model) that work is the same on every call. Two
+//! kinds of packs skip it:
+//! - The frozen LM head's two packs ([`WeightPacks`]; converting the 49k-row head costs more
+//!   than its memory-bound product), kept with a fingerprint of the f32 values they were made
+//!   from. `Model::weights` is a public field that anything may change (merging an adapter, a
+//!   test's finite differences), so every use re-fingerprints the head and repacks it when it
+//!   changed: one read of the f32 values, far cheaper than the conversion it saves.
+//! - The linear layers of a base held only as packs ([`Model::pack_frozen_base`]): the f32
+//!   values are released, so nothing can change them and there is nothing to fingerprint.
+//!
+//! Trained weights (non-empty gradient) are never packed: they change after every optimizer
+//! step.
 
 use super::lora::Target;
-use super::weights::{Linear, Weights};
+use super::weights::Weights;
+use super::Model;
 use crate::float::Float;
 use crate::ops::matmul::{matmul_precision, MatmulPrecision, WeightPacks};
 use rayon::prelude::*;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-static PACK_LAYERS: AtomicBool = AtomicBool::new(false);
+/// The packs of one linear layer's seven projections, by [`Target::index`].
+type LayerPacks = [Option<Arc<WeightPacks>>; 7];
 
-/// Whether bf16 training steps also keep a bf16 pack of every frozen linear layer's weight
-/// (process-wide, off by default). On SmolLM2-135M LoRA it saves about 4% of a step for
-/// 0.2 GiB more memory (half the f32 base weights); the LM head is packed either way.
-pub fn set_pack_layer_weights(on: bool) {
-    PACK_LAYERS.store(on, Ordering::Relaxed);
-}
-
-/// One packed weight and the fingerprint of the values it was packed from.
+/// The packed head and the fingerprint of the values it was packed from.
 struct Entry {
     fingerprint: u64,
     packs: Arc<WeightPacks>,
@@ -35,13 +33,13 @@ struct Entry {
 
 /// The packs of one forward/backward call, by weight.
 pub(crate) struct FrozenPacks {
-    /// `[layer][Target::index]`.
-    layers: Vec<[Option<Arc<WeightPacks>>; 7]>,
+    /// `[layer][Target::index]`; empty unless the base is held as packs.
+    layers: Vec<LayerPacks>,
     head: Option<Arc<WeightPacks>>,
 }
 
 impl FrozenPacks {
-    /// The packs of layer `l`'s projection `t`, when it is frozen and packed.
+    /// The packs of layer `l`'s projection `t`, when the base is held as packs.
     pub(crate) fn linear(&self, l: usize, t: Target) -> Option<&WeightPacks> {
         self.layers.get(l)?[t.index()].as_deref()
     }
@@ -52,16 +50,22 @@ impl FrozenPacks {
     }
 }
 
-/// The cache inside a model; a clone starts empty (it is rebuilt on first use).
+/// The packs inside a model. A clone shares the base's packs (they are its only copy of those
+/// weights) and rebuilds the head's on first use.
 #[derive(Default)]
 pub(crate) struct PackCache {
-    /// Entries `[layer * 7 + Target::index]`, then the head last.
-    entries: Mutex<Vec<Option<Entry>>>,
+    /// The LM head's packs, when it is frozen and products run in bf16.
+    head: Mutex<Option<Entry>>,
+    /// The linear layers' packs of a base held as packs, `[layer]`; empty otherwise.
+    base: Vec<LayerPacks>,
 }
 
 impl Clone for PackCache {
     fn clone(&self) -> Self {
-        PackCache::default()
+        PackCache {
+            head: Mutex::new(None),
+            base: self.base.clone(),
+        }
     }
 }
 
@@ -107,73 +111,87 @@ fn fingerprint(w: &[f32]) -> u64 {
 }
 
 impl PackCache {
-    /// The packs for one call, when `T` is f32 and products run in bf16: every weight whose
-    /// gradient in `grads` is empty (frozen) is packed, reusing the packs of unchanged
-    /// weights. `None` otherwise (the products then read the weights as they are).
+    /// The packs for one call: the base's, when it is held as packs, and, when `T` is f32,
+    /// products run in bf16 and the head's gradient in `grads` is empty (frozen), the head's,
+    /// reused while its values are unchanged. `None` when there are none (the products then
+    /// read the weights as they are).
     pub(crate) fn frozen<T: Float>(
         &self,
         weights: &Weights<T>,
         grads: &Weights<T>,
     ) -> Option<FrozenPacks> {
-        if matmul_precision() != MatmulPrecision::Bf16 {
-            return None;
-        }
-        // Every weight with the gradient slot that says whether it is frozen.
-        let mut wanted: Vec<Option<(&[f32], usize, usize)>> = Vec::new();
-        fn as_f32<'w, T: Float>(
-            lin: &'w Linear<T>,
-            g: &Linear<T>,
-        ) -> Option<(&'w [f32], usize, usize)> {
-            let w = T::f32_slice(&lin.w)?;
-            g.w.is_empty().then_some((w, lin.d_out, lin.d_in))
-        }
-        // Streamed gradients (`Grads::streamed`) have one layer's buffer for every layer.
-        let last_grad = grads.layers.len().saturating_sub(1);
-        for (l, lw) in weights.layers.iter().enumerate() {
-            let lg = &grads.layers[l.min(last_grad)];
-            for t in Target::ALL {
-                wanted.push(as_f32(t.of(lw), t.of(lg)));
-            }
-        }
         let head_grad = grads.lm_head.as_ref().unwrap_or(&grads.embed);
-        let head = T::f32_slice(weights.head()).filter(|_| head_grad.is_empty());
-        let c = weights.final_norm.len();
-        wanted.push(head.map(|w| (w, w.len() / c.max(1), c)));
-        if wanted.iter().all(Option::is_none) {
+        let head = T::f32_slice(weights.head())
+            .filter(|_| matmul_precision() == MatmulPrecision::Bf16 && head_grad.is_empty())
+            .map(|w| self.head_packs(w, weights.final_norm.len()));
+        if head.is_none() && self.base.is_empty() {
             return None;
         }
+        Some(FrozenPacks {
+            layers: self.base.clone(),
+            head,
+        })
+    }
 
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        entries.resize_with(wanted.len(), || None);
-        let head_slot = wanted.len() - 1;
-        let pack_layers = PACK_LAYERS.load(Ordering::Relaxed);
-        for (i, (slot, want)) in entries.iter_mut().zip(&wanted).enumerate() {
-            // Layers: the forward pack only (read twice per step: forward and recompute); a
-            // second pack per weight costs another 0.2 GiB and measured within noise.
-            let with_backward = i == head_slot;
-            let want = want.filter(|_| i == head_slot || pack_layers);
-            let Some((w, d_out, d_in)) = want else {
-                *slot = None; // trained (or absent): drop its packs
-                continue;
-            };
-            let fp = fingerprint(w);
-            if slot.as_ref().is_some_and(|e| e.fingerprint == fp) {
-                continue;
-            }
-            *slot = None; // free the stale packs before building the new ones
-            *slot = Some(Entry {
-                fingerprint: fp,
-                packs: Arc::new(WeightPacks::new(w, d_out, d_in, with_backward)),
-            });
+    /// The packs of the head `w [V, C]`, made again only when its values changed.
+    fn head_packs(&self, w: &[f32], c: usize) -> Arc<WeightPacks> {
+        let mut entry = self.head.lock().unwrap_or_else(|e| e.into_inner());
+        let fp = fingerprint(w);
+        if let Some(e) = entry.as_ref().filter(|e| e.fingerprint == fp) {
+            return e.packs.clone();
         }
-        let mut arcs = entries.iter().map(|e| e.as_ref().map(|e| e.packs.clone()));
-        let layers = weights
+        *entry = None; // free the stale packs before building the new ones
+        let packs = Arc::new(WeightPacks::new(w, w.len() / c.max(1), c, true));
+        *entry = Some(Entry {
+            fingerprint: fp,
+            packs: packs.clone(),
+        });
+        packs
+    }
+}
+
+impl<T: Float> Model<T> {
+    /// Holds every linear layer's weight only as its two bf16 packs, the forward product's
+    /// and the input gradient's, and releases its f32 values: for training an adapter with
+    /// bf16 products, where the base never changes. Each training step then reads packs
+    /// instead of packing every weight three times (forward, recompute, backward); the packs
+    /// take the memory the f32 values took. Returns whether it did so: only an f32 model
+    /// under bf16 precision holds its base as packs, and only once.
+    ///
+    /// The products of the layers then run in bf16 from the packs at any precision and any
+    /// number of rows, with the bits the bf16 path gives from the f32 values. Generation
+    /// ([`Model::forward_cached`]) and merging read the f32 values, so they need the model
+    /// loaded again. The embedding, the norms and the LM head keep their f32 values.
+    pub fn pack_frozen_base(&mut self) -> bool {
+        if matmul_precision() != MatmulPrecision::Bf16 || self.base_is_packed() {
+            return false;
+        }
+        if self
+            .weights
             .layers
             .iter()
-            .map(|_| std::array::from_fn(|_| arcs.next().flatten()))
-            .collect();
-        let head = arcs.next().flatten();
-        Some(FrozenPacks { layers, head })
+            .any(|l| T::f32_slice(&l.q.w).is_none())
+        {
+            return false;
+        }
+        let mut base = Vec::with_capacity(self.weights.layers.len());
+        for layer in &mut self.weights.layers {
+            let packs: LayerPacks = std::array::from_fn(|i| {
+                let lin = Target::ALL[i].of_mut(layer);
+                let w = T::f32_slice(&lin.w).expect("checked above: the weights are f32");
+                let packs = WeightPacks::new(w, lin.d_out, lin.d_in, true);
+                lin.w = Vec::new(); // released as soon as packed: the peak stays one weight
+                Some(Arc::new(packs))
+            });
+            base.push(packs);
+        }
+        self.packs.base = base;
+        true
+    }
+
+    /// Whether the linear layers are held only as bf16 packs ([`Model::pack_frozen_base`]).
+    pub fn base_is_packed(&self) -> bool {
+        !self.packs.base.is_empty()
     }
 }
 

@@ -50,7 +50,7 @@ pub fn adapted_forward(
 ) {
     let (n, d_in) = (x.m(), x.k());
     assert!(
-        y.as_ref().is_none_or(|y| y.len() == n * d_out) && w.len() == d_out * d_in,
+        y.as_ref().is_none_or(|y| y.len() == n * d_out) && weight_fits(w, w_pack, d_in, d_out),
         "adapted_forward: shape mismatch"
     );
     let Some(y) = y else {
@@ -130,7 +130,7 @@ pub fn adapted_backward(
     branch: Option<BranchBackward>,
 ) {
     assert!(
-        dx.len() == n * d_in && dy.len() == n * d_out && w.len() == d_out * d_in,
+        dx.len() == n * d_in && dy.len() == n * d_out && weight_fits(w, w_pack, d_out, d_in),
         "adapted_backward: shape mismatch"
     );
     let dy_packed = PackedA::from_rows(dy, n, d_out);
@@ -188,6 +188,16 @@ fn branch_backward(
     }
     a_pack.recycle();
     dxa_packed.recycle();
+}
+
+/// Whether the weight of a product `[.., k] x [k, n]` is there: its given pack has that
+/// shape, or (none given) `w` has its `k n` values. A base held only as packs has no f32
+/// values (`w` empty).
+fn weight_fits(w: &[f32], pack: Option<&PackedB>, k: usize, n: usize) -> bool {
+    match pack {
+        Some(p) => p.k() == k && p.n() == n,
+        None => w.len() == k * n,
+    }
 }
 
 /// A weight's pack for one product: the frozen weight's own, or one made for this call (and
