@@ -323,3 +323,58 @@ fn held_backward_packs_follow_weight_changes() {
     assert_eq!(changed, grad_bits(&model.clone(), &batch), "no stale pack");
     set_matmul_precision(MatmulPrecision::F32);
 }
+
+/// Whether two packs of `m x k` give the same bits in a product with one right operand.
+fn same_products(a: &retune_gemm::PackedA, b: &retune_gemm::PackedA) -> bool {
+    let (m, k, n) = (a.m(), a.k(), 29);
+    let w: Vec<f32> = (0..k * n)
+        .map(|i| ((i * 7919) % 997) as f32 / 500.0 - 1.0)
+        .collect();
+    let w = retune_gemm::PackedB::from_kn(&w, k, n);
+    let (mut ca, mut cb) = (vec![0.0f32; m * n], vec![0.0f32; m * n]);
+    retune_gemm::gemm_terms(&mut ca, &[(a, &w)], false);
+    retune_gemm::gemm_terms(&mut cb, &[(b, &w)], false);
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    bits(&ca) == bits(&cb)
+}
+
+/// The ops that pack their output row by row as they write it (RMSNorm, SwiGLU) give the
+/// values of the plain ops and the packs of packing the output afterwards.
+#[test]
+fn producers_pack_their_rows_as_packing_afterwards() {
+    use retune_core::ops::matmul::pack_rows;
+    use retune_core::ops::rmsnorm::{rmsnorm_forward, rmsnorm_forward_packed};
+    use retune_core::ops::swiglu::{swiglu_forward, swiglu_forward_packed};
+    let _one_at_a_time = PRECISION.lock().unwrap();
+    set_matmul_precision(MatmulPrecision::Bf16);
+    let (n, c) = (37, 70); // neither a whole number of tiles
+    let v = |len: usize, s: usize| -> Vec<f32> {
+        (0..len)
+            .map(|i| (((i + s) * 7919) % 2003) as f32 / 1001.0 - 1.0)
+            .collect()
+    };
+    let (x, w) = (v(n * c, 1), v(c, 2));
+    let (mut y, mut r) = (vec![0.0f32; n * c], vec![0.0f32; n]);
+    rmsnorm_forward(&mut y, &mut r, &x, &w, n, c, 1e-5);
+    let (mut y2, mut r2) = (vec![f32::NAN; n * c], vec![f32::NAN; n]);
+    let packed = rmsnorm_forward_packed(&mut y2, &mut r2, &x, &w, n, c, 1e-5).unwrap();
+    assert_eq!((&y2, &r2), (&y, &r));
+    let afterwards = pack_rows(&y, n, c).unwrap();
+    assert!(same_products(&packed, &afterwards), "RMSNorm's pack");
+
+    let (g, u) = (v(n * c, 3), v(n * c, 4));
+    let mut act = vec![0.0f32; n * c];
+    swiglu_forward(&mut act, &g, &u);
+    let mut act2 = vec![f32::NAN; n * c];
+    let packed = swiglu_forward_packed(&mut act2, &g, &u, c).unwrap();
+    assert_eq!(act2, act);
+    assert!(
+        same_products(&packed, &pack_rows(&act, n, c).unwrap()),
+        "SwiGLU's pack"
+    );
+    assert!(
+        !same_products(&packed, &afterwards),
+        "the check tells packs apart"
+    );
+    set_matmul_precision(MatmulPrecision::F32);
+}

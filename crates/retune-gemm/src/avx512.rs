@@ -111,6 +111,28 @@ fn transpose_16x16(rows: &[__m512i; 16]) -> [__m512i; 16] {
     out
 }
 
+/// Row `r` of a 16-row A tile from the `k` floats at `src`: every k tile's row `r` of `tile`
+/// (all k tiles of the row tile), zeros past `k`.
+///
+/// # Safety
+/// `src` valid for `k` floats; `tile` of `k_tiles * 512` u16; `r < 16`; the AVX512 features
+/// available.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub(crate) unsafe fn pack_a_row(src: *const f32, k: usize, r: usize, tile: &mut [u16]) {
+    debug_assert!(r < TILE_MN && tile.len() >= k.div_ceil(TILE_K) * TILE_LEN);
+    for t in 0..k.div_ceil(TILE_K) {
+        let p0 = t * TILE_K;
+        // SAFETY: columns p0..min(k, p0 + 32) are inside src; row r of k tile t is inside tile.
+        unsafe {
+            convert_32(
+                src.wrapping_add(p0),
+                (k - p0).min(TILE_K),
+                tile.as_mut_ptr().add((t * TILE_MN + r) * TILE_K),
+            )
+        };
+    }
+}
+
 /// [`crate::pack::pack_a`] for k tiles `tiles` of one 16-row tile of `rows` rows starting at
 /// `a` (element `(r, p)` at `a + r * rs + p * cs`), into `dst` (all k tiles of the row tile).
 ///

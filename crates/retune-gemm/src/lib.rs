@@ -450,6 +450,38 @@ impl PackedA {
         PackedA { kernel, m, k, data }
     }
 
+    /// Rows per tile of [`PackedA::row_tiles_mut`].
+    pub const TILE_ROWS: usize = pack::TILE_MN;
+
+    /// An `m x k` pack that its producer fills tile by tile ([`PackedA::row_tiles_mut`]) while
+    /// the rows are in its cache, instead of reading them again for [`PackedA::from_rows`]:
+    /// the same bits once every row `< m` is put. `None` when the kernel reads f32.
+    pub fn for_rows(m: usize, k: usize) -> Option<Self> {
+        let kernel = best_kernel();
+        kernel.is_bf16().then(|| PackedA {
+            kernel,
+            m,
+            k,
+            data: PackedData::Bf16(pack::a_for_rows(m, k)),
+        })
+    }
+
+    /// The tiles of a [`PackedA::for_rows`] pack, in order: tile `i` takes rows
+    /// `TILE_ROWS i..TILE_ROWS (i + 1)` (those below `m`).
+    pub fn row_tiles_mut(&mut self) -> rayon::slice::ChunksMut<'_, u16> {
+        let tile_len = pack::k_tiles(self.k) * TILE_LEN;
+        let tiles = self.m.div_ceil(pack::TILE_MN);
+        match &mut self.data {
+            PackedData::Bf16(p) => p.as_mut_slice()[..tiles * tile_len].par_chunks_mut(tile_len),
+            PackedData::F32(_) => unreachable!("for_rows makes bf16 packs only"),
+        }
+    }
+
+    /// Puts `row` (`k` values) as row `r` of a tile from [`PackedA::row_tiles_mut`].
+    pub fn put_row(tile: &mut [u16], r: usize, row: &[f32]) {
+        pack::put_a_row(tile, r, row);
+    }
+
     /// Packs a row-major `a[m, k]`.
     pub fn from_rows(a: &[f32], m: usize, k: usize) -> Self {
         assert_eq!(a.len(), m * k, "retune-gemm: a is not {m}x{k}");

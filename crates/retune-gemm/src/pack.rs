@@ -144,7 +144,7 @@ impl Packed {
         unsafe { std::slice::from_raw_parts(lines.as_ptr() as *const u16, lines.len() * 32) }
     }
 
-    fn as_mut_slice(&mut self) -> &mut [u16] {
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [u16] {
         // SAFETY: as in as_slice, borrowed mutably.
         let lines = &mut self.lines[..self.len];
         unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr() as *mut u16, lines.len() * 32) }
@@ -263,6 +263,38 @@ fn pack_a_with(a: MatRef, m: usize, k: usize, allow_simd: bool) -> Packed {
             .for_each(pack_group);
     }
     out
+}
+
+/// An `m x k` A pack for its producer to fill row by row ([`put_a_row`]): the tiles from the
+/// one that holds row `m` on (the padding rows of the last 32-row block) are zeroed; the rows
+/// before `m` are left for the producer.
+pub(crate) fn a_for_rows(m: usize, k: usize) -> Packed {
+    let tile_len = TILE_MN * TILE_K * k_tiles(k);
+    let m_tiles = m.div_ceil(BLOCK) * (BLOCK / TILE_MN);
+    let mut out = Packed::for_overwrite(m_tiles * tile_len);
+    out.as_mut_slice()[m / TILE_MN * tile_len..].fill(0);
+    out
+}
+
+/// Row `r` of the 16-row A tile `tile` (all its k tiles) from `row` (`k` values).
+pub(crate) fn put_a_row(tile: &mut [u16], r: usize, row: &[f32]) {
+    let k = row.len();
+    assert!(
+        r < TILE_MN && tile.len() == k_tiles(k) * TILE_MN * TILE_K,
+        "retune-gemm: a row of {k} does not fit the tile"
+    );
+    if avx512::available() {
+        // SAFETY: row holds k floats, tile all k tiles of a row tile, r < 16, and the
+        // features are available.
+        unsafe { avx512::pack_a_row(row.as_ptr(), k, r, tile) };
+        return;
+    }
+    for (t, chunk) in row.chunks(TILE_K).enumerate() {
+        let d = &mut tile[(t * TILE_MN + r) * TILE_K..][..TILE_K];
+        for (i, o) in d.iter_mut().enumerate() {
+            *o = chunk.get(i).map_or(0, |&x| to_bf16_bits(x));
+        }
+    }
 }
 
 /// Most k tiles per task of [`pack_a_rows`].

@@ -14,6 +14,12 @@ pub(crate) unsafe fn run_blocks(_blocks: impl Iterator<Item = BlockArgs>) {
 
 /// # Safety
 /// Never called: [`available`] is false.
+pub(crate) unsafe fn pack_a_row(_src: *const f32, _k: usize, _r: usize, _tile: &mut [u16]) {
+    unreachable!("no SIMD bf16 kernel on this architecture")
+}
+
+/// # Safety
+/// Never called: [`available`] is false.
 pub(crate) unsafe fn pack_a_tile(
     _a: *const f32,
     _rs: usize,

@@ -254,6 +254,33 @@ fn packed_constructors_match_views() {
     check(best_kernel(), &case, &c, None).unwrap();
 }
 
+/// A left operand put row by row by its producer (into a reused buffer of stale values) gives
+/// the products of the same operand packed whole, bit for bit.
+#[test]
+fn rows_put_by_their_producer_give_the_pack_of_from_rows() {
+    use rayon::prelude::*;
+    for (m, k, n) in [(37, 70, 45), (64, 576, 96), (5, 33, 20), (1, 1, 1)] {
+        // A buffer of NaNs handed back, so the next pack may reuse it.
+        PackedA::from_rows(&vec![f32::NAN; 64 * 640], 64, 640).recycle();
+        let Some(mut put) = PackedA::for_rows(m, k) else {
+            return; // the f32 kernel packs nothing
+        };
+        let case = Case::new(m, k, n, Layout::Nt, 60);
+        put.row_tiles_mut().enumerate().for_each(|(i, tile)| {
+            for (r, row) in case.a.chunks(k).skip(16 * i).take(16).enumerate() {
+                PackedA::put_row(tile, r, row);
+            }
+        });
+        let whole = PackedA::from_rows(&case.a, m, k);
+        let b = PackedB::from_nk(&case.b, n, k);
+        let (mut c_put, mut c_whole) = (vec![0.0; m * n], vec![0.0; m * n]);
+        gemm_terms(&mut c_put, &[(&put, &b)], false);
+        gemm_terms(&mut c_whole, &[(&whole, &b)], false);
+        assert_eq!(c_put, c_whole, "{m}x{k}x{n}");
+        check(best_kernel(), &case, &c_put, None).unwrap();
+    }
+}
+
 /// A sum of products sharing m and n (a base weight plus a LoRA branch of rank 16, and a third
 /// term of another depth) equals chaining the products one by one, bit for bit, and each
 /// product equals the reference.

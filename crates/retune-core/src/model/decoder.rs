@@ -18,9 +18,12 @@ use crate::ops::linear::{add_bias, linear_backward_packed, linear_forward_packed
 use crate::ops::lora::{dropout_forward, lora_backward, lora_forward};
 use crate::ops::matmul::{matmul_nt, matmul_tn_packed, pack_rows, runs_in_bf16, WeightPacks};
 use crate::ops::residual::{add_inplace, zero_par};
-use crate::ops::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
+use crate::ops::rmsnorm::{rmsnorm_backward, rmsnorm_forward, rmsnorm_forward_packed};
 use crate::ops::rope::{rope_backward, rope_forward, RopeTable};
-use crate::ops::swiglu::{swiglu_backward_overwrite, swiglu_forward};
+use crate::ops::swiglu::{
+    swiglu_backward_overwrite, swiglu_backward_overwrite_packed, swiglu_forward,
+    swiglu_forward_packed,
+};
 use retune_gemm::{MatRef, PackedA, PackedB};
 use std::sync::Mutex;
 
@@ -423,14 +426,16 @@ fn proj_backward<T: Float>(
     g: &mut Linear<T>,
     g_lora: Option<&mut LayerLora<T>>,
     dy: &[T],
+    dy_packed: Option<PackedA>,
     x: &[T],
     saved: &LoraActs<T>,
     p: &Proj<T>,
     n: usize,
 ) {
     if runs_in_bf16(n) && T::f32_slice(dy).is_some() {
-        return proj_backward_bf16(accumulate, dx, g, g_lora, dy, x, saved, p, n);
+        return proj_backward_bf16(accumulate, dx, g, g_lora, dy, dy_packed, x, saved, p, n);
     }
+    recycle(dy_packed);
     let (lin, packs, t) = (p.lin, p.packs, p.t);
     if !accumulate {
         dx.fill(T::zero());
@@ -504,6 +509,7 @@ fn proj_backward_bf16<T: Float>(
     g: &mut Linear<T>,
     g_lora: Option<&mut LayerLora<T>>,
     dy: &[T],
+    dy_packed: Option<PackedA>,
     x: &[T],
     saved: &LoraActs<T>,
     p: &Proj<T>,
@@ -554,7 +560,7 @@ fn proj_backward_bf16<T: Float>(
     let dx32 = T::f32_slice_mut(dx).expect("the bf16 path runs on f32");
     let (dy32, w) = (f32_of(dy), f32_of(&lin.w));
     adapted_backward(
-        accumulate, dx32, dy32, w, w_pack, n, lin.d_in, lin.d_out, branch,
+        accumulate, dx32, dy32, dy_packed, w, w_pack, n, lin.d_in, lin.d_out, branch,
     );
 }
 
@@ -596,9 +602,10 @@ impl<T: Float> Model<T> {
         let recompute = out.is_none();
         let a = acts;
         let [lq, lk, lv, lo, lg, lu, ld] = &mut a.lora;
-        rmsnorm_forward(&mut a.ln1, &mut a.rstd1, x, &lw.attn_norm, d.n, d.c, eps);
-        // Under bf16 products each input is packed once for every projection that reads it.
-        let ln1_packed = pack_rows(&a.ln1, d.n, d.c);
+        // Under bf16 products each input is packed once for every projection that reads it,
+        // by the op that makes it.
+        let ln1_packed =
+            rmsnorm_forward_packed(&mut a.ln1, &mut a.rstd1, x, &lw.attn_norm, d.n, d.c, eps);
         let proj = |y: Option<&mut [T]>, saved, x: &[T], xp: &Option<PackedA>, lin, t| {
             let p = Proj {
                 lin,
@@ -663,8 +670,8 @@ impl<T: Float> Model<T> {
         );
         recycle(att_packed);
         add_inplace(&mut a.x1, x);
-        rmsnorm_forward(&mut a.ln2, &mut a.rstd2, &a.x1, &lw.mlp_norm, d.n, d.c, eps);
-        let ln2_packed = pack_rows(&a.ln2, d.n, d.c);
+        let ln2_packed =
+            rmsnorm_forward_packed(&mut a.ln2, &mut a.rstd2, &a.x1, &lw.mlp_norm, d.n, d.c, eps);
         proj(
             Some(&mut a.gate),
             lg,
@@ -682,13 +689,13 @@ impl<T: Float> Model<T> {
             Target::UpProj,
         );
         recycle(ln2_packed);
-        swiglu_forward(&mut a.act, &a.gate, &a.up);
         // Without an output (a recompute), the down projection is needed only for its adapter's
         // `x' A^T`, and an unadapted one not at all: no pack of its input.
         let down_adapted = adapter.is_some_and(|ad| ad.pair(l, Target::DownProj).is_some());
         let act_packed = if out.is_some() || down_adapted {
-            pack_rows(&a.act, d.n, d.f)
+            swiglu_forward_packed(&mut a.act, &a.gate, &a.up, d.f)
         } else {
+            swiglu_forward(&mut a.act, &a.gate, &a.up);
             None
         };
         let mut out = out;
@@ -752,12 +759,13 @@ impl<T: Float> Model<T> {
             &mut g.down,
             gl,
             dx,
+            None,
             &a.act,
             ld,
             &proj(Target::DownProj, None),
             d.n,
         );
-        swiglu_backward_overwrite(&mut s.gate, &mut s.up, &s.act, &a.gate, &a.up);
+        let (gate_dy_pack, up_dy_pack) = swiglu_backward_packed(s, a, d);
         let ln2_pack = input_pack(&a.ln2, d.n, d.c, [&g.gate, &g.up]);
         let gl = g_lora.as_deref_mut();
         proj_backward(
@@ -766,6 +774,7 @@ impl<T: Float> Model<T> {
             &mut g.gate,
             gl,
             &s.gate,
+            gate_dy_pack,
             &a.ln2,
             lg,
             &proj(Target::GateProj, ln2_pack.as_ref()),
@@ -778,6 +787,7 @@ impl<T: Float> Model<T> {
             &mut g.up,
             gl,
             &s.up,
+            up_dy_pack,
             &a.ln2,
             lu,
             &proj(Target::UpProj, ln2_pack.as_ref()),
@@ -793,6 +803,7 @@ impl<T: Float> Model<T> {
             &mut g.o,
             gl,
             dx,
+            None,
             &a.att,
             lo,
             &proj(Target::OProj, None),
@@ -812,6 +823,7 @@ impl<T: Float> Model<T> {
             &mut g.q,
             gl,
             &s.q,
+            None,
             &a.ln1,
             lq,
             &proj(Target::QProj, ln1_pack.as_ref()),
@@ -824,6 +836,7 @@ impl<T: Float> Model<T> {
             &mut g.k,
             gl,
             &s.k,
+            None,
             &a.ln1,
             lk,
             &proj(Target::KProj, ln1_pack.as_ref()),
@@ -836,6 +849,7 @@ impl<T: Float> Model<T> {
             &mut g.v,
             gl,
             &s.v,
+            None,
             &a.ln1,
             lv,
             &proj(Target::VProj, ln1_pack.as_ref()),
@@ -1198,6 +1212,40 @@ fn input_pack<T: Float, const P: usize>(
     }
     let x = T::f32_slice(x)?;
     Some(PackedB::transient(MatRef::row_major(x, d_in), n, d_in))
+}
+
+/// The SwiGLU's backward into `s.gate` and `s.up` (written over) from `s.act`, the gradient of
+/// its output; under bf16 products it also returns both gradients packed for their products,
+/// made row by row as they are computed (see [`swiglu_backward_overwrite_packed`]).
+fn swiglu_backward_packed<T: Float>(
+    s: &mut LayerActs<T>,
+    a: &LayerActs<T>,
+    d: &Dims,
+) -> (Option<PackedA>, Option<PackedA>) {
+    let packs = runs_in_bf16(d.n)
+        .then(|| PackedA::for_rows(d.n, d.f).zip(PackedA::for_rows(d.n, d.f)))
+        .flatten();
+    let f32s = (
+        T::f32_slice_mut(&mut s.gate),
+        T::f32_slice_mut(&mut s.up),
+        T::f32_slice(&s.act),
+        T::f32_slice(&a.gate),
+        T::f32_slice(&a.up),
+    );
+    match (packs, f32s) {
+        (Some((mut gp, mut up)), (Some(dg), Some(du), Some(dact), Some(g), Some(u))) => {
+            swiglu_backward_overwrite_packed(dg, du, dact, g, u, d.f, &mut gp, &mut up);
+            (Some(gp), Some(up))
+        }
+        (packs, _) => {
+            if let Some((gp, up)) = packs {
+                gp.recycle();
+                up.recycle();
+            }
+            swiglu_backward_overwrite(&mut s.gate, &mut s.up, &s.act, &a.gate, &a.up);
+            (None, None)
+        }
+    }
 }
 
 /// Hands a packed input's buffer back for the next products.

@@ -117,11 +117,13 @@ pub struct BranchBackward<'a> {
 /// `dx[N, D_in] (+)= dy W (+ the branch's input gradient)` (added to `dx` when `accumulate`,
 /// else written over it), and accumulates the branch's weight gradients. `w_pack`: the
 /// weight's backward pack (a frozen weight's, or one [`adapted_forward`] held), else `w` is
+/// packed here. `dy_packed`: `dy` packed by its producer ([`PackedA::for_rows`]), else it is
 /// packed here.
 pub fn adapted_backward(
     accumulate: bool,
     dx: &mut [f32],
     dy: &[f32],
+    dy_packed: Option<PackedA>,
     w: &[f32],
     w_pack: Option<&PackedB>,
     n: usize,
@@ -133,7 +135,11 @@ pub fn adapted_backward(
         dx.len() == n * d_in && dy.len() == n * d_out && weight_fits(w, w_pack, d_out, d_in),
         "adapted_backward: shape mismatch"
     );
-    let dy_packed = PackedA::from_rows(dy, n, d_out);
+    let dy_packed = dy_packed.unwrap_or_else(|| PackedA::from_rows(dy, n, d_out));
+    assert!(
+        dy_packed.m() == n && dy_packed.k() == d_out,
+        "adapted_backward: dy's pack does not fit"
+    );
     let w_pack = WeightPack::new(w_pack, || {
         PackedB::transient(MatRef::row_major(w, d_in), d_out, d_in)
     });
@@ -327,6 +333,7 @@ mod tests {
                     accumulate,
                     &mut dx32,
                     dy_,
+                    None,
                     &w32,
                     None,
                     N,
@@ -368,11 +375,23 @@ mod tests {
         assert_eq!(y_held, y_own);
         let held = held.expect("the forward holds the backward pack");
         let (mut dx_own, mut dx_held) = (vec![0.0f32; N * d_in], vec![0.0f32; N * d_in]);
-        adapted_backward(false, &mut dx_own, &dy, &w, None, N, d_in, d_out, None);
+        adapted_backward(
+            false,
+            &mut dx_own,
+            &dy,
+            None,
+            &w,
+            None,
+            N,
+            d_in,
+            d_out,
+            None,
+        );
         adapted_backward(
             false,
             &mut dx_held,
             &dy,
+            None,
             &w,
             Some(&held),
             N,

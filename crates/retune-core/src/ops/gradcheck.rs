@@ -102,3 +102,18 @@ pub(crate) fn check_grad_out(
             .sum()
     })
 }
+
+/// Whether `packed` holds the bf16 pack of the row-major `rows` (`m x k`): its product with a
+/// seeded right operand has the bits of the same product from `PackedA::from_rows(rows)`.
+pub(crate) fn is_pack_of(packed: &retune_gemm::PackedA, rows: &[f32]) -> bool {
+    use retune_gemm::{gemm_terms, PackedA, PackedB};
+    let (m, k, n) = (packed.m(), packed.k(), 37);
+    assert_eq!(rows.len(), m * k, "is_pack_of: rows are not m x k");
+    let b = PackedB::from_kn(&to_f32(&randv(k * n, 77)), k, n);
+    let whole = PackedA::from_rows(rows, m, k);
+    let (mut got, mut want) = (vec![0.0f32; m * n], vec![0.0f32; m * n]);
+    gemm_terms(&mut got, &[(packed, &b)], false);
+    gemm_terms(&mut want, &[(&whole, &b)], false);
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    bits(&got) == bits(&want)
+}

@@ -57,6 +57,17 @@ pub fn pack_rows<T: Float>(x: &[T], m: usize, k: usize) -> Option<PackedA> {
     T::f32_slice(x).map(|x| PackedA::from_rows(x, m, k))
 }
 
+/// The empty pack of `x[m, k]` for its producer to fill row by row ([`PackedA::for_rows`]),
+/// when [`pack_rows`] would pack `x` into bf16; `None` otherwise (the producer writes `x`
+/// alone, and [`pack_rows`] packs it as usual).
+pub fn pack_for_rows<T: Float>(m: usize, k: usize) -> Option<PackedA> {
+    let is_f32 = T::f32_slice(&[T::zero()]).is_some();
+    if !runs_in_bf16(m) || !is_f32 || k == 0 {
+        return None;
+    }
+    PackedA::for_rows(m, k)
+}
+
 /// `c[m, n] (+)= a · b`, in bf16 when that is the precision and `T` is f32.
 fn product<T: Float>(
     c: &mut [T],

@@ -2,9 +2,11 @@
 //!
 //! Row sums are accumulated in f64; per-element work stays in `T`.
 
+use crate::ops::matmul::{pack_for_rows, pack_rows};
 use crate::ops::swiglu::{as_f32, as_f32_mut, simd_dispatch};
 use crate::Float;
 use rayon::prelude::*;
+use retune_gemm::PackedA;
 
 /// Rows per rayon task (each row costs O(C)).
 const ROWS_PER_TASK: usize = 16;
@@ -124,6 +126,40 @@ pub fn rmsnorm_forward<T: Float>(
         });
 }
 
+/// [`rmsnorm_forward`], and `y` packed for the bf16 products that read it (the result of
+/// [`pack_rows`]): under bf16 products each row is packed as it is written, not read again.
+#[allow(clippy::too_many_arguments)]
+pub fn rmsnorm_forward_packed<T: Float>(
+    y: &mut [T],
+    rstd: &mut [T],
+    x: &[T],
+    w: &[T],
+    n: usize,
+    c: usize,
+    eps: f64,
+) -> Option<PackedA> {
+    let mut pack = pack_for_rows::<T>(n, c);
+    let f32s = (as_f32_mut(y), as_f32_mut(rstd), as_f32(x), as_f32(w));
+    let (Some(p), (Some(y), Some(rstd), Some(x), Some(w))) = (&mut pack, f32s) else {
+        rmsnorm_forward(y, rstd, x, w, n, c, eps);
+        return pack_rows(y, n, c);
+    };
+    assert!(y.len() == n * c && x.len() == n * c && rstd.len() == n && w.len() == c);
+    let rows = PackedA::TILE_ROWS;
+    y.par_chunks_mut(rows * c)
+        .zip(rstd.par_chunks_mut(rows))
+        .zip(x.par_chunks(rows * c))
+        .zip(p.row_tiles_mut())
+        .for_each(|(((yt, rt), xt), tile)| {
+            let tile_rows = yt.chunks_mut(c).zip(rt).zip(xt.chunks(c));
+            for (r, ((yr, rs), xr)) in tile_rows.enumerate() {
+                forward_row_f32(yr, rs, xr, w, eps);
+                PackedA::put_row(tile, r, yr);
+            }
+        });
+    pack
+}
+
 /// Backward of [`rmsnorm_forward`]: `dx[N, C] +=`, `dw[C] +=` (skipped when `None`).
 ///
 /// With `r = rstd`: `dx_k = r w_k dy_k - r^3 x_k / C * sum_j dy_j w_j x_j`,
@@ -186,7 +222,11 @@ fn dw_block<T: Float>(dwb: &mut [T], j0: usize, dy: &[T], x: &[T], rstd: &[T], c
     let cols = j0..j0 + dwb.len();
     for ((dyr, xr), &r) in dy.chunks_exact(c).zip(x.chunks_exact(c)).zip(rstd) {
         let r = r.as_f64();
-        for ((a, &g), &xv) in acc.iter_mut().zip(&dyr[cols.clone()]).zip(&xr[cols.clone()]) {
+        for ((a, &g), &xv) in acc
+            .iter_mut()
+            .zip(&dyr[cols.clone()])
+            .zip(&xr[cols.clone()])
+        {
             *a += g.as_f64() * xv.as_f64() * r;
         }
     }

@@ -4,8 +4,10 @@
 //! dispatch): libm's `expf` is a call per element that blocks vectorisation, while the
 //! polynomial below compiles to straight-line SIMD code.
 
+use crate::ops::matmul::{pack_for_rows, pack_rows};
 use crate::Float;
 use rayon::prelude::*;
+use retune_gemm::PackedA;
 use std::any::TypeId;
 
 /// Elements per rayon task: large enough to amortise the task, small enough to balance.
@@ -226,6 +228,39 @@ pub fn swiglu_forward<T: Float>(out: &mut [T], gate: &[T], up: &[T]) {
         });
 }
 
+/// [`swiglu_forward`] of rows `f` wide, and `out` packed for the bf16 products that read it
+/// (the result of [`pack_rows`]): under bf16 products each row is packed as it is written.
+pub fn swiglu_forward_packed<T: Float>(
+    out: &mut [T],
+    gate: &[T],
+    up: &[T],
+    f: usize,
+) -> Option<PackedA> {
+    let n = out.len() / f.max(1);
+    let mut pack = pack_for_rows::<T>(n, f);
+    let f32s = (as_f32_mut(out), as_f32(gate), as_f32(up));
+    let (Some(p), (Some(out), Some(gate), Some(up))) = (&mut pack, f32s) else {
+        swiglu_forward(out, gate, up);
+        return pack_rows(out, n, f);
+    };
+    assert!(
+        out.len() == n * f && gate.len() == out.len() && up.len() == out.len(),
+        "swiglu_forward: shape mismatch"
+    );
+    let tile = PackedA::TILE_ROWS * f;
+    out.par_chunks_mut(tile)
+        .zip(gate.par_chunks(tile).zip(up.par_chunks(tile)))
+        .zip(p.row_tiles_mut())
+        .for_each(|((o, (g, u)), t)| {
+            let rows = o.chunks_mut(f).zip(g.chunks(f).zip(u.chunks(f)));
+            for (r, (o, (g, u))) in rows.enumerate() {
+                swiglu_forward_f32(o, g, u);
+                PackedA::put_row(t, r, o);
+            }
+        });
+    pack
+}
+
 /// Backward of [`swiglu_forward`], accumulating into `dgate[N, F]` and `dup[N, F]`:
 /// `dgate += dout * up * s (1 + g (1 - s))` with `s = sigmoid(g)`, `dup += dout * g * s`.
 pub fn swiglu_backward<T: Float>(dgate: &mut [T], dup: &mut [T], dout: &[T], gate: &[T], up: &[T]) {
@@ -275,6 +310,55 @@ fn swiglu_backward_with<T: Float>(
                 } else {
                     (*dg, *du) = (vg, vu);
                 }
+            }
+        });
+}
+
+/// [`swiglu_backward_overwrite`] of f32 rows `f` wide that also packs `dgate` and `dup` for
+/// the bf16 products that read them, into `gate_pack` and `up_pack` ([`PackedA::for_rows`]),
+/// row by row while each row is in cache: the same values and packs as packing afterwards,
+/// without reading the 2 x N x F gradients back.
+#[allow(clippy::too_many_arguments)]
+pub fn swiglu_backward_overwrite_packed(
+    dgate: &mut [f32],
+    dup: &mut [f32],
+    dout: &[f32],
+    gate: &[f32],
+    up: &[f32],
+    f: usize,
+    gate_pack: &mut PackedA,
+    up_pack: &mut PackedA,
+) {
+    let len = dout.len();
+    assert!(
+        dgate.len() == len && dup.len() == len && gate.len() == len && up.len() == len,
+        "swiglu_backward: shape mismatch"
+    );
+    let n = len / f.max(1);
+    assert!(
+        f > 0
+            && n * f == len
+            && [&*gate_pack, &*up_pack]
+                .iter()
+                .all(|p| p.m() == n && p.k() == f),
+        "swiglu_backward: the packs do not fit [N, F]"
+    );
+    let tile = PackedA::TILE_ROWS * f;
+    dgate
+        .par_chunks_mut(tile)
+        .zip(dup.par_chunks_mut(tile))
+        .zip(dout.par_chunks(tile))
+        .zip(gate.par_chunks(tile).zip(up.par_chunks(tile)))
+        .zip(gate_pack.row_tiles_mut().zip(up_pack.row_tiles_mut()))
+        .for_each(|((((dg, du), d), (g, u)), (gt, ut))| {
+            let rows = dg
+                .chunks_mut(f)
+                .zip(du.chunks_mut(f))
+                .zip(d.chunks(f).zip(g.chunks(f).zip(u.chunks(f))));
+            for (r, ((dg, du), (d, (g, u)))) in rows.enumerate() {
+                swiglu_backward_f32(false, dg, du, d, g, u);
+                PackedA::put_row(gt, r, dg);
+                PackedA::put_row(ut, r, du);
             }
         });
 }
@@ -390,5 +474,26 @@ mod tests {
         swiglu_backward_f32(true, &mut dg1, &mut du1, &d, &g, &u);
         swiglu_backward_f32_body(true, &mut dg2, &mut du2, &d, &g, &u);
         assert_eq!((dg1, du1), (dg2, du2));
+    }
+
+    /// The backward that packs its outputs row by row gives the values of the plain backward
+    /// and the packs of packing them afterwards (rows and columns past whole tiles included).
+    #[test]
+    fn packed_backward_gives_the_values_and_the_packs() {
+        use crate::ops::gradcheck::is_pack_of;
+        let (n, f) = (37, 70);
+        let v = |seed| to_f32(&randv(n * f, seed));
+        let (d, g, u) = (v(1), v(2), v(3));
+        let (mut dg, mut du) = (vec![f32::NAN; n * f], vec![f32::NAN; n * f]);
+        swiglu_backward_overwrite(&mut dg, &mut du, &d, &g, &u);
+        let (Some(mut gp), Some(mut upk)) = (PackedA::for_rows(n, f), PackedA::for_rows(n, f))
+        else {
+            return; // the f32 kernel packs nothing
+        };
+        let (mut dg2, mut du2) = (vec![f32::NAN; n * f], vec![f32::NAN; n * f]);
+        swiglu_backward_overwrite_packed(&mut dg2, &mut du2, &d, &g, &u, f, &mut gp, &mut upk);
+        assert_eq!((&dg2, &du2), (&dg, &du));
+        assert!(is_pack_of(&gp, &dg) && is_pack_of(&upk, &du));
+        assert!(!is_pack_of(&gp, &du), "the check tells the packs apart");
     }
 }
