@@ -5,7 +5,7 @@
 use retune_core::config::LlamaConfig;
 use retune_core::model::{Batch, Grads, Lora, LoraSpec, Model, Target};
 use retune_core::ops::matmul::{
-    matmul_nt, matmul_tn, matmul_tn_packed, set_matmul_precision, MatmulPrecision, BF16_MIN_ROWS,
+    matmul_nt, matmul_tn, set_matmul_precision, MatmulPrecision, BF16_MIN_ROWS,
 };
 use std::sync::Mutex;
 
@@ -266,8 +266,9 @@ fn packed_frozen_head_case() {
     set_matmul_precision(MatmulPrecision::F32);
 }
 
-/// A weight gradient from a shared pack of its input has the bits of the product that packs
-/// the input itself, overwriting and accumulating.
+/// A weight gradient from a shared pack of its input and the transpose of the pack of its
+/// output gradient (as the backward makes them) has the bits of the product that packs both
+/// itself, overwriting and accumulating.
 #[test]
 fn shared_input_pack_gives_the_bits_of_matmul_tn() {
     let _one_at_a_time = PRECISION.lock().unwrap();
@@ -278,10 +279,12 @@ fn shared_input_pack_gives_the_bits_of_matmul_tn() {
     let x: Vec<f32> = (0..k * n).map(|i| value(i, 2)).collect();
     let c0: Vec<f32> = (0..m * n).map(|i| value(i, 3)).collect();
     let xb = retune_gemm::PackedB::from_kn(&x, k, n);
+    // dY^T transposed from the pack of dY (which its input gradient dY W reads).
+    let dy_t = retune_gemm::PackedA::from_rows(&dy, k, m).transposed();
     for accumulate in [false, true] {
         let (mut want, mut got) = (c0.clone(), c0.clone());
         matmul_tn(&mut want, &dy, &x, m, k, n, accumulate);
-        matmul_tn_packed(&mut got, &dy, &xb, m, accumulate);
+        retune_gemm::gemm_terms(&mut got, &[(&dy_t, &xb)], accumulate);
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&got), bits(&want), "accumulate {accumulate}");
     }

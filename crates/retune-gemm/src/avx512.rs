@@ -111,6 +111,49 @@ fn transpose_16x16(rows: &[__m512i; 16]) -> [__m512i; 16] {
     out
 }
 
+/// One tile of the A pack of a transpose, from the A pack of the matrix itself (bf16 to bf16,
+/// no f32 read): the tile of rows `16 j_tile..` (the source's columns) and k tile `i_tile`
+/// (its rows `32 i_tile..`) of the transpose, into `dst` (512 u16). `src` is the source's pack
+/// (`src_kt` k tiles per 16-row tile); its rows from `rows` on read as zeros.
+///
+/// # Safety
+/// `src` holds the row tiles `2 i_tile` and `2 i_tile + 1` of `src_kt` tiles each, and column
+/// tile `j_tile / 2`; `dst` valid for 512 u16; the AVX512 features available.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub(crate) unsafe fn transpose_a_tile(
+    src: *const u16,
+    src_kt: usize,
+    rows: usize,
+    j_tile: usize,
+    i_tile: usize,
+    dst: *mut u16,
+) {
+    let (t, half) = (j_tile / 2, (j_tile % 2) * TILE_MN);
+    // Lane 2c takes row a's column half + c, lane 2c + 1 row b's: 16 (a, b) pairs.
+    let idx: [i16; 32] = std::array::from_fn(|w| ((w % 2) * 32 + half + w / 2) as i16);
+    // SAFETY: reads 64 bytes from a 64-byte array.
+    let idx = unsafe { _mm512_loadu_si512(idx.as_ptr() as *const _) };
+    let pairs: [__m512i; 16] = std::array::from_fn(|q| {
+        let i = i_tile * 32 + 2 * q; // source rows i and i + 1, both in row tile i / 16
+        let (g, r) = (i / TILE_MN, i % TILE_MN);
+        let row = |i: usize, r: usize| {
+            let mask: __mmask32 = if i < rows { !0 } else { 0 };
+            // SAFETY: row r of k tile t of row tile g is 32 u16 inside src (caller).
+            unsafe {
+                _mm512_maskz_loadu_epi16(
+                    mask,
+                    src.add((g * src_kt + t) * TILE_LEN + r * TILE_K) as *const _,
+                )
+            }
+        };
+        _mm512_permutex2var_epi16(row(i, r), idx, row(i + 1, r + 1))
+    });
+    for (c, out) in transpose_16x16(&pairs).iter().enumerate() {
+        // SAFETY: row c of the destination tile is 64 bytes inside dst.
+        unsafe { _mm512_storeu_si512(dst.add(c * TILE_K) as *mut _, *out) };
+    }
+}
+
 /// Row `r` of a 16-row A tile from the `k` floats at `src`: every k tile's row `r` of `tile`
 /// (all k tiles of the row tile), zeros past `k`.
 ///

@@ -482,6 +482,24 @@ impl PackedA {
         pack::put_a_row(tile, r, row);
     }
 
+    /// The pack of this operand's transpose (`k x m`), from this pack: the left operand of a
+    /// weight gradient `dY^T X` from the pack of `dY` for `dY W`, bit for bit the pack of the
+    /// transposed view, without reading the f32 values again.
+    pub fn transposed(&self) -> PackedA {
+        let data = match &self.data {
+            PackedData::Bf16(p) => PackedData::Bf16(pack::transpose_a(p, self.m, self.k)),
+            PackedData::F32(dense) => {
+                PackedData::F32(MatRef::transpose_of(dense, self.k).to_row_major(self.k, self.m))
+            }
+        };
+        PackedA {
+            kernel: self.kernel,
+            m: self.k,
+            k: self.m,
+            data,
+        }
+    }
+
     /// Packs a row-major `a[m, k]`.
     pub fn from_rows(a: &[f32], m: usize, k: usize) -> Self {
         assert_eq!(a.len(), m * k, "retune-gemm: a is not {m}x{k}");

@@ -14,6 +14,19 @@ pub(crate) unsafe fn run_blocks(_blocks: impl Iterator<Item = BlockArgs>) {
 
 /// # Safety
 /// Never called: [`available`] is false.
+pub(crate) unsafe fn transpose_a_tile(
+    _src: *const u16,
+    _src_kt: usize,
+    _rows: usize,
+    _j_tile: usize,
+    _i_tile: usize,
+    _dst: *mut u16,
+) {
+    unreachable!("no SIMD bf16 kernel on this architecture")
+}
+
+/// # Safety
+/// Never called: [`available`] is false.
 pub(crate) unsafe fn pack_a_row(_src: *const f32, _k: usize, _r: usize, _tile: &mut [u16]) {
     unreachable!("no SIMD bf16 kernel on this architecture")
 }

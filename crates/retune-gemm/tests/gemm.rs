@@ -281,6 +281,33 @@ fn rows_put_by_their_producer_give_the_pack_of_from_rows() {
     }
 }
 
+/// The pack of a transpose made from the operand's own pack gives the products of packing the
+/// transposed view, bit for bit (partial tiles on every side, a reused buffer of NaNs).
+#[test]
+fn transposed_pack_gives_the_pack_of_the_transposed_view() {
+    for (m, k, n) in [
+        (37, 70, 45),
+        (1024, 576, 64),
+        (5, 33, 20),
+        (64, 16, 1),
+        (1, 1, 1),
+    ] {
+        PackedA::from_rows(&vec![f32::NAN; 64 * 640], 64, 640).recycle();
+        // c[k, n] = a[m, k]^T · b[m, n]
+        let case = Case::new(k, m, n, Layout::Tn, 62);
+        let a = PackedA::from_rows(&case.a, m, k);
+        let from_pack = a.transposed();
+        let from_view = PackedA::new(MatRef::transpose_of(&case.a, k), k, m);
+        assert_eq!((from_pack.m(), from_pack.k()), (k, m));
+        let b = PackedB::from_kn(&case.b, m, n);
+        let (mut c_pack, mut c_view) = (vec![0.0; k * n], vec![0.0; k * n]);
+        gemm_terms(&mut c_pack, &[(&from_pack, &b)], false);
+        gemm_terms(&mut c_view, &[(&from_view, &b)], false);
+        assert_eq!(c_pack, c_view, "{m}x{k}, n {n}");
+        check(best_kernel(), &case, &c_pack, None).unwrap();
+    }
+}
+
 /// A sum of products sharing m and n (a base weight plus a LoRA branch of rank 16, and a third
 /// term of another depth) equals chaining the products one by one, bit for bit, and each
 /// product equals the reference.

@@ -16,7 +16,7 @@ use crate::ops::cross_entropy::{lm_head_cross_entropy, target_log_probs, CeStats
 use crate::ops::embedding::{embedding_backward, embedding_forward};
 use crate::ops::linear::{add_bias, linear_backward_packed, linear_forward_packed};
 use crate::ops::lora::{dropout_forward, lora_backward, lora_forward};
-use crate::ops::matmul::{matmul_nt, matmul_tn_packed, pack_rows, runs_in_bf16, WeightPacks};
+use crate::ops::matmul::{matmul_nt, pack_rows, runs_in_bf16, WeightPacks};
 use crate::ops::residual::{add_inplace, zero_par};
 use crate::ops::rmsnorm::{rmsnorm_backward, rmsnorm_forward, rmsnorm_forward_packed};
 use crate::ops::rope::{rope_backward, rope_forward, RopeTable};
@@ -24,7 +24,7 @@ use crate::ops::swiglu::{
     swiglu_backward_overwrite, swiglu_backward_overwrite_packed, swiglu_forward,
     swiglu_forward_packed,
 };
-use retune_gemm::{MatRef, PackedA, PackedB};
+use retune_gemm::{gemm_terms, MatRef, PackedA, PackedB};
 use std::sync::Mutex;
 
 /// Rows of the LM head computed at once: 256 rows x 49k vocabulary x 4 bytes = 50 MB.
@@ -523,9 +523,13 @@ fn proj_backward_bf16<T: Float>(
     // one, else on the generic path.
     let mut dw = grad_slot(&mut g.w);
     let db = g.b.as_deref_mut().and_then(grad_slot);
+    // dy packed once, for dy W and, transposed from that pack, for dW = dy^T X.
+    let dy_packed = dy_packed.unwrap_or_else(|| PackedA::from_rows(f32_of(dy), n, lin.d_out));
     if let (Some(dw), Some(xb)) = (dw.as_deref_mut(), p.input_pack) {
         let dw32 = T::f32_slice_mut(dw).expect("the bf16 path runs on f32");
-        matmul_tn_packed(dw32, f32_of(dy), xb, lin.d_out, true);
+        let dy_t = dy_packed.transposed();
+        gemm_terms(dw32, &[(&dy_t, xb)], true);
+        dy_t.recycle();
     } else if dw.is_some() {
         linear_backward_packed(None, dw, None, dy, x, &lin.w, None, n, lin.d_in, lin.d_out);
     }
@@ -560,7 +564,16 @@ fn proj_backward_bf16<T: Float>(
     let dx32 = T::f32_slice_mut(dx).expect("the bf16 path runs on f32");
     let (dy32, w) = (f32_of(dy), f32_of(&lin.w));
     adapted_backward(
-        accumulate, dx32, dy32, dy_packed, w, w_pack, n, lin.d_in, lin.d_out, branch,
+        accumulate,
+        dx32,
+        dy32,
+        Some(dy_packed),
+        w,
+        w_pack,
+        n,
+        lin.d_in,
+        lin.d_out,
+        branch,
     );
 }
 
@@ -753,6 +766,7 @@ impl<T: Float> Model<T> {
         // MLP block: out = x1 + down(swiglu(gate(ln2), up(ln2))). x1's gradient is dout plus
         // the norm's input gradient: accumulated into dx once the down projection has read it.
         let gl = g_lora.as_deref_mut();
+        let act_pack = input_pack(&a.act, d.n, d.f, [&g.down]);
         proj_backward(
             false,
             &mut s.act,
@@ -762,7 +776,7 @@ impl<T: Float> Model<T> {
             None,
             &a.act,
             ld,
-            &proj(Target::DownProj, None),
+            &proj(Target::DownProj, act_pack.as_ref()),
             d.n,
         );
         let (gate_dy_pack, up_dy_pack) = swiglu_backward_packed(s, a, d);
@@ -797,6 +811,7 @@ impl<T: Float> Model<T> {
         rmsnorm_backward(dx, dw, &s.ln2, &a.x1, &lw.mlp_norm, &a.rstd2, d.n, d.c);
         // Attention block: x1 = x + o(attention(rope(q(ln1)), rope(k(ln1)), v(ln1))).
         let gl = g_lora.as_deref_mut();
+        let att_pack = input_pack(&a.att, d.n, d.nh * d.hd, [&g.o]);
         proj_backward(
             false,
             &mut s.att,
@@ -806,7 +821,7 @@ impl<T: Float> Model<T> {
             None,
             &a.att,
             lo,
-            &proj(Target::OProj, None),
+            &proj(Target::OProj, att_pack.as_ref()),
             d.n,
         );
         attention_backward(
@@ -855,9 +870,9 @@ impl<T: Float> Model<T> {
             &proj(Target::VProj, ln1_pack.as_ref()),
             d.n,
         );
-        ln1_pack
+        [ln1_pack, ln2_pack, att_pack, act_pack]
             .into_iter()
-            .chain(ln2_pack)
+            .flatten()
             .for_each(PackedB::recycle);
         // The input's gradient: x1's (the residual path) plus the norm's input gradient.
         let dw = grad_slot(&mut g.attn_norm);
@@ -1198,16 +1213,17 @@ fn mean_cross_entropy<T: Float>(
 }
 
 /// When the backward of `n` rows takes the bf16 path ([`proj_backward`]'s test), `x[N, D_in]`
-/// packed as the right operand of `dW = dY^T X` for the projections that read it, when more
-/// than one of them is trained (full fine-tuning): one pack of `x` instead of one per product.
+/// packed as the right operand of `dW = dY^T X` for the projections that read it, when any of
+/// them is trained (full fine-tuning): one pack of `x` for all of them, and their `dY^T` comes
+/// transposed from the pack of `dY` ([`proj_backward_bf16`]).
 fn input_pack<T: Float, const P: usize>(
     x: &[T],
     n: usize,
     d_in: usize,
     readers: [&Linear<T>; P],
 ) -> Option<PackedB> {
-    let trained = readers.iter().filter(|g| !g.w.is_empty()).count();
-    if trained < 2 || !runs_in_bf16(n) {
+    let trained = readers.iter().any(|g| !g.w.is_empty());
+    if !trained || !runs_in_bf16(n) {
         return None;
     }
     let x = T::f32_slice(x)?;

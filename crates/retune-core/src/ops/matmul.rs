@@ -327,17 +327,6 @@ pub fn matmul_packed<T: Float>(c: &mut [T], a: &[T], b: &PackedB, m: usize, accu
     retune_gemm::gemm_packed(c32, MatRef::row_major(a32, b.k()), b, m, accumulate);
 }
 
-/// [`matmul_tn`] with the right operand prepacked (shared by several products): `c[M, N] (+)=
-/// a[K, M]^T · b[K, N]`. With no operand beyond the packing bound, bit for bit the
-/// [`matmul_tn`] of the values `b` was packed from.
-pub fn matmul_tn_packed(c: &mut [f32], a: &[f32], b: &PackedB, m: usize, accumulate: bool) {
-    assert!(
-        a.len() == b.k() * m && c.len() == m * b.n(),
-        "matmul_tn_packed: shape mismatch"
-    );
-    retune_gemm::gemm_packed(c, MatRef::transpose_of(a, m), b, m, accumulate);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
