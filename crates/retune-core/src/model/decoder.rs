@@ -20,10 +20,7 @@ use crate::ops::matmul::{matmul_nt, pack_rows, runs_in_bf16, WeightPacks};
 use crate::ops::residual::{add_inplace, zero_par};
 use crate::ops::rmsnorm::{rmsnorm_backward, rmsnorm_forward, rmsnorm_forward_packed};
 use crate::ops::rope::{rope_backward, rope_forward, RopeTable};
-use crate::ops::swiglu::{
-    swiglu_backward_overwrite, swiglu_backward_overwrite_packed, swiglu_forward,
-    swiglu_forward_packed,
-};
+use crate::ops::swiglu::{swiglu_backward_overwrite_packed, swiglu_forward, swiglu_forward_packed};
 use retune_gemm::{gemm_terms, MatRef, PackedA, PackedB};
 use std::sync::Mutex;
 
@@ -779,7 +776,9 @@ impl<T: Float> Model<T> {
             &proj(Target::DownProj, act_pack.as_ref()),
             d.n,
         );
-        let (gate_dy_pack, up_dy_pack) = swiglu_backward_packed(s, a, d);
+        // Under bf16 products the SwiGLU packs dgate and dup for their products as it makes them.
+        let (gate_dy_pack, up_dy_pack) =
+            swiglu_backward_overwrite_packed(&mut s.gate, &mut s.up, &s.act, &a.gate, &a.up, d.f);
         let ln2_pack = input_pack(&a.ln2, d.n, d.c, [&g.gate, &g.up]);
         let gl = g_lora.as_deref_mut();
         proj_backward(
@@ -1228,40 +1227,6 @@ fn input_pack<T: Float, const P: usize>(
     }
     let x = T::f32_slice(x)?;
     Some(PackedB::transient(MatRef::row_major(x, d_in), n, d_in))
-}
-
-/// The SwiGLU's backward into `s.gate` and `s.up` (written over) from `s.act`, the gradient of
-/// its output; under bf16 products it also returns both gradients packed for their products,
-/// made row by row as they are computed (see [`swiglu_backward_overwrite_packed`]).
-fn swiglu_backward_packed<T: Float>(
-    s: &mut LayerActs<T>,
-    a: &LayerActs<T>,
-    d: &Dims,
-) -> (Option<PackedA>, Option<PackedA>) {
-    let packs = runs_in_bf16(d.n)
-        .then(|| PackedA::for_rows(d.n, d.f).zip(PackedA::for_rows(d.n, d.f)))
-        .flatten();
-    let f32s = (
-        T::f32_slice_mut(&mut s.gate),
-        T::f32_slice_mut(&mut s.up),
-        T::f32_slice(&s.act),
-        T::f32_slice(&a.gate),
-        T::f32_slice(&a.up),
-    );
-    match (packs, f32s) {
-        (Some((mut gp, mut up)), (Some(dg), Some(du), Some(dact), Some(g), Some(u))) => {
-            swiglu_backward_overwrite_packed(dg, du, dact, g, u, d.f, &mut gp, &mut up);
-            (Some(gp), Some(up))
-        }
-        (packs, _) => {
-            if let Some((gp, up)) = packs {
-                gp.recycle();
-                up.recycle();
-            }
-            swiglu_backward_overwrite(&mut s.gate, &mut s.up, &s.act, &a.gate, &a.up);
-            (None, None)
-        }
-    }
 }
 
 /// Hands a packed input's buffer back for the next products.

@@ -314,12 +314,39 @@ fn swiglu_backward_with<T: Float>(
         });
 }
 
-/// [`swiglu_backward_overwrite`] of f32 rows `f` wide that also packs `dgate` and `dup` for
-/// the bf16 products that read them, into `gate_pack` and `up_pack` ([`PackedA::for_rows`]),
-/// row by row while each row is in cache: the same values and packs as packing afterwards,
-/// without reading the 2 x N x F gradients back.
+/// [`swiglu_backward_overwrite`] of rows `f` wide and, under bf16 products (as
+/// [`swiglu_forward_packed`]), `dgate` and `dup` packed for the products that read them, row by
+/// row while each row is in cache: the same values and packs as packing afterwards, without
+/// reading the 2 x N x F gradients back. `(None, None)` otherwise (the products pack them).
+pub fn swiglu_backward_overwrite_packed<T: Float>(
+    dgate: &mut [T],
+    dup: &mut [T],
+    dout: &[T],
+    gate: &[T],
+    up: &[T],
+    f: usize,
+) -> (Option<PackedA>, Option<PackedA>) {
+    let n = dout.len() / f.max(1);
+    let packs = pack_for_rows::<T>(n, f).zip(pack_for_rows::<T>(n, f));
+    let f32s = (
+        as_f32_mut(dgate),
+        as_f32_mut(dup),
+        as_f32(dout),
+        as_f32(gate),
+        as_f32(up),
+    );
+    let (Some((mut gp, mut upk)), (Some(dg), Some(du), Some(d), Some(g), Some(u))) = (packs, f32s)
+    else {
+        swiglu_backward_overwrite(dgate, dup, dout, gate, up);
+        return (None, None);
+    };
+    backward_overwrite_packed_f32(dg, du, d, g, u, f, &mut gp, &mut upk);
+    (Some(gp), Some(upk))
+}
+
+/// [`swiglu_backward_overwrite_packed`] in f32 into the given packs ([`PackedA::for_rows`]).
 #[allow(clippy::too_many_arguments)]
-pub fn swiglu_backward_overwrite_packed(
+fn backward_overwrite_packed_f32(
     dgate: &mut [f32],
     dup: &mut [f32],
     dout: &[f32],
@@ -491,7 +518,7 @@ mod tests {
             return; // the f32 kernel packs nothing
         };
         let (mut dg2, mut du2) = (vec![f32::NAN; n * f], vec![f32::NAN; n * f]);
-        swiglu_backward_overwrite_packed(&mut dg2, &mut du2, &d, &g, &u, f, &mut gp, &mut upk);
+        backward_overwrite_packed_f32(&mut dg2, &mut du2, &d, &g, &u, f, &mut gp, &mut upk);
         assert_eq!((&dg2, &du2), (&dg, &du));
         assert!(is_pack_of(&gp, &dg) && is_pack_of(&upk, &du));
         assert!(!is_pack_of(&gp, &du), "the check tells the packs apart");
