@@ -216,3 +216,58 @@ fn an_adapter_on_another_base_is_flagged() {
     let o = retune(&args, dir.path());
     assert!(!stderr(&o).contains("warning"), "{}", stderr(&o));
 }
+
+fn retune_with_memory(args: &[&str], dir: &Path, available: &str) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_retune"))
+        .args(args)
+        .current_dir(dir)
+        .env("RETUNE_MEMORY_AVAILABLE", available)
+        .output()
+        .expect("running retune")
+}
+
+/// A run that does not fit the available memory is refused by its memory plan before the model
+/// is read: exit 2, the estimate, what is available and the options; no run folder.
+#[test]
+fn a_run_too_big_for_the_memory_is_refused_before_loading() {
+    for (extra, option) in [
+        ("", "model.quantize"),
+        ("[method]\n", "method.kind = \"lora\""),
+    ] {
+        let dir = setup("");
+        if !extra.is_empty() {
+            let path = dir.path().join("run.toml");
+            let text = std::fs::read_to_string(&path).unwrap();
+            std::fs::write(
+                &path,
+                text.replace("[method]\n", "[method]\nkind = \"full\"\n"),
+            )
+            .unwrap();
+        }
+        let args = ["train", "run.toml", "--out", "run", "--quiet"];
+        let o = retune_with_memory(&args, dir.path(), "64M");
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(err.contains("refused before loading"), "{err}");
+        assert!(err.contains("0.06 GiB is available"), "{err}");
+        assert!(err.contains(option), "{err}");
+        assert!(err.contains("data.max_seq_len"), "{err}");
+        assert!(!dir.path().join("run/adapter").exists());
+        // With enough memory the same run goes ahead, and its first line is the plan.
+        let o = retune_with_memory(&["train", "run.toml", "--out", "ok"], dir.path(), "20G");
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(
+            stderr(&o).contains("memory plan: estimated peak"),
+            "{}",
+            stderr(&o)
+        );
+    }
+    let dir = setup("");
+    let o = retune_with_memory(&["train", "run.toml", "--out", "run"], dir.path(), "lots");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("RETUNE_MEMORY_AVAILABLE"),
+        "{}",
+        stderr(&o)
+    );
+}

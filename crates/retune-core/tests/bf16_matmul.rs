@@ -26,7 +26,7 @@ fn max_rel(a: &[f32], b: &[f32]) -> f64 {
 /// weight gradients take theirs (q, k, v share one pack of their input; gate and up another).
 #[test]
 fn bf16_training_step_tracks_the_f32_step() {
-    let _one_at_a_time = PRECISION.lock().unwrap();
+    let _one_at_a_time = PRECISION.lock().unwrap_or_else(|e| e.into_inner());
     bf16_step_case(false, 0.0);
     bf16_step_case(true, 0.1);
 }
@@ -126,14 +126,20 @@ fn bf16_step_case(biases: bool, dropout: f64) {
 
 #[test]
 fn bf16_products_round_inputs_and_f64_is_untouched() {
-    let _one_at_a_time = PRECISION.lock().unwrap();
+    let _one_at_a_time = PRECISION.lock().unwrap_or_else(|e| e.into_inner());
     set_matmul_precision(MatmulPrecision::Bf16);
     // 1 + 2^-10 is not a bf16 number: it rounds to 1, so the bf16 product loses it.
     let m = BF16_MIN_ROWS;
     let a = vec![1.0f32 + 1.0 / 1024.0; m];
     let mut c = vec![0.0f32; m];
     matmul_nt(&mut c, &a, &[1.0], m, 1, 1, false);
-    assert!(c.iter().all(|&x| x == 1.0), "{c:?}");
+    // A CPU without a bf16 kernel (AVX2 only) runs bf16 products on the f32 kernel, exactly.
+    let rounded = if retune_gemm::best_kernel() == retune_gemm::Kernel::F32 {
+        a[0]
+    } else {
+        1.0
+    };
+    assert!(c.iter().all(|&x| x == rounded), "{c:?}");
     // Fewer rows (decoding a token) stay f32: converting the weight would cost more.
     matmul_nt(&mut c[..m - 1], &a[..m - 1], &[1.0], m - 1, 1, 1, false);
     assert!(c[..m - 1].iter().all(|&x| x == a[0]));
@@ -161,7 +167,7 @@ fn loss_bits(model: &Model<f32>, batch: &Batch, grads: &mut Grads<f32>) -> u64 {
 
 #[test]
 fn packed_frozen_head_matches_unpacked_and_follows_changes() {
-    let _one_at_a_time = PRECISION.lock().unwrap();
+    let _one_at_a_time = PRECISION.lock().unwrap_or_else(|e| e.into_inner());
     packed_frozen_head_case();
 }
 
@@ -183,7 +189,7 @@ fn lora_step_bits(model: &Model<f32>, lora: &Lora<f32>, batch: &Batch) -> Vec<u6
 /// model loaded again.
 #[test]
 fn base_held_as_packs_gives_the_bits_of_the_f32_base() {
-    let _one_at_a_time = PRECISION.lock().unwrap();
+    let _one_at_a_time = PRECISION.lock().unwrap_or_else(|e| e.into_inner());
     set_matmul_precision(MatmulPrecision::F32);
     let (mut model, batch) = small_model(3, 9);
     assert!(!model.pack_frozen_base(), "f32 products keep the f32 base");
@@ -203,6 +209,7 @@ fn base_held_as_packs_gives_the_bits_of_the_f32_base() {
         }
     }
     let want = lora_step_bits(&model, &lora, &batch);
+    let unpacked = model.clone();
     assert!(model.pack_frozen_base() && model.base_is_packed());
     assert!(!model.pack_frozen_base(), "packed once");
     let released = model
@@ -220,10 +227,14 @@ fn base_held_as_packs_gives_the_bits_of_the_f32_base() {
         want,
         "its clone"
     );
-    let mut cache = model.new_cache(8);
-    let err = model.forward_cached(&[1, 2], &mut cache).unwrap_err();
-    assert!(err.to_string().contains("loaded again"), "{err}");
+    // Generation reads the packs (bf16 products at any number of rows): the f32 model's
+    // logits within bf16 rounding.
+    let (mut cache, mut cache_f32) = (model.new_cache(8), unpacked.new_cache(8));
+    let logits = model.forward_cached(&[1, 2], &mut cache).unwrap();
     set_matmul_precision(MatmulPrecision::F32);
+    let want = unpacked.forward_cached(&[1, 2], &mut cache_f32).unwrap();
+    let rel = max_rel(&logits, &want);
+    assert!(rel < 3e-2, "generation from the packs differs by {rel}");
 }
 
 /// The SmolLM2-135M layer shape with `layers` layers and a 512-token vocabulary, and a batch
@@ -271,7 +282,7 @@ fn packed_frozen_head_case() {
 /// itself, overwriting and accumulating.
 #[test]
 fn shared_input_pack_gives_the_bits_of_matmul_tn() {
-    let _one_at_a_time = PRECISION.lock().unwrap();
+    let _one_at_a_time = PRECISION.lock().unwrap_or_else(|e| e.into_inner());
     set_matmul_precision(MatmulPrecision::Bf16);
     let (m, k, n) = (70, 96, 45); // dW [m, n] = dY[k, m]^T X[k, n]; edges on every side
     let value = |i: usize, s: usize| ((i * 7919 + s * 104_729) % 2001) as f32 / 1000.0 - 1.0;
@@ -307,7 +318,7 @@ fn grad_bits(model: &Model<f32>, batch: &Batch) -> Vec<u32> {
 /// a pack held by an earlier step never serves a changed weight.
 #[test]
 fn held_backward_packs_follow_weight_changes() {
-    let _one_at_a_time = PRECISION.lock().unwrap();
+    let _one_at_a_time = PRECISION.lock().unwrap_or_else(|e| e.into_inner());
     set_matmul_precision(MatmulPrecision::Bf16);
     let (mut model, batch) = small_model(3, 5);
     let first = grad_bits(&model, &batch);
@@ -348,7 +359,7 @@ fn producers_pack_their_rows_as_packing_afterwards() {
     use retune_core::ops::matmul::pack_rows;
     use retune_core::ops::rmsnorm::{rmsnorm_forward, rmsnorm_forward_packed};
     use retune_core::ops::swiglu::{swiglu_forward, swiglu_forward_packed};
-    let _one_at_a_time = PRECISION.lock().unwrap();
+    let _one_at_a_time = PRECISION.lock().unwrap_or_else(|e| e.into_inner());
     set_matmul_precision(MatmulPrecision::Bf16);
     let (n, c) = (37, 70); // neither a whole number of tiles
     let v = |len: usize, s: usize| -> Vec<f32> {

@@ -995,3 +995,77 @@ fn fixture_ggufs_equal_their_hf_folders() {
         }
     }
 }
+
+/// A frozen base loaded for holding keeps its matrices in their stored type (the real SmolLM2
+/// Q4_1 GGUF stays Q4_1, Q/K rows unpermuted as whole rows of blocks) and dequantises to
+/// exactly what the f32 loader gives; norms are the same f32 values.
+#[test]
+fn held_models_dequantise_to_the_f32_load() {
+    use retune_core::load::held::Hold;
+    use retune_core::load::load_held;
+    let f32_dense = Hold {
+        quantize: None,
+        dense: GgmlDType::F32,
+    };
+    let real = smollm2();
+    for (path, stored) in [
+        (fixture("smollm-tiny").join("model-q8_0.gguf"), "Q8_0"),
+        (fixture("smollm-tiny").join("model-f32.gguf"), "F32"),
+        (fixture("llama3-tiny").join("model-f16.gguf"), "F16"),
+        (fixture("mistral-tiny"), "F32"),
+        (real, "Q4_1"),
+    ] {
+        let what = path.display().to_string();
+        let dense = load_model(&path).unwrap();
+        let held = load_held(&path, &f32_dense).unwrap();
+        assert_eq!(held.config, dense.config, "{what}");
+        let mut matrices = 0;
+        for (name, want) in &dense.tensors {
+            match held.matrices.get(name) {
+                Some(m) => {
+                    matrices += 1;
+                    let kept = if stored == "F16" { "F32" } else { stored };
+                    let is_embedding = name.contains("embed_tokens");
+                    if !(is_embedding && stored == "Q4_1") {
+                        // The real SmolLM2 stores its embedding as Q8_0, its matrices as Q4_1.
+                        assert_eq!(
+                            retune_core::ops::stored::type_name(m.dtype()),
+                            kept,
+                            "{what} {name}"
+                        );
+                    }
+                    assert_eq!([m.rows(), m.cols()], want.shape[..], "{what} {name}");
+                    assert!(m.dequantize() == want.data, "{what} {name}: values differ");
+                }
+                None => assert_eq!(held.vectors[name].data, want.data, "{what} {name}"),
+            }
+        }
+        assert_eq!(matrices, held.matrices.len(), "{what}");
+    }
+    // Quantised on load: the blocks llama.cpp's reference quantisation makes of the f32 values,
+    // row by row; bf16: each value rounded to nearest even.
+    let folder = fixture("smollm-tiny");
+    let dense = load_model(&folder).unwrap();
+    for (quantize, dense_type) in [
+        (Some(GgmlDType::Q8_0), GgmlDType::F32),
+        (None, GgmlDType::BF16),
+    ] {
+        let hold = Hold {
+            quantize,
+            dense: dense_type,
+        };
+        let held = load_held(&folder, &hold).unwrap();
+        for (name, m) in &held.matrices {
+            let want = &dense.tensors[name];
+            let expected = retune_core::ops::stored::StoredMatrix::quantize(
+                m.dtype(),
+                want.shape[0],
+                want.shape[1],
+                &want.data,
+            )
+            .unwrap();
+            assert_eq!(m.dtype(), quantize.unwrap_or(dense_type), "{name}");
+            assert!(m.bytes() == expected.bytes(), "{name}: other blocks");
+        }
+    }
+}

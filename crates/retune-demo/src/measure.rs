@@ -198,6 +198,7 @@ pub(crate) fn answer_all(
             let mut greedy = Sampler::new(0.0, 1.0, 0);
             Ok(complete(
                 model,
+                None,
                 tok,
                 &prompt,
                 max_tokens,

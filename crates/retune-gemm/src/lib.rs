@@ -160,12 +160,49 @@ impl<'a> MatRef<'a> {
         self.data[i * self.row_stride + j * self.col_stride]
     }
 
-    /// A row-major copy of the `rows x cols` view (checked with [`MatRef::check`]).
+    /// A row-major copy of the `rows x cols` view (checked with [`MatRef::check`]): rows
+    /// copied whole when they are contiguous, a transposed view in 16 x 16 blocks (one line
+    /// of each source row per block instead of one element), anything else element by element.
     fn to_row_major(self, rows: usize, cols: usize) -> Vec<f32> {
         let mut dense = vec![0.0f32; rows * cols];
-        for (i, row) in dense.chunks_mut(cols.max(1)).enumerate().take(rows) {
-            for (j, x) in row.iter_mut().enumerate() {
-                *x = self.at(i, j);
+        if rows == 0 || cols == 0 {
+            return dense;
+        }
+        if self.col_stride == 1 {
+            dense
+                .par_chunks_mut(cols)
+                .enumerate()
+                .with_min_len(64)
+                .for_each(|(i, row)| {
+                    let start = i * self.row_stride;
+                    row.copy_from_slice(&self.data[start..start + cols]);
+                });
+        } else if self.row_stride == 1 {
+            // dense[i, j] = data[j * cs + i]: 16-row bands of the output, each filled by
+            // walking its 16 source elements along j.
+            const B: usize = 16;
+            let cs = self.col_stride;
+            dense
+                .par_chunks_mut(B * cols)
+                .enumerate()
+                .for_each(|(band, out)| {
+                    let i0 = band * B;
+                    let bi = out.len() / cols;
+                    for j0 in (0..cols).step_by(B) {
+                        let bj = B.min(cols - j0);
+                        for j in j0..j0 + bj {
+                            let src = &self.data[j * cs + i0..j * cs + i0 + bi];
+                            for (di, &v) in src.iter().enumerate() {
+                                out[di * cols + j] = v;
+                            }
+                        }
+                    }
+                });
+        } else {
+            for (i, row) in dense.chunks_mut(cols).enumerate().take(rows) {
+                for (j, x) in row.iter_mut().enumerate() {
+                    *x = self.at(i, j);
+                }
             }
         }
         dense
@@ -504,6 +541,15 @@ impl PackedA {
     pub fn from_rows(a: &[f32], m: usize, k: usize) -> Self {
         assert_eq!(a.len(), m * k, "retune-gemm: a is not {m}x{k}");
         Self::new(MatRef::row_major(a, k), m, k)
+    }
+
+    /// The operand's f32 rows `[m, k]`, when it was "packed" for [`Kernel::F32`] (which keeps
+    /// them as they are); `None` for the bf16 kernels' tiles.
+    pub fn f32_rows(&self) -> Option<&[f32]> {
+        match &self.data {
+            PackedData::F32(rows) => Some(rows),
+            PackedData::Bf16(_) => None,
+        }
     }
 
     /// Rows `m`.

@@ -97,6 +97,24 @@ pub enum Dtype {
     Bf16,
 }
 
+/// How a frozen base's float matrices are held (`model.quantize`): as they are, or quantised
+/// on load to a GGML block type (QLoRA). A GGUF's quantised matrices keep their blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Quantize {
+    /// Float matrices stay dense (bf16 under bf16 products, else f32).
+    #[serde(rename = "none")]
+    None,
+    /// llama.cpp's Q8_0: 8.5 bits per weight, blocks of 32.
+    #[serde(rename = "q8_0")]
+    Q8_0,
+    /// llama.cpp's Q4_0: 4.5 bits per weight, blocks of 32.
+    #[serde(rename = "q4_0")]
+    Q4_0,
+    /// llama.cpp's Q4_K: 4.5 bits per weight, super-blocks of 256 (rows must be multiples).
+    #[serde(rename = "q4_k")]
+    Q4K,
+}
+
 /// Which parameters are trained.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -219,6 +237,8 @@ pub struct ModelConfig {
     pub path: PathBuf,
     /// Compute dtype.
     pub dtype: Dtype,
+    /// Quantise a frozen base's float matrices on load (LoRA only).
+    pub quantize: Quantize,
 }
 
 /// `[method]`.
@@ -390,7 +410,14 @@ enum Kind {
 
 /// Every section and key, in the order they are written.
 const SCHEMA: &[(&str, &[(&str, Kind)])] = &[
-    ("model", &[("path", Kind::Path), ("dtype", Kind::Str)]),
+    (
+        "model",
+        &[
+            ("path", Kind::Path),
+            ("dtype", Kind::Str),
+            ("quantize", Kind::Str),
+        ],
+    ),
     (
         "method",
         &[
@@ -947,6 +974,16 @@ impl RunConfig {
                 )
             })?,
             dtype: src.choice("model.dtype", Dtype::F32, &[("f32", Dtype::F32), ("bf16", Dtype::Bf16)])?,
+            quantize: src.choice(
+                "model.quantize",
+                Quantize::None,
+                &[
+                    ("none", Quantize::None),
+                    ("q8_0", Quantize::Q8_0),
+                    ("q4_0", Quantize::Q4_0),
+                    ("q4_k", Quantize::Q4K),
+                ],
+            )?,
         };
         let method = MethodConfig {
             kind: src.choice(
@@ -1171,6 +1208,14 @@ impl RunConfig {
             return fail(
                 "train.adam_eps",
                 format!("must be greater than 0, got {}", t.adam_eps),
+            );
+        }
+        if self.model.quantize != Quantize::None && m.kind == MethodKind::Full {
+            return fail(
+                "model.quantize",
+                "quantises a frozen base, and full fine-tuning trains every weight: use \
+                 method.kind = \"lora\" (QLoRA), or model.quantize = \"none\""
+                    .into(),
             );
         }
         if t.optimizer_in_backward {

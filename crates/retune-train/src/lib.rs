@@ -22,6 +22,7 @@ pub mod error;
 pub mod events;
 pub mod nan_guard;
 pub mod optim;
+pub mod plan;
 pub mod preference;
 pub mod progress;
 pub mod retention;

@@ -13,6 +13,7 @@ use crate::data::{self, Example, FileStats, PreferenceExample, Row};
 use crate::events::{self, EvalRow, Event, EventLog, MetricsLog, RetentionRow, StepRow};
 use crate::nan_guard::check_finite;
 use crate::optim::{clip_grad_norm, full_step_in_backward, AdamW};
+use crate::plan::MemoryPlan;
 use crate::preference::{
     self, PairBatch, PreferenceFigures, PreferenceObjective, PreferenceTotals, StepScale,
 };
@@ -219,19 +220,23 @@ fn setup(config: &RunConfig, quiet: bool) -> Result<Setup, TrainError> {
         Dtype::Bf16 => MatmulPrecision::Bf16,
     });
     let path = &config.model.path;
-    let mut model = Model::<f32>::load(path)?;
+    // The memory plan comes first: a run that does not fit is refused before loading.
+    let plan = MemoryPlan::of(config)?;
+    if !quiet {
+        eprintln!("{}", plan.line());
+    }
+    plan.check(config)?;
+    let model = match &plan.hold {
+        // A frozen base held once in its storage type: quantised blocks stay blocks.
+        Some(hold) => Model::<f32>::load_held(path, hold)?,
+        None => Model::<f32>::load(path)?,
+    };
     let tokenizer = Tokenizer::load(path)?;
     tokenizer.check_vocab(model.config.vocab_size, path)?;
     let lora = match config.method.kind {
         MethodKind::Lora => Some(init_adapter(config, &model)?),
         MethodKind::Full => None,
     };
-    if lora.is_some() {
-        // The base is frozen: under bf16 it is held as bf16 packs, made once, instead of
-        // being packed for every product (no more memory; the same bits for products of at
-        // least `BF16_MIN_ROWS` rows, which every training batch has).
-        model.pack_frozen_base();
-    }
     let d = &config.data;
     let pad = tokenizer.eos_ids.first().copied().unwrap_or(0);
     let (data, stats) = match PreferenceObjective::from_config(config) {
@@ -761,17 +766,9 @@ fn run_inner(
     };
     if !opts.quiet {
         let share = 100.0 * trainable_parameters as f64 / model_parameters as f64;
-        let peak = retune_core::model::memory::training_bytes(
-            &model.config,
-            t.batch_size,
-            config.data.max_seq_len,
-            trainable_parameters,
-        );
         eprintln!(
             "trainable parameters: {trainable_parameters} of {model_parameters} ({share:.3}%); \
-             {train_len} training and {eval_len} eval {unit}; {total_steps} steps; estimated \
-             peak memory {:.2} GiB",
-            peak as f64 / (1u64 << 30) as f64
+             {train_len} training and {eval_len} eval {unit}; {total_steps} steps"
         );
     }
     events.emit(

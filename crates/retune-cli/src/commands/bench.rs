@@ -15,9 +15,19 @@ use retune_train::AdamW;
 use serde_json::json;
 use std::time::Instant;
 
-/// Measure training forward+backward tokens/s and peak RSS on random weights.
+/// Measure training forward+backward tokens/s and peak RSS on random weights, or on a model
+/// file (`--model`) held as `retune train` holds it.
 #[derive(clap::Args, Debug)]
 pub struct Args {
+    /// A Hugging Face folder or .gguf file to bench instead of a random shape. Under LoRA or
+    /// frozen grads its base is held in its storage type (a quantised GGUF keeps its blocks;
+    /// float matrices in bf16 under --dtype bf16, else f32), as `retune train` holds it.
+    #[arg(long)]
+    model: Option<std::path::PathBuf>,
+    /// With --model: quantise its float matrices on load (q8_0, q4_0, q4_k), as
+    /// `model.quantize` does.
+    #[arg(long)]
+    quantize: Option<String>,
     /// Model shape: smollm2-135m (30 layers, vocab 49152) or layer (one SmolLM2-135M decoder
     /// layer with a 256-token vocabulary, so the LM head is negligible).
     #[arg(long, default_value = "smollm2-135m")]
@@ -101,6 +111,67 @@ fn gradients(grads: &mut Grads<f32>, full: bool) -> Vec<&mut Vec<f32>> {
     }
 }
 
+/// The model of a bench from a file: held as `retune train` holds a frozen base, or in f32
+/// for full fine-tuning; with the memory plan's estimate of the step's peak.
+fn model_from_file(
+    path: &std::path::Path,
+    args: &Args,
+    full: bool,
+    bf16: bool,
+) -> Result<(Model<f32>, u64)> {
+    use anyhow::Context;
+    use candle_core::quantized::GgmlDType;
+    use retune_core::load::held::Hold;
+    use retune_core::model::memory;
+    let summary = retune_core::load::inspect_model(path)
+        .with_context(|| format!("inspecting {}", path.display()))?;
+    let cfg = &summary.config;
+    let quantize = match args.quantize.as_deref() {
+        None => None,
+        Some(q) => Some(match retune_core::ops::stored::type_from_name(q) {
+            Some(t @ (GgmlDType::Q8_0 | GgmlDType::Q4_0 | GgmlDType::Q4K)) => t,
+            _ => bail!("unknown --quantize `{q}`; use q8_0, q4_0 or q4_k"),
+        }),
+    };
+    let hold = Hold {
+        quantize,
+        dense: if bf16 {
+            GgmlDType::BF16
+        } else {
+            GgmlDType::F32
+        },
+    };
+    let (weights, trainable) = match full {
+        true => (memory::f32_weight_bytes(cfg), cfg.param_count()),
+        false => (
+            memory::held_weight_bytes(cfg, &summary.stored_dtypes, &hold),
+            memory::lora_all_linear_params(cfg, 16),
+        ),
+    };
+    let trainable = if args.grads == "frozen" { 0 } else { trainable };
+    let estimate = memory::training_estimate(cfg, args.batch, args.seq, trainable, weights);
+    eprintln!(
+        "memory plan: estimated peak {} (weights {}, trainable state {}, activations {})",
+        memory::gib(estimate.total()),
+        memory::gib(estimate.weights),
+        memory::gib(estimate.trainable),
+        memory::gib(estimate.activations)
+    );
+    let start = Instant::now();
+    let model = match full {
+        true => Model::<f32>::load(path),
+        false => Model::<f32>::load_held(path, &hold),
+    }
+    .with_context(|| format!("loading {}", path.display()))?;
+    eprintln!(
+        "loaded {} in {:.1}s (peak RSS so far {})",
+        path.display(),
+        start.elapsed().as_secs_f64(),
+        memory::gib(peak_rss_bytes().unwrap_or(0))
+    );
+    Ok((model, estimate.total()))
+}
+
 pub fn run(args: Args) -> Result<Outcome> {
     let mut cfg = LlamaConfig::smollm2_135m();
     match args.shape.as_str() {
@@ -125,7 +196,15 @@ pub fn run(args: Args) -> Result<Outcome> {
     if args.batch == 0 || args.seq < 2 || args.steps == 0 {
         bail!("--batch, --steps must be positive and --seq at least 2");
     }
-    let model = Model::<f32>::random(cfg.clone(), 0, 0.02)?;
+    let (model, estimate) = match &args.model {
+        Some(path) => {
+            let (model, estimate) =
+                model_from_file(path, &args, full, precision == MatmulPrecision::Bf16)?;
+            cfg = model.config.clone();
+            (model, Some(estimate))
+        }
+        None => (Model::<f32>::random(cfg.clone(), 0, 0.02)?, None),
+    };
     let lora = match args.grads.as_str() {
         "lora" => {
             let spec = LoraSpec {
@@ -144,7 +223,8 @@ pub fn run(args: Args) -> Result<Outcome> {
     }
     let mut model = model;
     // As `retune train` does: a frozen base under bf16 is held as packs.
-    let base_packed = !full && !args.keep_f32_base && model.pack_frozen_base();
+    let base_packed =
+        model.base_is_held() || (!full && !args.keep_f32_base && model.pack_frozen_base());
     let mut lora = lora;
     let mut grads = match &lora {
         Some(lora) => Grads::lora(&model, lora),
@@ -219,6 +299,9 @@ pub fn run(args: Args) -> Result<Outcome> {
     let idle_share = idle / (times.iter().sum::<f64>() * others);
     let report = json!({
         "shape": args.shape,
+        "model": args.model.as_ref().map(|p| p.display().to_string()),
+        "estimated_peak_bytes": estimate,
+        "held_weight_bytes": model.held_bytes(),
         "grads": args.grads,
         "batch": args.batch,
         "seq": args.seq,
@@ -241,8 +324,8 @@ pub fn run(args: Args) -> Result<Outcome> {
         print_json(&report)?;
     } else {
         println!(
-            "{} ({} grads, {}), batch {}x{}: {:.0} tok/s, {:.3} s/step, {:.1} GFLOP/s, peak RSS {:.2} GiB, other threads idle {:.1}%",
-            args.shape,
+            "{} ({} grads, {}), batch {}x{}: {:.0} tok/s, {:.3} s/step, {:.1} GFLOP/s, peak RSS {:.2} GiB{}, other threads idle {:.1}%",
+            args.model.as_ref().map_or(args.shape.clone(), |p| p.display().to_string()),
             args.grads,
             args.dtype,
             args.batch,
@@ -251,6 +334,10 @@ pub fn run(args: Args) -> Result<Outcome> {
             median,
             gflops,
             rss as f64 / (1u64 << 30) as f64,
+            estimate.map_or(String::new(), |e| format!(
+                " (estimated {:.2} GiB)",
+                e as f64 / (1u64 << 30) as f64
+            )),
             idle_share * 100.0
         );
     }

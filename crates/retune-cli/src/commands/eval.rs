@@ -1,6 +1,6 @@
 //! `retune eval`: loss and perplexity on text.
 
-use super::{load_model_and_tokenizer, print_json};
+use super::{load_for_inference, print_json};
 use crate::Outcome;
 use anyhow::{bail, Result};
 use retune_core::eval::evaluate;
@@ -21,9 +21,14 @@ pub struct Args {
     /// A Hugging Face model folder or a .gguf file.
     #[arg(long)]
     model: PathBuf,
-    /// A LoRA adapter folder (PEFT format) to apply: merged into the base weights after loading.
+    /// A LoRA adapter folder (PEFT format) to apply: merged into the base weights after
+    /// loading, or run beside a base held in its storage type.
     #[arg(long)]
     adapter: Option<PathBuf>,
+    /// Hold the base in its storage type (a quantised GGUF keeps its blocks) even when the
+    /// model fits in f32; chosen anyway when it does not.
+    #[arg(long)]
+    hold: bool,
     /// Text files (.txt, .md) or JSON Lines files with a "text" field.
     #[arg(long, required = true, num_args = 1..)]
     data: Vec<PathBuf>,
@@ -45,10 +50,9 @@ pub fn run(args: Args) -> Result<Outcome> {
         texts.extend(read_documents(path)?);
     }
     let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
-    let (mut model, tok) = load_model_and_tokenizer(&args.model, args.json)?;
-    if let Some(dir) = &args.adapter {
-        super::merge::apply_adapter(&mut model, &args.model, dir, args.json)?;
-    }
+    let adapter = args.adapter.as_deref();
+    let inf = load_for_inference(&args.model, adapter, args.hold, args.max_seq_len, args.json)?;
+    let (model, tok) = (&inf.model, &inf.tokenizer);
     if args.max_seq_len > model.config.max_position_embeddings {
         bail!(
             "--max-seq-len {} exceeds the model's context of {}",
@@ -60,7 +64,7 @@ pub fn run(args: Args) -> Result<Outcome> {
         .iter()
         .map(|d| tok.encode(d, true))
         .collect::<Result<Vec<_>, _>>()?;
-    let result = evaluate(&model, None, &docs, args.max_seq_len)?;
+    let result = evaluate(model, inf.lora.as_ref(), &docs, args.max_seq_len)?;
     if args.json {
         print_json(&json!({
             "tokens": result.tokens,

@@ -1,10 +1,10 @@
 //! `retune generate`: streamed text generation with a KV cache.
 
-use super::load_model_and_tokenizer;
+use super::load_for_inference;
 use crate::Outcome;
 use anyhow::Result;
 use retune_core::model::generate::{complete, Sampler};
-use retune_core::model::Model;
+use retune_core::model::{Lora, Model};
 use retune_core::tokenizer::{ChatMessage, Tokenizer};
 use std::io::Write;
 use std::path::PathBuf;
@@ -16,9 +16,14 @@ pub struct CliArgs {
     /// Generation options.
     #[command(flatten)]
     pub args: Args,
-    /// A LoRA adapter folder (PEFT format) to apply: merged into the base weights after loading.
+    /// A LoRA adapter folder (PEFT format) to apply: merged into the base weights after
+    /// loading, or run beside a base held in its storage type.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
+    /// Hold the base in its storage type (a quantised GGUF keeps its blocks) even when the
+    /// model fits in f32; chosen anyway when it does not.
+    #[arg(long)]
+    pub hold: bool,
 }
 
 /// Generation options (also used by `retune demo`).
@@ -78,6 +83,7 @@ pub fn encode_prompt(
 /// Generates an answer, writing it to `out` as it comes; returns the text.
 pub fn answer(
     model: &Model<f32>,
+    lora: Option<&Lora<f32>>,
     tok: &Tokenizer,
     prompt_ids: &[u32],
     args: &Args,
@@ -86,6 +92,7 @@ pub fn answer(
     let mut sampler = Sampler::new(args.temperature, args.top_p, args.seed);
     let text = complete(
         model,
+        lora,
         tok,
         prompt_ids,
         args.max_tokens,
@@ -102,13 +109,19 @@ pub fn answer(
 
 pub fn run(cli: CliArgs) -> Result<Outcome> {
     let args = cli.args;
-    let (mut model, tok) = load_model_and_tokenizer(&args.model, false)?;
-    if let Some(dir) = &cli.adapter {
-        super::merge::apply_adapter(&mut model, &args.model, dir, false)?;
-    }
-    let ids = encode_prompt(&tok, &args.prompt, args.chat, args.system.as_deref())?;
+    let context = args.max_tokens + 1024;
+    let inf = load_for_inference(
+        &args.model,
+        cli.adapter.as_deref(),
+        cli.hold,
+        context,
+        false,
+    )?;
+    let (model, tok) = (&inf.model, &inf.tokenizer);
+    let ids = encode_prompt(tok, &args.prompt, args.chat, args.system.as_deref())?;
     let start = std::time::Instant::now();
-    let text = answer(&model, &tok, &ids, &args, &mut std::io::stdout().lock())?;
+    let out = &mut std::io::stdout().lock();
+    let text = answer(model, inf.lora.as_ref(), tok, &ids, &args, out)?;
     let n = tok.encode(&text, false).map(|t| t.len()).unwrap_or(0);
     eprintln!(
         "{} prompt tokens, {} new tokens in {:.1}s",

@@ -3,7 +3,8 @@
 use super::print_json;
 use crate::Outcome;
 use anyhow::{Context, Result};
-use retune_core::config::LlamaConfig;
+use candle_core::quantized::GgmlDType;
+use retune_core::load::held::Hold;
 use retune_core::load::{inspect_model, ModelSummary};
 use retune_core::model::memory;
 use serde_json::json;
@@ -38,22 +39,41 @@ fn weight_class(name: &str) -> &'static str {
     }
 }
 
-/// Memory estimates (weights in f32, as retune computes today): inference with a 4k-token KV
-/// cache; training at batch 4 x 256 tokens with per-layer recompute, LoRA r = 16 on all linear
-/// layers or full fine-tuning. Estimates, not measurements (`retune bench` measures).
-pub fn memory_estimates(cfg: &LlamaConfig) -> BTreeMap<&'static str, u64> {
+/// Memory estimates from the headers alone (the memory plan's): inference with a 4k-token KV
+/// cache, with the weights in f32 and held in their stored types (a quantised GGUF keeps its
+/// blocks); LoRA r = 16 on all linear layers under bf16 products, its base held once (float
+/// matrices in bf16), at batch 4 x 256 and 1 x 1024; QLoRA with float matrices quantised to
+/// Q4_0 on load; full fine-tuning in f32. Estimates, not measurements (`retune bench`
+/// measures).
+pub fn memory_estimates(s: &ModelSummary) -> BTreeMap<&'static str, u64> {
+    let cfg = &s.config;
     let ctx = cfg.max_position_embeddings.min(4096);
     let lora = memory::lora_all_linear_params(cfg, 16);
+    let f32_weights = memory::f32_weight_bytes(cfg);
+    let held = |quantize, dense| {
+        memory::held_weight_bytes(cfg, &s.stored_dtypes, &Hold { quantize, dense })
+    };
+    let bf16_base = held(None, GgmlDType::BF16);
     let mut m = BTreeMap::new();
-    m.insert("inference_bytes", memory::inference_bytes(cfg, ctx));
+    let total = |e: memory::Estimate| e.total();
     m.insert(
-        "lora_training_bytes",
-        memory::training_bytes(cfg, 4, 256, lora),
+        "inference_bytes",
+        total(memory::inference_estimate(cfg, ctx, f32_weights)),
     );
+    let held_f32 = held(None, GgmlDType::F32);
     m.insert(
-        "full_training_bytes",
-        memory::training_bytes(cfg, 4, 256, cfg.param_count()),
+        "inference_held_bytes",
+        total(memory::inference_estimate(cfg, ctx, held_f32)),
     );
+    let lora_at = |rows, seq, base| total(memory::training_estimate(cfg, rows, seq, lora, base));
+    m.insert("lora_training_bytes", lora_at(4, 256, bf16_base));
+    m.insert("lora_training_1x1024_bytes", lora_at(1, 1024, bf16_base));
+    m.insert(
+        "qlora_q4_0_training_bytes",
+        lora_at(4, 256, held(Some(GgmlDType::Q4_0), GgmlDType::BF16)),
+    );
+    let full = memory::training_estimate(cfg, 4, 256, cfg.param_count(), f32_weights);
+    m.insert("full_training_bytes", full.total());
     m
 }
 
@@ -87,7 +107,7 @@ fn summary_json(s: &ModelSummary, path: &std::path::Path) -> serde_json::Value {
         "parameters": cfg.param_count(),
         "stored_dtypes": dtypes,
         "file_bytes": s.file_bytes,
-        "memory_estimates": memory_estimates(cfg),
+        "memory_estimates": memory_estimates(s),
     })
 }
 
@@ -120,9 +140,9 @@ pub fn run(args: Args) -> Result<Outcome> {
     println!("tied head      {}", cfg.tie_word_embeddings);
     println!("parameters     {}", cfg.param_count());
     println!("stored dtypes  {}", j["stored_dtypes"]);
-    for (k, v) in memory_estimates(cfg) {
+    for (k, v) in memory_estimates(&summary) {
         println!(
-            "{:<14} {:.2} GiB (estimate)",
+            "{:<26} {:.2} GiB (estimate)",
             k.trim_end_matches("_bytes"),
             gib(v)
         );

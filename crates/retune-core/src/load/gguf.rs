@@ -27,6 +27,7 @@ use std::io::Cursor;
 use std::ops::Range;
 use std::path::Path;
 
+use super::held::{hold_tensors, HeldModel, Hold, SourceTensor};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{ggml_file, GgmlDType};
 use candle_core::Device;
@@ -784,6 +785,35 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
         format: ModelFormat::Gguf,
         files: vec![path.to_path_buf()],
     })
+}
+
+/// Loads a GGUF file for holding frozen (see [`super::held`]): quantised matrices keep their
+/// blocks, Q/K rows unpermuted as whole rows of blocks.
+pub fn load_held(path: &Path, hold: &Hold) -> Result<HeldModel> {
+    let opened = open(path)?;
+    let stored_dtypes = dtypes(&opened.entries);
+    let sources = opened
+        .entries
+        .into_iter()
+        .map(|e| SourceTensor {
+            name: e.hf,
+            file: 0,
+            dtype: e.dtype,
+            shape: e.shape,
+            offset: e.bytes.start as u64,
+            unpermute_heads: e.unpermute_heads,
+        })
+        .collect();
+    drop(opened.map); // the tensors are read from the file, not through the map
+    let files = vec![path.to_path_buf()];
+    hold_tensors(
+        opened.config,
+        files,
+        sources,
+        hold,
+        ModelFormat::Gguf,
+        stored_dtypes,
+    )
 }
 
 /// Reads metadata and tensor infos only (see [`super::inspect_model`]).

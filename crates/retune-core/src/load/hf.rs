@@ -2,6 +2,8 @@
 //! safetensors weights, either one `model.safetensors` or `model.safetensors.index.json` with
 //! shards. Files are memory-mapped; F32, F16 and BF16 tensors are converted to f32 (exactly).
 
+use super::held::{hold_tensors, HeldModel, Hold, SourceTensor};
+use candle_core::quantized::GgmlDType;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Component, Path, PathBuf};
 
@@ -254,6 +256,37 @@ pub fn load(dir: &Path) -> Result<LoadedModel> {
         format: ModelFormat::HfFolder,
         files: ck.files,
     })
+}
+
+/// Loads a Hugging Face folder for holding frozen (see [`super::held`]), tensor by tensor.
+pub fn load_held(dir: &Path, hold: &Hold) -> Result<HeldModel> {
+    let ck = open(dir)?;
+    let stored_dtypes = dtypes(&ck.entries);
+    drop(ck.maps); // the tensors are read from the files, not through the maps
+    let sources = ck
+        .entries
+        .into_iter()
+        .map(|e| SourceTensor {
+            name: e.name,
+            file: e.file,
+            dtype: match e.dtype {
+                Dtype::F32 => GgmlDType::F32,
+                Dtype::F16 => GgmlDType::F16,
+                _ => GgmlDType::BF16, // `open` admits F32, F16 and BF16 only
+            },
+            shape: e.shape,
+            offset: e.bytes.start as u64,
+            unpermute_heads: None,
+        })
+        .collect();
+    hold_tensors(
+        ck.config,
+        ck.files,
+        sources,
+        hold,
+        ModelFormat::HfFolder,
+        stored_dtypes,
+    )
 }
 
 /// Reads configuration and safetensors headers only (see [`super::inspect_model`]).

@@ -15,6 +15,7 @@ use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
 
 pub mod gguf;
+pub mod held;
 pub mod hf;
 pub mod peft;
 pub mod save;
@@ -117,6 +118,15 @@ pub fn load_model(path: &Path) -> Result<LoadedModel> {
     match detect(path)? {
         ModelFormat::HfFolder => hf::load(path),
         ModelFormat::Gguf => gguf::load(path),
+    }
+}
+
+/// Loads a model for holding it frozen ([`held`]): matrices in their storage type, read
+/// tensor by tensor.
+pub fn load_held(path: &Path, hold: &held::Hold) -> Result<held::HeldModel> {
+    match detect(path)? {
+        ModelFormat::HfFolder => hf::load_held(path, hold),
+        ModelFormat::Gguf => gguf::load_held(path, hold),
     }
 }
 

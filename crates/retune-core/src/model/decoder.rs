@@ -10,13 +10,14 @@ use super::packs::FrozenPacks;
 use super::weights::{grad_slot, LayerWeights, Linear, Weights};
 use super::{Batch, Grads, Model};
 use crate::float::Float;
+use crate::ops::adapted::Weight;
 use crate::ops::adapted::{adapted_backward, adapted_forward, BranchBackward, BranchForward};
 use crate::ops::attention::{attention_backward, attention_forward};
 use crate::ops::cross_entropy::{lm_head_cross_entropy, target_log_probs, CeStats};
-use crate::ops::embedding::{embedding_backward, embedding_forward};
+use crate::ops::embedding::{embedding_backward, embedding_forward, embedding_forward_stored};
 use crate::ops::linear::{add_bias, linear_backward_packed, linear_forward_packed};
 use crate::ops::lora::{dropout_forward, lora_backward, lora_forward};
-use crate::ops::matmul::{matmul_nt, pack_rows, runs_in_bf16, WeightPacks};
+use crate::ops::matmul::{matmul_nt, pack_rows, runs_in_bf16, FrozenWeight};
 use crate::ops::residual::{add_inplace, zero_par};
 use crate::ops::rmsnorm::{rmsnorm_backward, rmsnorm_forward, rmsnorm_forward_packed};
 use crate::ops::rope::{rope_backward, rope_forward, RopeTable};
@@ -75,7 +76,7 @@ struct HeadWeight<'a, T> {
     /// `[V, C]`.
     w: &'a [T],
     /// Its bf16 packs, when it is frozen and products run in bf16.
-    packs: Option<&'a WeightPacks>,
+    packs: Option<&'a FrozenWeight>,
 }
 
 /// One layer's saved activations, reused from layer to layer.
@@ -287,7 +288,7 @@ impl<T: Float> LayerActs<T> {
 /// is frozen and packed, and the adapter.
 struct Proj<'a, T> {
     lin: &'a Linear<T>,
-    packs: Option<&'a WeightPacks>,
+    packs: Option<&'a FrozenWeight>,
     t: Target,
     layer: usize,
     adapter: Option<&'a AdapterPass<'a, T>>,
@@ -398,13 +399,13 @@ fn proj_forward_bf16<T: Float>(
             })
         }
     };
-    let w_pack = p.packs.map(|p| &p.forward);
+    let weight = p.packs.map_or(Weight::Values(w), FrozenWeight::forward);
     let y32 = y.as_deref_mut().map(|y| T::f32_slice_mut(y).expect(f32s));
     // Only a product that packs the weight here can make its backward pack too.
-    let hold = p.hold_backward_pack && w_pack.is_none() && y32.is_some();
+    let hold = p.hold_backward_pack && p.packs.is_none() && y32.is_some();
     saved.w_backward_layer = hold.then_some(p.layer);
     let hold_backward = hold.then_some(&mut saved.w_backward);
-    adapted_forward(y32, x_packed, w, w_pack, hold_backward, lin.d_out, branch);
+    adapted_forward(y32, x_packed, weight, hold_backward, lin.d_out, branch);
     if let Some(p) = dropped {
         p.recycle();
     }
@@ -557,16 +558,18 @@ fn proj_backward_bf16<T: Float>(
         .w_backward
         .as_ref()
         .filter(|_| saved.w_backward_layer == Some(p.layer));
-    let w_pack = p.packs.and_then(|p| p.backward.as_ref()).or(held);
+    let weight = p
+        .packs
+        .and_then(FrozenWeight::backward)
+        .or(held.map(Weight::Packed));
     let dx32 = T::f32_slice_mut(dx).expect("the bf16 path runs on f32");
-    let (dy32, w) = (f32_of(dy), f32_of(&lin.w));
+    let weight = weight.unwrap_or(Weight::Values(f32_of(&lin.w)));
     adapted_backward(
         accumulate,
         dx32,
-        dy32,
+        f32_of(dy),
         Some(dy_packed),
-        w,
-        w_pack,
+        weight,
         n,
         lin.d_in,
         lin.d_out,
@@ -894,11 +897,24 @@ impl<T: Float> Model<T> {
     ) {
         let w = &self.weights;
         assert_eq!(residuals.len(), w.layers.len() + 1);
-        embedding_forward(&mut residuals[0], &batch.ids, &w.embed, d.c);
+        self.embed(&mut residuals[0], &batch.ids);
         for l in 0..w.layers.len() {
             let (done, rest) = residuals.split_at_mut(l + 1);
             let (x, out) = (&done[l], &mut rest[0]);
             self.layer_forward(Some(out), acts, x, l, adapter, packs, batch, rope, d);
+        }
+    }
+
+    /// `out[N, C]`: the embedding rows of `ids`, from the stored embedding when the base is
+    /// held in its storage type.
+    pub(crate) fn embed(&self, out: &mut [T], ids: &[u32]) {
+        let c = self.config.hidden_size;
+        match self.packs.embedding() {
+            Some(table) => {
+                let out = T::f32_slice_mut(out).expect("a held base is f32");
+                embedding_forward_stored(out, ids, table);
+            }
+            None => embedding_forward(out, ids, &self.weights.embed, c),
         }
     }
 

@@ -1,10 +1,13 @@
 //! Inference with a KV cache, and sampling (greedy, temperature, top-p) from a seeded RNG.
 
 use super::Model;
+use super::{Lora, Target};
 use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::ops::cross_entropy::logits_forward;
-use crate::ops::linear::linear_forward;
+use crate::ops::linear::linear_forward_packed;
+use crate::ops::lora::lora_forward;
+use crate::ops::matmul::matmul_frozen_nt;
 use crate::ops::residual::add_inplace;
 use crate::ops::rmsnorm::rmsnorm_forward;
 use crate::ops::rope::{rope_forward, RopeTable};
@@ -63,15 +66,19 @@ impl<T: Float> Model<T> {
     /// Feeds `tokens` (a prompt, or one new token) after those already cached; returns the
     /// logits `[V]` that follow the last of them.
     pub fn forward_cached(&self, tokens: &[u32], cache: &mut KvCache<T>) -> Result<Vec<T>> {
+        self.forward_cached_adapted(tokens, cache, None)
+    }
+
+    /// [`Model::forward_cached`] with an adapter's branches on the projections it adapts
+    /// (without merging it: a base held in its storage type cannot be merged into).
+    pub fn forward_cached_adapted(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache<T>,
+        lora: Option<&Lora<T>>,
+    ) -> Result<Vec<T>> {
         let cfg = &self.config;
         let (m, p0) = (tokens.len(), cache.len);
-        if self.base_is_packed() {
-            return Err(Error::Invalid(
-                "this model holds its base weights as bf16 packs for training \
-                 (Model::pack_frozen_base); generate from the model loaded again"
-                    .into(),
-            ));
-        }
         if m == 0 {
             return Err(Error::Invalid("no tokens to feed".into()));
         }
@@ -101,27 +108,40 @@ impl<T: Float> Model<T> {
         let positions: Vec<u32> = (p0..p0 + m).map(|p| p as u32).collect();
         let z = |len: usize| vec![T::zero(); len];
         let mut x = z(m * c);
-        crate::ops::embedding::embedding_forward(&mut x, tokens, &w.embed, c);
+        self.embed(&mut x, tokens);
         let (mut ln, mut rstd, mut q, mut att, mut x1) =
             (z(m * c), z(m), z(m * qd), z(m * qd), z(m * c));
         let (mut gate, mut up, mut act) = (z(m * f), z(m * f), z(m * f));
         for (l, lw) in w.layers.iter().enumerate() {
+            // y = x W^T + b, from the frozen weight when the base is held so, plus the branch.
+            let proj = |y: &mut [T], x: &[T], t: Target| {
+                let lin = t.of(lw);
+                let frozen = self.packs.layer(l).and_then(|p| p[t.index()].as_deref());
+                let (d_in, d_out) = (lin.d_in, lin.d_out);
+                linear_forward_packed(y, x, &lin.w, frozen, lin.b.as_deref(), m, d_in, d_out);
+                let Some(lora) = lora else { return };
+                if let Some(pair) = lora.layers[l].pairs[t.index()].as_ref() {
+                    let (r, s) = (lora.spec.r, T::of(lora.spec.scale()));
+                    let mut xa = vec![T::zero(); m * r];
+                    lora_forward(y, &mut xa, x, &pair.a, &pair.b, s, m, d_in, d_out, r);
+                }
+            };
             rmsnorm_forward(&mut ln, &mut rstd, &x, &lw.attn_norm, m, c, eps);
-            linear_forward(&mut q, &ln, &lw.q.w, lw.q.b.as_deref(), m, c, qd);
+            proj(&mut q, &ln, Target::QProj);
             let k_new = &mut cache.k[l][p0 * kvd..(p0 + m) * kvd];
-            linear_forward(k_new, &ln, &lw.k.w, lw.k.b.as_deref(), m, c, kvd);
+            proj(k_new, &ln, Target::KProj);
             rope_forward(k_new, &positions, &cache.rope, nkv, hd);
             let v_new = &mut cache.v[l][p0 * kvd..(p0 + m) * kvd];
-            linear_forward(v_new, &ln, &lw.v.w, lw.v.b.as_deref(), m, c, kvd);
+            proj(v_new, &ln, Target::VProj);
             rope_forward(&mut q, &positions, &cache.rope, nh, hd);
             cached_attention(&mut att, &q, &cache.k[l], &cache.v[l], p0, m, nh, nkv, hd);
-            linear_forward(&mut x1, &att, &lw.o.w, lw.o.b.as_deref(), m, qd, c);
+            proj(&mut x1, &att, Target::OProj);
             add_inplace(&mut x1, &x);
             rmsnorm_forward(&mut ln, &mut rstd, &x1, &lw.mlp_norm, m, c, eps);
-            linear_forward(&mut gate, &ln, &lw.gate.w, lw.gate.b.as_deref(), m, c, f);
-            linear_forward(&mut up, &ln, &lw.up.w, lw.up.b.as_deref(), m, c, f);
+            proj(&mut gate, &ln, Target::GateProj);
+            proj(&mut up, &ln, Target::UpProj);
             swiglu_forward(&mut act, &gate, &up);
-            linear_forward(&mut x, &act, &lw.down.w, lw.down.b.as_deref(), m, f, c);
+            proj(&mut x, &act, Target::DownProj);
             add_inplace(&mut x, &x1);
         }
         cache.len += m;
@@ -129,7 +149,10 @@ impl<T: Float> Model<T> {
         let (mut h, mut r) = (z(c), z(1));
         rmsnorm_forward(&mut h, &mut r, last, &w.final_norm, 1, c, eps);
         let mut logits = z(cfg.vocab_size);
-        logits_forward(&mut logits, &h, w.head(), 1, c, cfg.vocab_size);
+        match self.packs.held_head() {
+            Some(head) => matmul_frozen_nt(&mut logits, &h, head, 1),
+            None => logits_forward(&mut logits, &h, w.head(), 1, c, cfg.vocab_size),
+        }
         Ok(logits)
     }
 }
@@ -261,6 +284,7 @@ impl Sampler {
 /// and passed to `on_token`). Returns the new tokens.
 pub fn generate<T: Float>(
     model: &Model<T>,
+    lora: Option<&Lora<T>>,
     prompt: &[u32],
     max_tokens: usize,
     sampler: &mut Sampler,
@@ -272,7 +296,7 @@ pub fn generate<T: Float>(
     if max_tokens == 0 {
         return Ok(out);
     }
-    let mut logits = model.forward_cached(prompt, &mut cache)?;
+    let mut logits = model.forward_cached_adapted(prompt, &mut cache, lora)?;
     loop {
         let next = sampler.sample(&logits);
         out.push(next);
@@ -280,13 +304,15 @@ pub fn generate<T: Float>(
         if is_stop(next) || out.len() >= max_tokens || cache.len() >= cache.capacity() {
             return Ok(out);
         }
-        logits = model.forward_cached(&[next], &mut cache)?;
+        logits = model.forward_cached_adapted(&[next], &mut cache, lora)?;
     }
 }
 /// Generates text after `prompt` until an end-of-sequence token or `max_tokens`, passing each
-/// decoded piece to `on_piece` as it comes; returns the whole text (EOS not included).
+/// decoded piece to `on_piece` as it comes; returns the whole text (EOS not included). An
+/// adapter, when given, runs as branches beside the base (see [`Model::forward_cached_adapted`]).
 pub fn complete(
     model: &Model<f32>,
+    lora: Option<&Lora<f32>>,
     tok: &Tokenizer,
     prompt: &[u32],
     max_tokens: usize,
@@ -297,6 +323,7 @@ pub fn complete(
     let mut text = String::new();
     generate(
         model,
+        lora,
         prompt,
         max_tokens,
         sampler,

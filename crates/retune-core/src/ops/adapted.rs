@@ -16,6 +16,7 @@
 
 use super::lora::{dropout_forward, lora_weight_grads};
 use super::residual::add_inplace;
+use super::stored::{stored_backward, stored_forward, ExtraTerm, StoredMatrix};
 use retune_gemm::{gemm_terms, MatRef, PackedA, PackedB};
 
 /// The LoRA branch of a forward.
@@ -34,23 +35,32 @@ pub struct BranchForward<'a> {
     pub xa: &'a mut [f32],
 }
 
-/// `y[N, D_out] = x W^T (+ the branch)`, `x` given packed. `w_pack`: the frozen weight's
-/// forward pack, else `w [D_out, D_in]` is packed here; then, with `hold_backward` (a layer
-/// recomputed for its backward), its pack for [`adapted_backward`] is made in the same read of
-/// `w` and put there. With `y` `None` (a recompute that needs the branch's saved `x' A^T` but
-/// not the output) only that is computed.
+/// The base weight `W [D_out, D_in]` of a product, as it is held.
+#[derive(Clone, Copy)]
+pub enum Weight<'a> {
+    /// Its f32 values, packed for each product here.
+    Values(&'a [f32]),
+    /// A frozen weight's pack for this product (the forward's or the input gradient's).
+    Packed(&'a PackedB),
+    /// A frozen weight held once in its storage type, dequantised chunk by chunk.
+    Stored(&'a StoredMatrix),
+}
+
+/// `y[N, D_out] = x W^T (+ the branch)`, `x` given packed. A weight given by its values is
+/// packed here; then, with `hold_backward` (a layer recomputed for its backward), its pack for
+/// [`adapted_backward`] is made in the same read of `w` and put there. With `y` `None` (a
+/// recompute that needs the branch's saved `x' A^T` but not the output) only that is computed.
 pub fn adapted_forward(
     y: Option<&mut [f32]>,
     x: &PackedA,
-    w: &[f32],
-    w_pack: Option<&PackedB>,
+    w: Weight,
     hold_backward: Option<&mut Option<PackedB>>,
     d_out: usize,
     branch: Option<BranchForward>,
 ) {
     let (n, d_in) = (x.m(), x.k());
     assert!(
-        y.as_ref().is_none_or(|y| y.len() == n * d_out) && weight_fits(w, w_pack, d_in, d_out),
+        y.as_ref().is_none_or(|y| y.len() == n * d_out) && weight_fits(w, d_in, d_out),
         "adapted_forward: shape mismatch"
     );
     let Some(y) = y else {
@@ -66,23 +76,18 @@ pub fn adapted_forward(
         }
         return;
     };
-    let w_pack = WeightPack::new(w_pack, || match hold_backward {
+    if let Weight::Stored(w) = w {
+        return stored_adapted_forward(y, x, w, branch);
+    }
+    let w_pack = WeightPack::new(w, |w| match hold_backward {
         Some(backward) => PackedB::transient_both_of_nk(w, d_out, d_in, backward),
         None => PackedB::transient(MatRef::transpose_of(w, d_in), d_in, d_out),
     });
     match branch {
         None => gemm_terms(y, &[(x, w_pack.get())], false),
-        Some(br) => {
-            let r = br.r;
-            assert!(
-                br.a.len() == r * d_in && br.b.len() == d_out * r && br.xa.len() == n * r,
-                "adapted_forward: adapter shape mismatch"
-            );
-            let a_t = PackedB::transient(MatRef::transpose_of(br.a, d_in), d_in, r);
-            gemm_terms(br.xa, &[(br.input, &a_t)], false);
-            let scaled: Vec<f32> = br.xa.iter().map(|&v| v * br.scale).collect();
-            let xa = PackedA::from_rows(&scaled, n, r);
-            let b_t = PackedB::transient(MatRef::transpose_of(br.b, r), r, d_out);
+        Some(mut br) => {
+            let (xa, a_t) = branch_down(x, &mut br, d_in, d_out);
+            let b_t = PackedB::transient(MatRef::transpose_of(br.b, br.r), br.r, d_out);
             gemm_terms(y, &[(x, w_pack.get()), (&xa, &b_t)], false);
             b_t.recycle();
             xa.recycle();
@@ -90,6 +95,48 @@ pub fn adapted_forward(
         }
     }
     w_pack.recycle();
+}
+
+/// The branch's down product: `x' A^T` into `br.xa`; returns it scaled and packed as the left
+/// operand of the up product, and the pack of `A^T` (both for recycling).
+fn branch_down(
+    x: &PackedA,
+    br: &mut BranchForward,
+    d_in: usize,
+    d_out: usize,
+) -> (PackedA, PackedB) {
+    let (n, r) = (x.m(), br.r);
+    assert!(
+        br.a.len() == r * d_in && br.b.len() == d_out * r && br.xa.len() == n * r,
+        "adapted_forward: adapter shape mismatch"
+    );
+    let a_t = PackedB::transient(MatRef::transpose_of(br.a, d_in), d_in, r);
+    gemm_terms(br.xa, &[(br.input, &a_t)], false);
+    let scaled: Vec<f32> = br.xa.iter().map(|&v| v * br.scale).collect();
+    (PackedA::from_rows(&scaled, n, r), a_t)
+}
+
+/// [`adapted_forward`] from a stored weight: the up product is a second term of each chunk
+/// of output columns, as it is of each block of `y` on the packed path.
+fn stored_adapted_forward(
+    y: &mut [f32],
+    x: &PackedA,
+    w: &StoredMatrix,
+    branch: Option<BranchForward>,
+) {
+    let n = x.m();
+    let Some(mut br) = branch else {
+        return stored_forward(y, &[], Some(x), w, n, None);
+    };
+    let (xa, a_t) = branch_down(x, &mut br, w.cols(), w.rows());
+    let up = ExtraTerm {
+        a: &xa,
+        b: MatRef::transpose_of(br.b, br.r),
+        k: br.r,
+    };
+    stored_forward(y, &[], Some(x), w, n, Some(up));
+    xa.recycle();
+    a_t.recycle();
 }
 
 /// The LoRA branch of a backward.
@@ -115,24 +162,23 @@ pub struct BranchBackward<'a> {
 }
 
 /// `dx[N, D_in] (+)= dy W (+ the branch's input gradient)` (added to `dx` when `accumulate`,
-/// else written over it), and accumulates the branch's weight gradients. `w_pack`: the
-/// weight's backward pack (a frozen weight's, or one [`adapted_forward`] held), else `w` is
-/// packed here. `dy_packed`: `dy` packed by its producer ([`PackedA::for_rows`]), else it is
+/// else written over it), and accumulates the branch's weight gradients. `w`: its values
+/// (packed here), its backward pack (a frozen weight's, or one [`adapted_forward`] held), or
+/// its storage. `dy_packed`: `dy` packed by its producer ([`PackedA::for_rows`]), else it is
 /// packed here.
 pub fn adapted_backward(
     accumulate: bool,
     dx: &mut [f32],
     dy: &[f32],
     dy_packed: Option<PackedA>,
-    w: &[f32],
-    w_pack: Option<&PackedB>,
+    w: Weight,
     n: usize,
     d_in: usize,
     d_out: usize,
     branch: Option<BranchBackward>,
 ) {
     assert!(
-        dx.len() == n * d_in && dy.len() == n * d_out && weight_fits(w, w_pack, d_out, d_in),
+        dx.len() == n * d_in && dy.len() == n * d_out && weight_fits(w, d_out, d_in),
         "adapted_backward: shape mismatch"
     );
     let dy_packed = dy_packed.unwrap_or_else(|| PackedA::from_rows(dy, n, d_out));
@@ -140,24 +186,49 @@ pub fn adapted_backward(
         dy_packed.m() == n && dy_packed.k() == d_out,
         "adapted_backward: dy's pack does not fit"
     );
-    let w_pack = WeightPack::new(w_pack, || {
+    let w_pack = WeightPack::new(w, |w| {
         PackedB::transient(MatRef::row_major(w, d_in), d_out, d_in)
     });
-    let base = (&dy_packed, w_pack.get());
+    let base = match &w_pack {
+        WeightPack::Stored(w) => Base::Stored(dy, w),
+        p => Base::Packed(&dy_packed, p.get()),
+    };
     match branch {
-        None => gemm_terms(dx, &[base], accumulate),
-        Some(br) => branch_backward(accumulate, dx, dy, base, br, n, d_in, d_out),
+        None => base.add_into(dx, None, accumulate),
+        Some(br) => branch_backward(accumulate, dx, dy, &dy_packed, base, br, n, d_in, d_out),
     }
     dy_packed.recycle();
     w_pack.recycle();
 }
 
-/// [`adapted_backward`] with a branch; `base` is the product `dy W`, packed.
+/// The base product `dy W` of an input gradient: from packs, or from a stored weight.
+enum Base<'a> {
+    Packed(&'a PackedA, &'a PackedB),
+    Stored(&'a [f32], &'a StoredMatrix),
+}
+
+impl Base<'_> {
+    /// `dx (+)= dy W (+ extra)`, in one pass over `dx`.
+    fn add_into(&self, dx: &mut [f32], extra: Option<(&PackedA, &PackedB)>, accumulate: bool) {
+        match *self {
+            Base::Packed(a, b) => match extra {
+                None => gemm_terms(dx, &[(a, b)], accumulate),
+                Some(e) => gemm_terms(dx, &[(a, b), e], accumulate),
+            },
+            Base::Stored(dy, w) => {
+                stored_backward(accumulate, dx, dy, w, dy.len() / w.rows(), extra)
+            }
+        }
+    }
+}
+
+/// [`adapted_backward`] with a branch; `base` is the product `dy W`.
 fn branch_backward(
     accumulate: bool,
     dx: &mut [f32],
     dy: &[f32],
-    base: (&PackedA, &PackedB),
+    dy_packed: &PackedA,
+    base: Base,
     br: BranchBackward,
     n: usize,
     d_in: usize,
@@ -171,7 +242,7 @@ fn branch_backward(
     // dxa[N, r] = s dy · B, from the packed dy.
     let mut dxa = vec![0.0f32; n * r];
     let b_pack = PackedB::transient(MatRef::row_major(br.b, r), d_out, r);
-    gemm_terms(&mut dxa, &[(base.0, &b_pack)], false);
+    gemm_terms(&mut dxa, &[(dy_packed, &b_pack)], false);
     b_pack.recycle();
     dxa.iter_mut().for_each(|v| *v *= br.scale);
     let (input, xa, scale) = (br.input, br.xa, br.scale);
@@ -181,10 +252,10 @@ fn branch_backward(
     let branch = (&dxa_packed, &a_pack);
     match br.dropout {
         // dx += dy W + dxa A, in one pass over dx.
-        None => gemm_terms(dx, &[base, branch], accumulate),
+        None => base.add_into(dx, Some(branch), accumulate),
         Some((p, seed)) => {
             // The branch saw dropout(x): its input gradient goes back through the same mask.
-            gemm_terms(dx, &[base], accumulate);
+            base.add_into(dx, None, accumulate);
             let mut d_drop = vec![0.0f32; n * d_in];
             gemm_terms(&mut d_drop, &[branch], false);
             let mut masked = vec![0.0f32; n * d_in];
@@ -196,36 +267,40 @@ fn branch_backward(
     dxa_packed.recycle();
 }
 
-/// Whether the weight of a product `[.., k] x [k, n]` is there: its given pack has that
-/// shape, or (none given) `w` has its `k n` values. A base held only as packs has no f32
-/// values (`w` empty).
-fn weight_fits(w: &[f32], pack: Option<&PackedB>, k: usize, n: usize) -> bool {
-    match pack {
-        Some(p) => p.k() == k && p.n() == n,
-        None => w.len() == k * n,
+/// Whether the weight of a product `[.., k] x [k, n]` fits: its values, its pack or its
+/// storage have that shape (a stored `W [D_out, D_in]` serves both orientations).
+fn weight_fits(w: Weight, k: usize, n: usize) -> bool {
+    match w {
+        Weight::Values(w) => w.len() == k * n,
+        Weight::Packed(p) => p.k() == k && p.n() == n,
+        Weight::Stored(s) => (s.cols(), s.rows()) == (k, n) || (s.rows(), s.cols()) == (k, n),
     }
 }
 
-/// A weight's pack for one product: the frozen weight's own, or one made for this call (and
-/// handed back for reuse after it).
+/// A weight's operand for one product: the frozen weight's own pack, one made for this call
+/// (and handed back for reuse after it), or its storage (dequantised by the product).
 enum WeightPack<'a> {
     Given(&'a PackedB),
     Own(PackedB),
+    Stored(&'a StoredMatrix),
 }
 
 impl<'a> WeightPack<'a> {
-    /// `given`, else `pack()`.
-    fn new(given: Option<&'a PackedB>, pack: impl FnOnce() -> PackedB) -> Self {
-        match given {
-            Some(p) => WeightPack::Given(p),
-            None => WeightPack::Own(pack()),
+    /// The given pack or storage, else `pack(values)`.
+    fn new(w: Weight<'a>, pack: impl FnOnce(&'a [f32]) -> PackedB) -> Self {
+        match w {
+            Weight::Packed(p) => WeightPack::Given(p),
+            Weight::Values(w) => WeightPack::Own(pack(w)),
+            Weight::Stored(s) => WeightPack::Stored(s),
         }
     }
 
+    /// The pack (not called on storage: its products take their own path).
     fn get(&self) -> &PackedB {
         match self {
             WeightPack::Given(p) => p,
             WeightPack::Own(p) => p,
+            WeightPack::Stored(_) => unreachable!("a stored weight has no whole pack"),
         }
     }
 
@@ -305,8 +380,7 @@ mod tests {
             adapted_forward(
                 Some(&mut y32),
                 &x_packed,
-                &w32,
-                None,
+                Weight::Values(&w32),
                 None,
                 D_OUT,
                 Some(branch),
@@ -334,8 +408,7 @@ mod tests {
                     &mut dx32,
                     dy_,
                     None,
-                    &w32,
-                    None,
+                    Weight::Values(&w32),
                     N,
                     D_IN,
                     D_OUT,
@@ -368,10 +441,24 @@ mod tests {
         );
         let x_packed = PackedA::from_rows(&x, N, d_in);
         let (mut y_own, mut y_held) = (vec![0.0f32; N * d_out], vec![0.0f32; N * d_out]);
-        adapted_forward(Some(&mut y_own), &x_packed, &w, None, None, d_out, None);
+        adapted_forward(
+            Some(&mut y_own),
+            &x_packed,
+            Weight::Values(&w),
+            None,
+            d_out,
+            None,
+        );
         let mut held = None;
         let hold = Some(&mut held);
-        adapted_forward(Some(&mut y_held), &x_packed, &w, None, hold, d_out, None);
+        adapted_forward(
+            Some(&mut y_held),
+            &x_packed,
+            Weight::Values(&w),
+            hold,
+            d_out,
+            None,
+        );
         assert_eq!(y_held, y_own);
         let held = held.expect("the forward holds the backward pack");
         let (mut dx_own, mut dx_held) = (vec![0.0f32; N * d_in], vec![0.0f32; N * d_in]);
@@ -380,8 +467,7 @@ mod tests {
             &mut dx_own,
             &dy,
             None,
-            &w,
-            None,
+            Weight::Values(&w),
             N,
             d_in,
             d_out,
@@ -392,8 +478,7 @@ mod tests {
             &mut dx_held,
             &dy,
             None,
-            &w,
-            Some(&held),
+            Weight::Packed(&held),
             N,
             d_in,
             d_out,

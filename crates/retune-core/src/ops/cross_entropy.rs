@@ -1,6 +1,8 @@
 //! LM head fused with cross-entropy, in row chunks so the `[N, V]` logits never exist whole.
 
-use super::matmul::{matmul_nn, matmul_nt, matmul_packed, matmul_tn, WeightPacks};
+use super::matmul::{
+    matmul_frozen_nn, matmul_frozen_nt, matmul_nn, matmul_nt, matmul_tn, FrozenWeight,
+};
 use super::swiglu::{as_f32_mut, exp_f32, max_f32, simd_dispatch};
 use crate::Float;
 use rayon::prelude::*;
@@ -165,7 +167,7 @@ impl<'a, T> From<&'a [T]> for GradScale<'a, T> {
 pub fn lm_head_cross_entropy<'a, T: Float>(
     h: &[T],
     w: &[T],
-    packs: Option<&WeightPacks>,
+    packs: Option<&FrozenWeight>,
     targets: &[u32],
     n: usize,
     c: usize,
@@ -204,7 +206,7 @@ pub fn lm_head_cross_entropy<'a, T: Float>(
 pub fn target_log_probs<T: Float>(
     h: &[T],
     w: &[T],
-    packs: Option<&WeightPacks>,
+    packs: Option<&FrozenWeight>,
     targets: &[u32],
     n: usize,
     c: usize,
@@ -212,7 +214,7 @@ pub fn target_log_probs<T: Float>(
     chunk_rows: usize,
 ) -> Vec<f64> {
     assert!(
-        h.len() == n * c && w.len() == v * c && targets.len() == n,
+        h.len() == n * c && head_fits(w, packs, v, c) && targets.len() == n,
         "cross-entropy: shape mismatch"
     );
     let rows = chunk_rows.max(1).min(n.max(1));
@@ -257,7 +259,7 @@ fn target_log_prob<T: Float>(row: &mut [T], target: u32) -> f64 {
 fn head_loss<T: Float>(
     h: &[T],
     w: &[T],
-    packs: Option<&WeightPacks>,
+    packs: Option<&FrozenWeight>,
     targets: &[u32],
     n: usize,
     c: usize,
@@ -268,7 +270,7 @@ fn head_loss<T: Float>(
     mut dw: Option<&mut [T]>,
 ) -> CeStats {
     assert!(
-        h.len() == n * c && w.len() == v * c && targets.len() == n,
+        h.len() == n * c && head_fits(w, packs, v, c) && targets.len() == n,
         "cross-entropy: shape mismatch"
     );
     assert!(chunk_rows > 0, "cross-entropy: chunk_rows must be positive");
@@ -301,9 +303,8 @@ fn head_loss<T: Float>(
         stats = rows_stats.into_iter().fold(stats, CeStats::merge);
         if let Some(dh) = dh.as_deref_mut() {
             let dhc = &mut dh[start * c..(start + r) * c];
-            match packs.and_then(|p| p.backward.as_ref()) {
-                Some(p) => matmul_packed(dhc, lg, p, r, true),
-                None => matmul_nn(dhc, lg, w, r, v, c, true),
+            if !packs.is_some_and(|p| matmul_frozen_nn(dhc, lg, p, r)) {
+                matmul_nn(dhc, lg, w, r, v, c, true);
             }
         }
         if let Some(dw) = dw.as_deref_mut() {
@@ -337,18 +338,27 @@ fn keep_logits<T: Float>(buf: Vec<T>) {
     *SPARE_LOGITS.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(buf));
 }
 
+/// Whether the head `[V, C]` is there: its values, or (a head held only in its storage) its
+/// stored matrix.
+fn head_fits<T>(w: &[T], packs: Option<&FrozenWeight>, v: usize, c: usize) -> bool {
+    match packs.and_then(FrozenWeight::stored) {
+        Some(s) => s.rows() == v && s.cols() == c,
+        None => w.len() == v * c,
+    }
+}
+
 /// `logits[r, V] = h[r, C] · w[V, C]^T`, from the packs when given.
 fn head_logits<T: Float>(
     logits: &mut [T],
     h: &[T],
     w: &[T],
-    packs: Option<&WeightPacks>,
+    packs: Option<&FrozenWeight>,
     r: usize,
     c: usize,
     v: usize,
 ) {
     match packs {
-        Some(p) => matmul_packed(logits, h, &p.forward, r, false),
+        Some(p) => matmul_frozen_nt(logits, h, p, r),
         None => matmul_nt(logits, h, w, r, c, v, false),
     }
 }

@@ -1,5 +1,6 @@
 //! Token embedding lookup: `out[i] = table[ids[i]]`.
 
+use super::stored::StoredMatrix;
 use crate::Float;
 use rayon::prelude::*;
 
@@ -26,6 +27,27 @@ pub fn embedding_forward<T: Float>(out: &mut [T], ids: &[u32], table: &[T], c: u
                 "embedding_forward: token id {id} outside vocabulary of {v}"
             );
             row.copy_from_slice(&table[id * c..(id + 1) * c]);
+        });
+}
+
+/// [`embedding_forward`] from a table held in its storage type: each row dequantised.
+pub fn embedding_forward_stored(out: &mut [f32], ids: &[u32], table: &StoredMatrix) {
+    let (v, c) = (table.rows(), table.cols());
+    assert_eq!(
+        out.len(),
+        ids.len() * c,
+        "embedding_forward: out must be [N, C]"
+    );
+    out.par_chunks_mut(c.max(1))
+        .zip(ids)
+        .with_min_len(ROWS_PER_TASK)
+        .for_each(|(row, &id)| {
+            let id = id as usize;
+            assert!(
+                id < v,
+                "embedding_forward: token id {id} outside vocabulary of {v}"
+            );
+            table.dequantize_row(id, row);
         });
 }
 

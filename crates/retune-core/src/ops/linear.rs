@@ -1,6 +1,8 @@
 //! Linear layer `y = x W^T + b`, with `W` stored `[out, in]` as in PyTorch and Hugging Face.
 
-use super::matmul::{matmul_nn, matmul_nt, matmul_packed, matmul_tn, WeightPacks};
+use super::matmul::{
+    matmul_frozen_nn, matmul_frozen_nt, matmul_nn, matmul_nt, matmul_tn, FrozenWeight,
+};
 use crate::Float;
 use rayon::prelude::*;
 
@@ -22,19 +24,20 @@ pub fn linear_forward<T: Float>(
     linear_forward_packed(y, x, w, None, b, n, d_in, d_out)
 }
 
-/// [`linear_forward`] with, for a frozen f32 weight under bf16 precision, its packs.
+/// [`linear_forward`] with, for a frozen f32 weight, its packs or storage (`w` may then be
+/// empty: a weight held only so).
 pub fn linear_forward_packed<T: Float>(
     y: &mut [T],
     x: &[T],
     w: &[T],
-    packs: Option<&WeightPacks>,
+    packs: Option<&FrozenWeight>,
     b: Option<&[T]>,
     n: usize,
     d_in: usize,
     d_out: usize,
 ) {
     match packs {
-        Some(p) => matmul_packed(y, x, &p.forward, n, false),
+        Some(p) => matmul_frozen_nt(y, x, p, n),
         None => matmul_nt(y, x, w, n, d_in, d_out, false),
     }
     if let Some(b) = b {
@@ -73,8 +76,7 @@ pub fn linear_backward<T: Float>(
     linear_backward_packed(dx, dw, db, dy, x, w, None, n, d_in, d_out)
 }
 
-/// [`linear_backward`] with, for a frozen f32 weight under bf16 precision, its packs (used
-/// for `dx`).
+/// [`linear_backward`] with, for a frozen f32 weight, its packs or storage (used for `dx`).
 pub fn linear_backward_packed<T: Float>(
     dx: Option<&mut [T]>,
     dw: Option<&mut [T]>,
@@ -82,15 +84,14 @@ pub fn linear_backward_packed<T: Float>(
     dy: &[T],
     x: &[T],
     w: &[T],
-    packs: Option<&WeightPacks>,
+    packs: Option<&FrozenWeight>,
     n: usize,
     d_in: usize,
     d_out: usize,
 ) {
     if let Some(dx) = dx {
-        match packs.and_then(|p| p.backward.as_ref()) {
-            Some(p) => matmul_packed(dx, dy, p, n, true),
-            None => matmul_nn(dx, dy, w, n, d_out, d_in, true),
+        if !packs.is_some_and(|p| matmul_frozen_nn(dx, dy, p, n)) {
+            matmul_nn(dx, dy, w, n, d_out, d_in, true);
         }
     }
     if let Some(dw) = dw {

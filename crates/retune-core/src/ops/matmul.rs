@@ -9,6 +9,8 @@
 //! `torch.set_float32_matmul_precision`: a run's `model.dtype` sets it once at its start.
 //! f64 products (finite-difference checks) are always exact f64.
 
+use super::adapted::Weight;
+use super::stored::{stored_backward, stored_forward, StoredMatrix};
 use crate::Float;
 use gemm::Parallelism;
 use retune_gemm::{MatRef, PackedA, PackedB};
@@ -227,6 +229,15 @@ impl<'a, T> View<'a, T> {
         }
     }
 
+    /// Explicit strides: element `(i, j)` is `data[i * row_stride + j * col_stride]`.
+    pub fn strided(data: &'a [T], row_stride: usize, col_stride: usize) -> Self {
+        View {
+            data,
+            row_stride,
+            col_stride,
+        }
+    }
+
     /// The transpose of [`View::rows`]: element `(i, j)` is `data[j * stride + i]`.
     pub fn transposed(data: &'a [T], stride: usize) -> Self {
         View {
@@ -291,40 +302,117 @@ pub fn matmul_tn<T: Float>(
     )
 }
 
-/// A frozen weight `w[d_out, d_in]` packed once for the two bf16 products that read it, so they
-/// skip converting and laying out the weight on every call (for the 49k x 576 LM head that
-/// conversion costs more than the product itself).
-pub struct WeightPacks {
-    /// `w^T` as the `[d_in, d_out]` right operand of the forward `x · w^T`.
-    pub forward: PackedB,
-    /// `w` as the `[d_out, d_in]` right operand of the input gradient `dy · w`, when packed
-    /// (it doubles the memory; without it that product packs `w` on every call).
-    pub backward: Option<PackedB>,
+/// A frozen weight `w[d_out, d_in]` as a model holds it for the two products that read it:
+/// `x · w^T` (forward) and `dy · w` (input gradient).
+pub enum FrozenWeight {
+    /// bf16 packs made once, one per product, so no product converts the weight again (for
+    /// the 49k x 576 LM head that conversion costs more than the product itself). Without the
+    /// backward pack, the input gradient packs the f32 values on every call.
+    Packs {
+        /// `w^T` as the `[d_in, d_out]` right operand of the forward `x · w^T`.
+        forward: PackedB,
+        /// `w` as the `[d_out, d_in]` right operand of the input gradient `dy · w`.
+        backward: Option<PackedB>,
+    },
+    /// Held once in its storage type (bf16, GGML blocks): both products dequantise it chunk
+    /// by chunk ([`super::stored`]).
+    Stored(StoredMatrix),
 }
 
-impl WeightPacks {
-    /// Packs `w[d_out, d_in]` for the kernel of [`retune_gemm::best_kernel`], for the forward
-    /// and, when `with_backward`, for the input gradient.
-    pub fn new(w: &[f32], d_out: usize, d_in: usize, with_backward: bool) -> Self {
-        WeightPacks {
-            forward: PackedB::from_nk(w, d_out, d_in),
-            backward: with_backward.then(|| PackedB::from_kn(w, d_out, d_in)),
+impl std::fmt::Debug for FrozenWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FrozenWeight::Packs { forward, .. } => {
+                write!(f, "Packs [{}, {}]", forward.n(), forward.k())
+            }
+            FrozenWeight::Stored(s) => s.fmt(f),
         }
     }
 }
 
-/// `c[m, n] (+)= a[m, k] · b` with a prepacked right operand (see [`WeightPacks`]). Packs
-/// exist only for f32 weights, so `T` must be f32.
-pub fn matmul_packed<T: Float>(c: &mut [T], a: &[T], b: &PackedB, m: usize, accumulate: bool) {
+impl FrozenWeight {
+    /// Packs `w[d_out, d_in]` for the kernel of [`retune_gemm::best_kernel`], for the forward
+    /// and, when `with_backward`, for the input gradient.
+    pub fn packed(w: &[f32], d_out: usize, d_in: usize, with_backward: bool) -> Self {
+        FrozenWeight::Packs {
+            forward: PackedB::from_nk(w, d_out, d_in),
+            backward: with_backward.then(|| PackedB::from_kn(w, d_out, d_in)),
+        }
+    }
+
+    /// The weight as the forward product reads it.
+    pub fn forward(&self) -> Weight<'_> {
+        match self {
+            FrozenWeight::Packs { forward, .. } => Weight::Packed(forward),
+            FrozenWeight::Stored(s) => Weight::Stored(s),
+        }
+    }
+
+    /// The weight as the input gradient reads it; `None`: packs without the backward one
+    /// (the product then packs the f32 values).
+    pub fn backward(&self) -> Option<Weight<'_>> {
+        match self {
+            FrozenWeight::Packs { backward, .. } => backward.as_ref().map(Weight::Packed),
+            FrozenWeight::Stored(s) => Some(Weight::Stored(s)),
+        }
+    }
+
+    /// The storage, when the weight is held in it.
+    pub fn stored(&self) -> Option<&StoredMatrix> {
+        match self {
+            FrozenWeight::Stored(s) => Some(s),
+            FrozenWeight::Packs { .. } => None,
+        }
+    }
+
+    /// Bytes held.
+    pub fn byte_len(&self) -> usize {
+        let packed = |p: &PackedB| 2 * p.k().next_multiple_of(32) * p.n().next_multiple_of(32);
+        match self {
+            FrozenWeight::Packs { forward, backward } => {
+                packed(forward) + backward.as_ref().map_or(0, packed)
+            }
+            FrozenWeight::Stored(s) => s.byte_len(),
+        }
+    }
+}
+
+/// `c[m, n] (+)= a[m, k] · w^T` for a frozen weight `w[n, k]` (see [`FrozenWeight`]), which
+/// exists only for f32 models, so `T` must be f32.
+pub fn matmul_frozen_nt<T: Float>(c: &mut [T], a: &[T], w: &FrozenWeight, m: usize) {
     let (a32, c32) = (T::f32_slice(a), T::f32_slice_mut(c));
     let (Some(a32), Some(c32)) = (a32, c32) else {
-        panic!("matmul_packed: packed weights are f32, the operands must be too");
+        panic!("matmul_frozen_nt: frozen weights are f32, the operands must be too");
     };
+    match w.forward() {
+        Weight::Packed(p) => matmul_packed(c32, a32, p, m, false),
+        Weight::Stored(s) => stored_forward(c32, a32, None, s, m, None),
+        Weight::Values(_) => unreachable!("a frozen weight is packed or stored"),
+    }
+}
+
+/// `c[m, k] += a[m, n] · w` for a frozen weight `w[n, k]` with its input gradient's operand
+/// ([`FrozenWeight::backward`]); returns false (and computes nothing) when it has none.
+pub fn matmul_frozen_nn<T: Float>(c: &mut [T], a: &[T], w: &FrozenWeight, m: usize) -> bool {
+    let (a32, c32) = (T::f32_slice(a), T::f32_slice_mut(c));
+    let (Some(a32), Some(c32)) = (a32, c32) else {
+        panic!("matmul_frozen_nn: frozen weights are f32, the operands must be too");
+    };
+    match w.backward() {
+        Some(Weight::Packed(p)) => matmul_packed(c32, a32, p, m, true),
+        Some(Weight::Stored(s)) => stored_backward(true, c32, a32, s, m, None),
+        _ => return false,
+    }
+    true
+}
+
+/// `c[m, n] (+)= a[m, k] · b` with a prepacked right operand (see [`FrozenWeight`]).
+pub fn matmul_packed(c: &mut [f32], a: &[f32], b: &PackedB, m: usize, accumulate: bool) {
     assert!(
-        a32.len() == m * b.k() && c32.len() == m * b.n(),
+        a.len() == m * b.k() && c.len() == m * b.n(),
         "matmul_packed: shape mismatch"
     );
-    retune_gemm::gemm_packed(c32, MatRef::row_major(a32, b.k()), b, m, accumulate);
+    retune_gemm::gemm_packed(c, MatRef::row_major(a, b.k()), b, m, accumulate);
 }
 
 #[cfg(test)]
@@ -431,9 +519,9 @@ mod tests {
             w.iter().map(|&v| v as f32).collect(),
             dy.iter().map(|&v| v as f32).collect(),
         );
-        let packs = WeightPacks::new(&w32, d_out, d_in, true);
+        let packs = FrozenWeight::packed(&w32, d_out, d_in, true);
         let mut y = vec![0.0f32; m * d_out];
-        matmul_packed(&mut y, &x32, &packs.forward, m, false);
+        matmul_frozen_nt(&mut y, &x32, &packs, m);
         let mut y_ref = vec![0.0f32; m * d_out];
         let (xr, wr) = (
             MatRef::row_major(&x32, d_in),
@@ -451,7 +539,7 @@ mod tests {
         };
         assert!(max_rel_diff(&y, &y64) < bound);
         let mut dx = vec![1.0f32; m * d_in];
-        matmul_packed(&mut dx, &dy32, packs.backward.as_ref().unwrap(), m, true);
+        assert!(matmul_frozen_nn(&mut dx, &dy32, &packs, m));
         let mut dx64 = vec![1.0; m * d_in];
         matmul_nn(&mut dx64, &dy, &w, m, d_out, d_in, true);
         assert!(max_rel_diff(&dx, &dx64) < bound);

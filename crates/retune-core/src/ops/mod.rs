@@ -20,6 +20,7 @@ pub mod preference;
 pub mod residual;
 pub mod rmsnorm;
 pub mod rope;
+pub mod stored;
 pub mod swiglu;
 
 #[cfg(test)]
