@@ -28,6 +28,7 @@ use std::ops::Range;
 use std::path::Path;
 
 use super::held::{hold_tensors, HeldModel, Hold, SourceTensor};
+use crate::ops::stored::type_name;
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{ggml_file, GgmlDType};
 use candle_core::Device;
@@ -135,28 +136,6 @@ pub(super) fn has_magic(path: &Path) -> Result<bool> {
     let mut magic = [0u8; 4];
     let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     Ok(file.read_exact(&mut magic).is_ok() && &magic == b"GGUF")
-}
-
-/// llama.cpp's name for a tensor type.
-fn dtype_name(d: GgmlDType) -> &'static str {
-    use GgmlDType::*;
-    match d {
-        F32 => "F32",
-        F16 => "F16",
-        BF16 => "BF16",
-        Q4_0 => "Q4_0",
-        Q4_1 => "Q4_1",
-        Q5_0 => "Q5_0",
-        Q5_1 => "Q5_1",
-        Q8_0 => "Q8_0",
-        Q8_1 => "Q8_1",
-        Q2K => "Q2_K",
-        Q3K => "Q3_K",
-        Q4K => "Q4_K",
-        Q5K => "Q5_K",
-        Q6K => "Q6_K",
-        Q8K => "Q8_K",
-    }
 }
 
 /// llama.cpp's `general.file_type` (`LLAMA_FTYPE_*`) as a name, for [`LlamaConfig::dtype`].
@@ -324,7 +303,7 @@ fn locate(
     if cols % block != 0 {
         return Err(corrupt(format!(
             "rows of {cols} values are not whole {} blocks of {block}",
-            dtype_name(dtype)
+            type_name(dtype)
         )));
     }
     let start = usize::try_from(content.tensor_data_offset)
@@ -520,7 +499,7 @@ fn config_from_metadata(path: &Path, content: &Content, map: &[u8]) -> Result<Ll
                 path: path.into(),
                 reason: format!(
                     "`rope_freqs.weight` of type {} and shape {shape:?} (expected F32 [{}])",
-                    dtype_name(dtype),
+                    type_name(dtype),
                     head_dim / 2
                 ),
             });
@@ -757,7 +736,7 @@ fn read_tensor(path: &Path, map: &[u8], e: &Entry) -> Result<Vec<f32>> {
 fn dtypes(entries: &[Entry]) -> BTreeMap<String, String> {
     entries
         .iter()
-        .map(|e| (e.hf.clone(), dtype_name(e.dtype).to_string()))
+        .map(|e| (e.hf.clone(), type_name(e.dtype).to_string()))
         .collect()
 }
 

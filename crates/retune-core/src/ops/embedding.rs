@@ -11,12 +11,26 @@ const ROWS_PER_TASK: usize = 64;
 ///
 /// Panics if an id is outside the table (ids are validated against the vocabulary upstream).
 pub fn embedding_forward<T: Float>(out: &mut [T], ids: &[u32], table: &[T], c: usize) {
+    let v = table.len().checked_div(c).unwrap_or(0);
+    lookup(out, ids, v, c, |id, row| {
+        row.copy_from_slice(&table[id * c..(id + 1) * c])
+    });
+}
+
+/// Fills row `i` of `out[N, C]` with `row_of(ids[i], row)`, rows in parallel, checking each
+/// id against the `v` rows of the table.
+fn lookup<T: Send>(
+    out: &mut [T],
+    ids: &[u32],
+    v: usize,
+    c: usize,
+    row_of: impl Fn(usize, &mut [T]) + Sync,
+) {
     assert_eq!(
         out.len(),
         ids.len() * c,
         "embedding_forward: out must be [N, C]"
     );
-    let v = table.len().checked_div(c).unwrap_or(0);
     out.par_chunks_mut(c.max(1))
         .zip(ids)
         .with_min_len(ROWS_PER_TASK)
@@ -26,29 +40,14 @@ pub fn embedding_forward<T: Float>(out: &mut [T], ids: &[u32], table: &[T], c: u
                 id < v,
                 "embedding_forward: token id {id} outside vocabulary of {v}"
             );
-            row.copy_from_slice(&table[id * c..(id + 1) * c]);
+            row_of(id, row);
         });
 }
 
 /// [`embedding_forward`] from a table held in its storage type: each row dequantised.
 pub fn embedding_forward_stored(out: &mut [f32], ids: &[u32], table: &StoredMatrix) {
     let (v, c) = (table.rows(), table.cols());
-    assert_eq!(
-        out.len(),
-        ids.len() * c,
-        "embedding_forward: out must be [N, C]"
-    );
-    out.par_chunks_mut(c.max(1))
-        .zip(ids)
-        .with_min_len(ROWS_PER_TASK)
-        .for_each(|(row, &id)| {
-            let id = id as usize;
-            assert!(
-                id < v,
-                "embedding_forward: token id {id} outside vocabulary of {v}"
-            );
-            table.dequantize_row(id, row);
-        });
+    lookup(out, ids, v, c, |id, row| table.dequantize_row(id, row));
 }
 
 /// `dtable[ids[i], :] += dout[i, :]`; `dtable` is `[V, C]`, `dout` is `[N, C]`.

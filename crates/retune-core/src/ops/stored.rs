@@ -128,7 +128,8 @@ macro_rules! with_block_type {
 fn blocks<B: GgmlType>(bytes: &[u8]) -> &[B] {
     let size = std::mem::size_of::<B>();
     assert!(
-        bytes.len() % size == 0 && (bytes.as_ptr() as usize) % std::mem::align_of::<B>() == 0,
+        bytes.len().is_multiple_of(size)
+            && (bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<B>()),
         "stored matrix: bytes are not whole aligned blocks"
     );
     // SAFETY: the block types are plain-old-data structs of integers and halves (any bit
@@ -139,7 +140,8 @@ fn blocks<B: GgmlType>(bytes: &[u8]) -> &[B] {
 fn blocks_mut<B: GgmlType>(bytes: &mut [u8]) -> &mut [B] {
     let size = std::mem::size_of::<B>();
     assert!(
-        bytes.len() % size == 0 && (bytes.as_ptr() as usize) % std::mem::align_of::<B>() == 0,
+        bytes.len().is_multiple_of(size)
+            && (bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<B>()),
         "stored matrix: bytes are not whole aligned blocks"
     );
     // SAFETY: as in `blocks`, borrowed mutably.
@@ -162,7 +164,7 @@ impl StoredMatrix {
             return Err(format!("{} is not a storage type", type_name(dtype)));
         }
         let block = dtype.block_size();
-        if cols % block != 0 {
+        if !cols.is_multiple_of(block) {
             return Err(format!(
                 "rows of {cols} values are not whole {} blocks of {block}",
                 type_name(dtype)
